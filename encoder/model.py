@@ -1,0 +1,221 @@
+"""Load a model folder and turn texts into vectors: :func:`load_encoder` and :class:`Encoder`.
+
+The encoder is three small steps that the micro-batcher can call separately:
+
+* :meth:`Encoder.tokenize` - token ids without padding (cheap, runs off the forward thread);
+* :meth:`Encoder.encode` - one forward pass over a list of id lists, padded only to *its* longest;
+* :meth:`Encoder.embed` - both, with length-sorted, token-budgeted batches, for in-process use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from encoder.device import configure_cpu_threads, resolve_device, resolve_dtype
+from encoder.model_files import ModelSpec, read_model_spec, resolve_model_dir
+from encoder.packing import plan_batches
+from encoder.pooling import Pooling, normalize, pool
+
+__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "Encoder", "InputTooLongError", "load_encoder"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_TOKENS = 8192
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+class InputTooLongError(ValueError):
+    """An input has more tokens than the model takes and truncation is off."""
+
+    def __init__(self, index: int, tokens: int, limit: int) -> None:
+        self.index, self.tokens, self.limit = index, tokens, limit
+        super().__init__(
+            f"input {index} has {tokens} tokens, more than this model's limit of {limit} tokens; "
+            "shorten it, split it, or enable truncation"
+        )
+
+
+class Encoder:
+    """A loaded embedding model. Build it with :func:`load_encoder`.
+
+    Thread-safety: :meth:`tokenize` may run on any thread; :meth:`encode` holds a lock so that one
+    forward pass runs at a time (parallel passes only fight over the same cores or GPU).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        spec: ModelSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_tokens: int,
+        truncate: bool,
+        threads: int,
+        fingerprint: str,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.path: Path = spec.path
+        self.dim: int = spec.dim
+        self.pooling: Pooling = spec.pooling
+        self.normalize: bool = spec.normalize
+        self.max_tokens = max_tokens
+        self.truncate = truncate
+        self.threads = threads
+        self.fingerprint = fingerprint
+        self.torch_device = device
+        self.torch_dtype = dtype
+        self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._forward_lock = threading.Lock()
+
+    @property
+    def device(self) -> str:
+        return str(self.torch_device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+    def __repr__(self) -> str:
+        return (
+            f"Encoder({str(self.path)!r}, dim={self.dim}, pooling={self.pooling!r}, normalize={self.normalize}, "
+            f"max_tokens={self.max_tokens}, device={self.device!r}, dtype={self.dtype!r}, "
+            f"fingerprint={self.fingerprint!r})"
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids with the model's special tokens and no padding.
+
+        Texts are stripped (and lower-cased when the model asks) exactly as sentence-transformers
+        does, so both give the same vectors. Over-long inputs are cut to :attr:`max_tokens` when
+        truncation is on, and raise :class:`InputTooLongError` when it is off.
+        """
+        if not texts:
+            return []
+        prepared = [text.strip() for text in texts]
+        if self.spec.do_lower_case:
+            prepared = [text.lower() for text in prepared]
+        encoded = self.tokenizer(
+            prepared,
+            add_special_tokens=True,
+            truncation=self.truncate,
+            max_length=self.max_tokens if self.truncate else None,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        ids: list[list[int]] = encoded["input_ids"]
+        if not self.truncate:
+            for index, row in enumerate(ids):
+                if len(row) > self.max_tokens:
+                    raise InputTooLongError(index, len(row), self.max_tokens)
+        return ids
+
+    def forward(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the transformer on ``token_ids`` padded to their own longest: (hidden, mask)."""
+        longest = max(len(row) for row in token_ids)
+        ids = np.full((len(token_ids), longest), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+        for row, tokens in enumerate(token_ids):
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        input_ids = torch.from_numpy(ids).to(self.torch_device, non_blocking=True)
+        attention_mask = torch.from_numpy(mask).to(self.torch_device, non_blocking=True)
+        with self._forward_lock, torch.inference_mode():
+            output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return output.last_hidden_state, attention_mask
+
+    def encode(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Vectors (float32, ``(n, dim)``) for id lists from :meth:`tokenize`, in one forward pass."""
+        if not token_ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        hidden, mask = self.forward(token_ids)
+        with torch.inference_mode():
+            vectors = pool(hidden, mask, self.pooling)
+            if self.normalize:
+                vectors = normalize(vectors)
+            return vectors.cpu().numpy().astype(np.float32, copy=False)
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    ) -> np.ndarray:
+        """Vectors for ``texts`` in their order, computed in length-sorted micro-batches."""
+        token_ids = self.tokenize(texts)
+        out = np.empty((len(token_ids), self.dim), dtype=np.float32)
+        for batch in plan_batches([len(row) for row in token_ids], max_batch_tokens, max_batch_size):
+            out[batch] = self.encode([token_ids[i] for i in batch])
+        return out
+
+    def warmup(self) -> None:
+        """One short and one long pass, so the first real request pays no allocator or kernel set-up."""
+        short = self.tokenize(["warm-up"])
+        self.encode(short)
+        filler = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize("warm")) or [self.pad_token_id]
+        long_row = (short[0][:1] + filler * self.max_tokens)[: min(self.max_tokens, 512) - 1] + short[0][-1:]
+        self.encode([long_row] * 2)
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+
+
+def load_encoder(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cpu_threads: int | None = None,
+    max_tokens: int | None = None,
+    truncate: bool = False,
+    revision: str | None = None,
+) -> Encoder:
+    """Load ``model`` (a local folder or a Hugging Face hub id) for inference.
+
+    ``max_tokens`` may lower the model's own limit, never raise it. Raises
+    :class:`~encoder.model_files.ModelNotFoundError` for a model that cannot be found and
+    :class:`~encoder.device.DeviceNotAvailableError` for a device this machine lacks.
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(torch_device, dtype)
+    threads = configure_cpu_threads(cpu_threads) if torch_device.type == "cpu" else torch.get_num_threads()
+    spec = read_model_spec(resolve_model_dir(model, revision))
+    limit = spec.max_tokens
+    if max_tokens is not None:
+        if not 1 <= max_tokens <= spec.max_tokens:
+            raise ValueError(f"max_tokens must be 1..{spec.max_tokens} (the model's limit), got {max_tokens}")
+        limit = max_tokens
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # we report over-long inputs ourselves
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
+    network = AutoModel.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
+    network.eval().to(torch_device)
+    # The fingerprint covers the model's contents and the limit actually served.
+    fingerprint = replace(spec, max_tokens=limit).fingerprint()
+    encoder = Encoder(
+        model=network,
+        tokenizer=tokenizer,
+        spec=spec,
+        device=torch_device,
+        dtype=torch_dtype,
+        max_tokens=limit,
+        truncate=truncate,
+        threads=threads,
+        fingerprint=fingerprint,
+    )
+    logger.info("loaded %r", encoder)
+    return encoder

