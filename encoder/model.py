@@ -96,29 +96,31 @@ class Encoder:
             f"fingerprint={self.fingerprint!r})"
         )
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
         """Token ids with the model's special tokens and no padding.
 
         Texts are stripped (and lower-cased when the model asks) exactly as sentence-transformers
         does, so both give the same vectors. Over-long inputs are cut to :attr:`max_tokens` when
-        truncation is on, and raise :class:`InputTooLongError` when it is off.
+        truncation is on (``truncate``, default: the encoder's own setting), and raise
+        :class:`InputTooLongError` when it is off.
         """
         if not texts:
             return []
+        truncate = self.truncate if truncate is None else truncate
         prepared = [text.strip() for text in texts]
         if self.spec.do_lower_case:
             prepared = [text.lower() for text in prepared]
         encoded = self.tokenizer(
             prepared,
             add_special_tokens=True,
-            truncation=self.truncate,
-            max_length=self.max_tokens if self.truncate else None,
+            truncation=truncate,
+            max_length=self.max_tokens if truncate else None,
             return_attention_mask=False,
             return_token_type_ids=False,
             verbose=False,
         )
         ids: list[list[int]] = encoded["input_ids"]
-        if not self.truncate:
+        if not truncate:
             for index, row in enumerate(ids):
                 if len(row) > self.max_tokens:
                     raise InputTooLongError(index, len(row), self.max_tokens)

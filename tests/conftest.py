@@ -55,3 +55,39 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiktoken_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cl100k_base from the bpe-openai package, laid out as tiktoken's cache expects (no network)."""
+    import gzip
+    import hashlib
+
+    import bpe_openai
+
+    folder = tmp_path_factory.mktemp("tiktoken")
+    source = Path(bpe_openai.__file__).parent / "data" / "cl100k_base.tiktoken.gz"
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    (folder / hashlib.sha1(url.encode()).hexdigest()).write_bytes(gzip.decompress(source.read_bytes()))
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+    return folder
+
+
+@pytest.fixture
+def gateway_factory(minilm_encoder):  # type: ignore[no-untyped-def]
+    """Start the real app under uvicorn with the shared all-MiniLM-L6-v2 encoder and given settings."""
+    import uuid
+    from contextlib import ExitStack
+
+    from gateway import Settings, create_app
+    from tests.servers import ThreadedGateway
+
+    with ExitStack() as stack:
+
+        def start(**overrides: object) -> ThreadedGateway:
+            fields = {"model_name": "all-MiniLM-L6-v2", "cache_prefix": f"test-{uuid.uuid4().hex[:8]}"}
+            fields.update(overrides)
+            settings = Settings(model=str(minilm_encoder.path), **fields)  # type: ignore[arg-type]
+            return stack.enter_context(ThreadedGateway(create_app(settings, encoder=minilm_encoder)))
+
+        yield start

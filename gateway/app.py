@@ -1,0 +1,152 @@
+"""Build the Litestar app. The lifespan owns every resource: model, batcher, cache.
+
+``create_app(settings)`` is cheap: nothing is loaded until the server starts, so
+``embedding-gateway openapi`` can build the app to export its schema without a model. Tests pass a
+loaded ``encoder`` (and may pass a ``cache``) to share one model across many apps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+
+from encoder import Encoder, load_encoder
+from encoder.batcher import MicroBatcher
+from gateway.cache import MemoryVectorCache, RedisVectorCache, VectorCache
+from gateway.errors import exception_handlers
+from gateway.inputs import TokenIdDecoder
+from gateway.middleware import RequestContextMiddleware, add_request_id_header
+from gateway.routes import ROUTES
+from gateway.runtime import Runtime
+from gateway.schemas import request_schema_components
+from gateway.service import EmbeddingService
+from gateway.settings import Settings
+from gateway.stats import Stats
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("gateway")
+
+VERSION = "0.1.0"
+
+
+def _load(settings: Settings) -> Encoder:
+    encoder = load_encoder(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        cpu_threads=settings.cpu_threads or None,
+        max_tokens=settings.max_input_tokens or None,
+        truncate=settings.truncate,
+        revision=settings.revision or None,
+    )
+    encoder.warmup()
+    return encoder
+
+
+def _make_cache(settings: Settings, dim: int) -> VectorCache | None:
+    if not settings.cache:
+        return None
+    if settings.redis_url:
+        return RedisVectorCache(
+            settings.redis_url,
+            dim=dim,
+            ttl_seconds=settings.cache_ttl_seconds,
+            timeout_s=settings.cache_timeout_ms / 1000,
+        )
+    return MemoryVectorCache(dim=dim, max_items=settings.memory_cache_items, ttl_seconds=settings.cache_ttl_seconds)
+
+
+def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: VectorCache | None = None) -> Litestar:
+    stats = Stats()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        model = encoder if encoder is not None else await asyncio.to_thread(_load, settings)
+        vector_cache = cache if cache is not None else _make_cache(settings, model.dim)
+        batcher = MicroBatcher(
+            model,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_size=settings.max_batch_size,
+            max_queue_tokens=settings.max_queue_tokens,
+        )
+        await batcher.start()
+        service = EmbeddingService(
+            encoder=model,
+            batcher=batcher,
+            cache=vector_cache,
+            stats=stats,
+            cache_prefix=settings.cache_prefix,
+            max_request_tokens=settings.max_request_tokens,
+            truncate=settings.truncate,
+        )
+        runtime = Runtime(
+            settings=settings,
+            encoder=model,
+            batcher=batcher,
+            cache=vector_cache,
+            service=service,
+            stats=stats,
+            token_decoder=TokenIdDecoder(),
+        )
+        app.state.runtime = runtime
+        backend = vector_cache.backend if vector_cache else "off"
+        if vector_cache is not None and not await vector_cache.ping():
+            logger.warning("cache %s is unreachable at start; serving without it until it answers", backend)
+        logger.info(
+            "ready: model=%s served_as=%s fingerprint=%s device=%s dtype=%s threads=%d cache=%s",
+            settings.model,
+            settings.served_model,
+            model.fingerprint,
+            model.device,
+            model.dtype,
+            model.threads,
+            backend,
+        )
+        try:
+            yield
+        finally:
+            runtime.draining = True
+            await service.drain(timeout_s=10)
+            await batcher.stop()
+            if vector_cache is not None and cache is None:
+                await vector_cache.close()
+
+    def provide_runtime(state: State) -> Runtime:
+        runtime: Runtime = state.runtime
+        return runtime
+
+    app = Litestar(
+        route_handlers=ROUTES,
+        lifespan=[lifespan],
+        dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
+        exception_handlers=exception_handlers(),
+        middleware=[DefineMiddleware(partial(_middleware, stats=stats))],
+        before_send=[add_request_id_header],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="embedding-gateway",
+            version=VERSION,
+            description="OpenAI-compatible embeddings with a Redis vector cache.",
+            path="/docs",
+        ),
+        debug=False,
+        logging_config=None,
+    )
+    # Litestar documents bodies it decodes itself; ours is decoded strictly by msgspec in the route.
+    app.openapi_schema.components.schemas.update(request_schema_components())
+    return app
+
+
+def _middleware(app: Any, *, stats: Stats) -> RequestContextMiddleware:
+    return RequestContextMiddleware(app, stats)

@@ -1,0 +1,178 @@
+"""Where vectors are kept between requests: Redis, or an in-process LRU when there is no Redis.
+
+The cache knows nothing of HTTP or the encoder: it maps string keys to :class:`CachedVector`.
+A stored value is self-checking::
+
+    b"E1" | uint32 token count | dim x float32 (little-endian) | xxh3_64 of everything before it
+
+so a value of the wrong length, of another dimension, or plain garbage decodes as a miss (and is
+overwritten), never as a wrong vector. Input text is never stored; keys hold only its hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import redis.asyncio as aioredis
+import xxhash
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+__all__ = [
+    "CacheUnavailableError",
+    "CachedVector",
+    "MemoryVectorCache",
+    "RedisVectorCache",
+    "VectorCache",
+    "cache_key",
+    "pack",
+    "unpack",
+]
+
+_MAGIC = b"E1"
+_HEADER = struct.Struct("<2sI")
+_CHECKSUM = struct.Struct("<Q")
+
+
+class CachedVector(NamedTuple):
+    vector: np.ndarray  # float32, full dimension, as the encoder produced it
+    tokens: int
+
+
+class CacheUnavailableError(RuntimeError):
+    """The cache could not be read or written in time. Callers treat it as all-miss."""
+
+
+def cache_key(prefix: str, namespace: str, text: str) -> str:
+    """``{prefix}:{namespace}:{xxh3_128 hex of the UTF-8 text}``; the namespace is the model fingerprint."""
+    return f"{prefix}:{namespace}:{xxhash.xxh3_128_hexdigest(text.encode('utf-8', 'surrogatepass'))}"
+
+
+def pack(value: CachedVector) -> bytes:
+    body = _HEADER.pack(_MAGIC, value.tokens) + np.ascontiguousarray(value.vector, dtype="<f4").tobytes()
+    return body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def unpack(data: bytes | None, dim: int) -> CachedVector | None:
+    """The stored vector, or ``None`` for anything that is not a whole, intact value of ``dim``."""
+    if data is None or len(data) != _HEADER.size + 4 * dim + _CHECKSUM.size:
+        return None
+    body = data[: -_CHECKSUM.size]
+    magic, tokens = _HEADER.unpack_from(body)
+    if magic != _MAGIC or _CHECKSUM.unpack_from(data, len(body))[0] != xxhash.xxh3_64_intdigest(body):
+        return None
+    return CachedVector(np.frombuffer(body, dtype="<f4", offset=_HEADER.size), tokens)
+
+
+class VectorCache(Protocol):
+    """What the service needs from a cache. Errors surface as :class:`CacheUnavailableError`."""
+
+    backend: str
+
+    async def get_many(self, keys: Sequence[str]) -> list[CachedVector | None]: ...
+
+    async def put_many(self, items: Sequence[tuple[str, CachedVector]]) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class RedisVectorCache:
+    """One ``MGET`` per lookup, one non-transactional pipeline of ``SET key value EX ttl`` per write.
+
+    Every call is bounded by ``timeout_s`` (socket timeouts and an outer deadline), and redis-py
+    retries once at once: a dead Redis costs a request milliseconds, not a hang.
+    """
+
+    backend = "redis"
+
+    def __init__(self, url: str, *, dim: int, ttl_seconds: int, timeout_s: float) -> None:
+        self.dim = dim
+        self.ttl_seconds = ttl_seconds
+        self.timeout_s = timeout_s
+        self.client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
+
+    async def get_many(self, keys: Sequence[str]) -> list[CachedVector | None]:
+        if not keys:
+            return []
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                values = await self.client.mget(keys)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CacheUnavailableError(f"redis read failed: {exc!r}") from exc
+        return [unpack(value if isinstance(value, bytes) else None, self.dim) for value in values]
+
+    async def put_many(self, items: Sequence[tuple[str, CachedVector]]) -> None:
+        if not items:
+            return
+        try:
+            # Writes run after the response, so they may take longer than a read before giving up.
+            async with asyncio.timeout(self.timeout_s * 4):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for key, value in items:
+                        pipe.set(key, pack(value), ex=self.ttl_seconds)
+                    await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CacheUnavailableError(f"redis write failed: {exc!r}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return bool(await self.client.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class MemoryVectorCache:
+    """An in-process LRU of ``max_items`` packed values with a TTL, for running without Redis."""
+
+    backend = "memory"
+
+    def __init__(self, *, dim: int, max_items: int, ttl_seconds: int) -> None:
+        self.dim = dim
+        self.max_items = max_items
+        self.ttl_seconds = ttl_seconds
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    async def get_many(self, keys: Sequence[str]) -> list[CachedVector | None]:
+        now = time.monotonic()
+        found: list[CachedVector | None] = []
+        for key in keys:
+            entry = self._items.get(key)
+            if entry is None or entry[0] < now:
+                found.append(None)
+                continue
+            self._items.move_to_end(key)
+            found.append(unpack(entry[1], self.dim))
+        return found
+
+    async def put_many(self, items: Sequence[tuple[str, CachedVector]]) -> None:
+        expires = time.monotonic() + self.ttl_seconds
+        for key, value in items:
+            self._items[key] = (expires, pack(value))
+            self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        self._items.clear()

@@ -1,0 +1,212 @@
+"""Thin HTTP handlers: parse, delegate to :class:`~gateway.service.EmbeddingService`, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from litestar import Request, get, post
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
+
+from gateway.errors import ErrorEnvelope, InvalidRequestError, ModelNotFoundError, OverloadedError
+from gateway.inputs import normalise_input
+from gateway.runtime import Runtime
+from gateway.schemas import (
+    EmbeddingData,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+    RequestBodyError,
+    Usage,
+    decode_embedding_request,
+)
+
+__all__ = ["ROUTES"]
+
+_ERRORS = {
+    status: ResponseSpec(ErrorEnvelope, description=description, generate_examples=False)
+    for status, description in {
+        400: "Invalid input (OpenAI error envelope)",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Body too large",
+        503: "Overloaded or not ready; honour Retry-After",
+    }.items()
+}
+
+
+@dataclass
+class _EmbeddingsOperation(Operation):
+    """The body is decoded by our own strict msgspec decoder, so document it here."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/EmbeddingRequest"))},
+            required=True,
+        )
+
+
+class ClientDisconnectedError(Exception):
+    """The client hung up before we answered; its queued work was withdrawn."""
+
+
+async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request[Any, Any, Any], work: asyncio.Task[Any]) -> Any:
+    """Await ``work``, cancelling it (and so dropping its queued inputs) if the client leaves."""
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        raise ClientDisconnectedError
+    return work.result()
+
+
+def _check_model(runtime: Runtime, model: str | None) -> None:
+    if model is not None and model not in runtime.settings.accepted_models:
+        raise ModelNotFoundError(
+            f"The model '{model}' does not exist on this server; it serves '{runtime.settings.served_model}'.",
+            param="model",
+        )
+
+
+def _shape(vectors: np.ndarray, dimensions: int | None, dim: int) -> np.ndarray:
+    """Truncate to ``dimensions`` and re-normalise, as OpenAI's text-embedding-3 models do."""
+    if dimensions is None or dimensions == dim:
+        return vectors
+    cut = vectors[:, :dimensions]
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    return (cut / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+@post(
+    ["/v1/embeddings", "/embeddings"],
+    status_code=200,
+    summary="Create embeddings",
+    description="OpenAI-compatible. Vectors are served from the cache when the same text was seen before.",
+    responses=_ERRORS,
+    tags=["embeddings"],
+    operation_class=_EmbeddingsOperation,
+)
+async def create_embeddings(request: Request[Any, Any, Any], runtime: Runtime) -> EmbeddingResponse:
+    if runtime.draining:
+        raise OverloadedError("the server is shutting down", retry_after=1, code="shutting_down")
+    try:
+        data = decode_embedding_request(await request.body())
+    except RequestBodyError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
+    _check_model(runtime, data.model)
+    dim = runtime.encoder.dim
+    if data.dimensions is not None and not 1 <= data.dimensions <= dim:
+        raise InvalidRequestError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
+    texts = await normalise_input(data.input, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
+    work = asyncio.create_task(runtime.service.embed(texts))
+    result = await _unless_disconnected(request, work)
+    request.state.cache_hits, request.state.cache_misses = result.hits, result.misses
+    request.state.inputs, request.state.tokens = len(texts), sum(result.tokens)
+    runtime.stats.inputs += len(texts)
+    runtime.stats.tokens += sum(result.tokens)
+    vectors = _shape(result.vectors, data.dimensions, dim)
+    if data.encoding_format == "base64":
+        encoded: list[Any] = [base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode() for row in vectors]
+    else:
+        encoded = vectors.tolist()
+    usage = sum(result.tokens)
+    return EmbeddingResponse(
+        data=[EmbeddingData(embedding=vector, index=index) for index, vector in enumerate(encoded)],
+        model=runtime.settings.served_model,
+        usage=Usage(prompt_tokens=usage, total_tokens=usage),
+    )
+
+
+def _model_cards(runtime: Runtime) -> list[ModelCard]:
+    created = int(runtime.stats.started_at)
+    names = dict.fromkeys([runtime.settings.served_model, *runtime.settings.model_aliases])
+    return [ModelCard(id=name, created=created) for name in names]
+
+
+@get("/v1/models", summary="List models", tags=["models"], responses={401: _ERRORS[401]})
+async def list_models(runtime: Runtime) -> ModelList:
+    return ModelList(data=_model_cards(runtime))
+
+
+@get("/v1/models/{model_id:str}", summary="Retrieve a model", tags=["models"], responses=_ERRORS)
+async def retrieve_model(model_id: str, runtime: Runtime) -> ModelCard:
+    _check_model(runtime, model_id)
+    return ModelCard(id=model_id, created=int(runtime.stats.started_at))
+
+
+@get("/health", summary="Liveness and readiness", tags=["operations"])
+async def health(runtime: Runtime) -> dict[str, Any]:
+    cache = runtime.cache
+    cache_status = "off" if cache is None else "ok" if await cache.ping() else "unreachable"
+    return {
+        "status": "degraded" if cache_status == "unreachable" else "ok",
+        "model": runtime.settings.served_model,
+        "device": runtime.encoder.device,
+        "cache": {"backend": cache.backend if cache else "off", "status": cache_status},
+    }
+
+
+@get("/stats", summary="Counters for dashboards", tags=["operations"], responses={401: _ERRORS[401]})
+async def stats(runtime: Runtime) -> dict[str, Any]:
+    import time
+
+    import torch
+
+    s, batches = runtime.stats, runtime.batcher.stats
+    encoder = runtime.encoder
+    body: dict[str, Any] = {
+        "model": runtime.settings.served_model,
+        "fingerprint": encoder.fingerprint,
+        "uptime_seconds": round(time.time() - s.started_at, 3),
+        "requests": {"total": s.requests, "errors": s.request_errors},
+        "inputs": s.inputs,
+        "tokens": s.tokens,
+        "cache": {
+            "backend": runtime.cache.backend if runtime.cache else "off",
+            "hits": s.cache_hits,
+            "misses": s.cache_misses,
+            "hit_rate": round(s.hit_rate, 6),
+            "errors": s.cache_errors,
+            "writes": s.cache_writes,
+        },
+        "encoder": {
+            "device": encoder.device,
+            "dtype": encoder.dtype,
+            "threads": encoder.threads,
+            "batches": batches.batches,
+            "inputs": batches.inputs,
+            "avg_batch_size": round(batches.inputs / batches.batches, 3) if batches.batches else 0.0,
+            "avg_batch_tokens": round(batches.padded_tokens / batches.batches, 1) if batches.batches else 0.0,
+            "padding_ratio": round(1 - batches.tokens / batches.padded_tokens, 4) if batches.padded_tokens else 0.0,
+            "queue_tokens": batches.queue_tokens,
+            "deduplicated": batches.deduplicated,
+            "dropped": batches.dropped,
+            "rejected": batches.rejected,
+            "oom_splits": batches.oom_splits,
+        },
+        "latency_ms": s.latency_ms(),
+    }
+    if encoder.torch_device.type == "cuda":
+        device = encoder.torch_device
+        body["gpu"] = {
+            "name": torch.cuda.get_device_name(device),
+            "memory_allocated_bytes": torch.cuda.memory_allocated(device),
+            "memory_reserved_bytes": torch.cuda.memory_reserved(device),
+            "memory_total_bytes": torch.cuda.get_device_properties(device).total_memory,
+        }
+    return body
+
+
+ROUTES = [create_embeddings, list_models, retrieve_model, health, stats]

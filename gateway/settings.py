@@ -1,0 +1,109 @@
+"""One frozen :class:`Settings` struct: the only place that reads the environment.
+
+Every field ``name`` is set by the variable ``EMBED_<NAME>`` and by the CLI flag ``--<name>``
+(underscores become dashes); flags win over variables, variables over defaults. Values are
+converted and checked by msgspec, so ``EMBED_PORT=eighty`` is one clear error at start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError"]
+
+ENV_PREFIX = "EMBED_"
+
+_BOOLEANS = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False, "1": True, "0": False}
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Server configuration. README.md's settings table documents each field."""
+
+    # model
+    model: str = "BAAI/bge-m3"
+    model_name: str = ""  # served id; empty: the folder or repo basename
+    model_aliases: tuple[str, ...] = ()
+    revision: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    cpu_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: every core
+    # limits
+    max_inputs: PositiveInt = 2048
+    max_input_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: the model's own limit
+    max_request_tokens: PositiveInt = 300_000
+    truncate: bool = False
+    max_body_bytes: PositiveInt = 32 * 1024 * 1024
+    # batching
+    max_batch_tokens: PositiveInt = 16_384
+    max_batch_size: PositiveInt = 128
+    max_queue_tokens: PositiveInt = 2_000_000
+    # cache
+    redis_url: str = ""  # empty: an in-process LRU cache
+    memory_cache_items: PositiveInt = 100_000
+    cache: bool = True
+    cache_ttl_seconds: PositiveInt = 604_800
+    cache_prefix: str = "emb"
+    cache_timeout_ms: PositiveInt = 250
+    # server
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8001
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def served_model(self) -> str:
+        """The model id clients send and responses name."""
+        if self.model_name:
+            return self.model_name
+        return PurePath(self.model.rstrip("/")).name or self.model
+
+    @property
+    def accepted_models(self) -> frozenset[str]:
+        """Ids a request may name: the served id, its aliases and ``EMBED_MODEL`` itself."""
+        return frozenset({self.served_model, self.model, *self.model_aliases})
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return cls.__struct_fields__
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Build settings from ``EMBED_*`` variables (default: ``os.environ``) and CLI overrides."""
+        environ = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}
+        for name in cls.field_names():
+            value = environ.get(ENV_PREFIX + name.upper())
+            if value is not None and value.strip() != "":
+                raw[name] = value.strip()
+        raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
+        if isinstance(raw.get("model_aliases"), str):
+            raw["model_aliases"] = tuple(alias.strip() for alias in raw["model_aliases"].split(",") if alias.strip())
+        for info in msgspec.structs.fields(cls):  # operators write on/off and yes/no too
+            if info.type is bool and isinstance(raw.get(info.name), str):
+                raw[info.name] = _BOOLEANS.get(raw[info.name].lower(), raw[info.name])
+        if isinstance(raw.get("log_level"), str):
+            raw["log_level"] = raw["log_level"].lower()
+        try:
+            # strict=False turns "8001" into 8001 and "true"/"0" into booleans.
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(_explain(str(exc))) from None
+
+
+def _explain(message: str) -> str:
+    # msgspec says "... - at `$.port`"; name the variable the operator actually sets.
+    if "at `$." in message:
+        detail, _, path = message.rpartition(" - at `$.")
+        name = path.rstrip("`").split(".")[0].split("[")[0]
+        return f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')}): {detail}"
+    return message
