@@ -76,7 +76,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
         vector_cache = cache if cache is not None else _make_cache(settings, model.dim)
         batcher = MicroBatcher(
             model,
-            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_tokens=settings.max_batch_tokens or None,
             max_batch_size=settings.max_batch_size,
             max_queue_tokens=settings.max_queue_tokens,
         )

@@ -188,6 +188,7 @@ async def stats(runtime: Runtime) -> dict[str, Any]:
             "batches": batches.batches,
             "inputs": batches.inputs,
             "avg_batch_size": round(batches.inputs / batches.batches, 3) if batches.batches else 0.0,
+            "forward_seconds": round(batches.seconds, 3),
             "avg_batch_tokens": round(batches.padded_tokens / batches.batches, 1) if batches.batches else 0.0,
             "padding_ratio": round(1 - batches.tokens / batches.padded_tokens, 4) if batches.padded_tokens else 0.0,
             "queue_tokens": batches.queue_tokens,

@@ -45,7 +45,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     truncate: bool = False
     max_body_bytes: PositiveInt = 32 * 1024 * 1024
     # batching
-    max_batch_tokens: PositiveInt = 16_384
+    max_batch_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: by device (CPU 512, GPU 16384)
     max_batch_size: PositiveInt = 128
     max_queue_tokens: PositiveInt = 2_000_000
     # cache

@@ -1,0 +1,134 @@
+"""The micro-batcher with the real all-MiniLM-L6-v2 encoder, and a gate to hold the forward thread."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from encoder import Encoder
+from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError
+from tests.gates import GatedEncoder
+
+
+async def _started(encoder: Any, **kwargs: Any) -> MicroBatcher:
+    batcher = MicroBatcher(encoder, **kwargs)
+    await batcher.start()
+    return batcher
+
+
+async def _embed(batcher: MicroBatcher, texts: list[str]) -> np.ndarray:
+    results = await batcher.embed(texts, await batcher.tokenize(texts))
+    return np.stack([result.vector for result in results])
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_batches(minilm_encoder: Encoder) -> None:
+    gated = GatedEncoder(minilm_encoder)
+    batcher = await _started(gated)
+    try:
+        gated.gate.clear()
+        warm = asyncio.create_task(_embed(batcher, ["hold the thread"]))
+        await asyncio.to_thread(gated.entered.wait, 10)
+        requests = [[f"request {i} text {j}" for j in range(3)] for i in range(8)]
+        tasks = [asyncio.create_task(_embed(batcher, texts)) for texts in requests]
+        await asyncio.sleep(0.05)
+        gated.gate.set()
+        results = await asyncio.gather(*tasks)
+        await warm
+        for texts, vectors in zip(requests, results, strict=True):
+            np.testing.assert_allclose(vectors, minilm_encoder.embed(texts), atol=1e-5)
+        assert len(gated.calls) == 2, "the 24 inputs queued behind one batch must run as one batch"
+        assert batcher.stats.batches == 2
+        assert batcher.stats.inputs == 25
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_identical_texts_in_flight_are_computed_once(minilm_encoder: Encoder) -> None:
+    gated = GatedEncoder(minilm_encoder)
+    batcher = await _started(gated)
+    try:
+        gated.gate.clear()
+        first = asyncio.create_task(_embed(batcher, ["same text", "only mine"]))
+        second = asyncio.create_task(_embed(batcher, ["same text"]))
+        await asyncio.sleep(0.05)
+        gated.gate.set()
+        a, b = await asyncio.gather(first, second)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert batcher.stats.inputs == 2
+        assert batcher.stats.deduplicated == 1
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_is_dropped_before_compute(minilm_encoder: Encoder) -> None:
+    gated = GatedEncoder(minilm_encoder)
+    batcher = await _started(gated)
+    try:
+        gated.gate.clear()
+        blocker = asyncio.create_task(_embed(batcher, ["hold the thread"]))
+        await asyncio.to_thread(gated.entered.wait, 10)
+        leaving = asyncio.create_task(_embed(batcher, ["nobody waits for me", "nor me"]))
+        staying = asyncio.create_task(_embed(batcher, ["I stay"]))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        await asyncio.sleep(0)
+        gated.gate.set()
+        await blocker
+        await staying
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        lengths = [len(ids) for ids in minilm_encoder.tokenize(["hold the thread", "I stay"])]
+        assert gated.calls == [[lengths[0]], [lengths[1]]], "only 'I stay' may run after the blocker"
+        assert batcher.stats.dropped == 2
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_full_queue_refuses_at_once(minilm_encoder: Encoder) -> None:
+    gated = GatedEncoder(minilm_encoder)
+    batcher = await _started(gated, max_queue_tokens=20)
+    try:
+        gated.gate.clear()
+        blocker = asyncio.create_task(_embed(batcher, ["hold the thread"]))
+        await asyncio.to_thread(gated.entered.wait, 10)
+        queued = asyncio.create_task(_embed(batcher, ["a b c d e f g h i j k l"]))
+        await asyncio.sleep(0.02)
+        with pytest.raises(QueueFullError) as info:
+            await _embed(batcher, ["one two three four five six seven eight nine ten"])
+        assert info.value.retry_after >= 1
+        assert batcher.stats.rejected == 1
+        gated.gate.set()
+        await asyncio.gather(blocker, queued)
+        await _embed(batcher, ["accepted again once the queue drained"])
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_out_of_memory_splits_and_fails_only_the_culprit(minilm_encoder: Encoder) -> None:
+    texts = ["short one", "another short", "word " * 40, "tiny"]
+    poison = len(minilm_encoder.tokenize([texts[2]])[0])
+    gated = GatedEncoder(minilm_encoder, poison_length=poison)
+    batcher = await _started(gated)
+    try:
+        ok = [t for t in texts if t != texts[2]]
+        good, bad = await asyncio.gather(_embed(batcher, ok), _embed(batcher, [texts[2]]), return_exceptions=True)
+        assert isinstance(bad, InputFailedError)
+        assert "out of memory" in str(bad)
+        np.testing.assert_allclose(good, minilm_encoder.embed(ok), atol=1e-5)
+        assert batcher.stats.oom_splits >= 1
+        assert batcher.stats.failed == 1
+    finally:
+        await batcher.stop()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
