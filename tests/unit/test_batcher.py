@@ -119,7 +119,15 @@ async def test_out_of_memory_splits_and_fails_only_the_culprit(minilm_encoder: E
     batcher = await _started(gated)
     try:
         ok = [t for t in texts if t != texts[2]]
-        good, bad = await asyncio.gather(_embed(batcher, ok), _embed(batcher, [texts[2]]), return_exceptions=True)
+        gated.gate.clear()  # hold the thread so that both requests land in one window, one batch
+        blocker = asyncio.create_task(_embed(batcher, ["hold the thread"]))
+        await asyncio.to_thread(gated.entered.wait, 10)
+        pending = asyncio.gather(_embed(batcher, ok), _embed(batcher, [texts[2]]), return_exceptions=True)
+        await asyncio.sleep(0.05)
+        gated.gate.set()
+        await blocker
+        good, bad = await pending
+        assert gated.calls[1] == sorted([len(ids) for ids in minilm_encoder.tokenize(texts)], reverse=True)
         assert isinstance(bad, InputFailedError)
         assert "out of memory" in str(bad)
         np.testing.assert_allclose(good, minilm_encoder.embed(ok), atol=1e-5)
