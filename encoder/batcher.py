@@ -43,6 +43,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_INLINE_TOKENIZE_CHARS = 2048
+
 
 def default_max_batch_tokens(device: torch.device) -> int:
     """Padded tokens per forward pass when the operator sets none.
@@ -160,7 +162,15 @@ class MicroBatcher:
         self._forward.shutdown(wait=True)
 
     async def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
-        """Tokenise off the event loop (the Rust tokenizer releases the GIL)."""
+        """Tokenise; large inputs off the event loop (the Rust tokenizer releases the GIL).
+
+        A few short texts tokenise in microseconds, far less than a hop to a worker thread and back
+        (which also contends for the GIL with the forward thread), so they stay on the loop.
+        """
+        if not texts:
+            return []
+        if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
+            return self.encoder.tokenize(texts, truncate=truncate)
         return await asyncio.to_thread(partial(self.encoder.tokenize, texts, truncate=truncate))
 
     async def embed(self, texts: Sequence[str], token_ids: Sequence[list[int]]) -> list[Embedding]:

@@ -15,8 +15,6 @@ from functools import partial
 from typing import Any
 
 from litestar import Litestar
-from litestar.datastructures import State
-from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 
@@ -122,14 +120,9 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
             if vector_cache is not None and cache is None:
                 await vector_cache.close()
 
-    def provide_runtime(state: State) -> Runtime:
-        runtime: Runtime = state.runtime
-        return runtime
-
     app = Litestar(
         route_handlers=ROUTES,
         lifespan=[lifespan],
-        dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         middleware=[DefineMiddleware(partial(_middleware, stats=stats))],
         before_send=[add_request_id_header],

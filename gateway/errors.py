@@ -21,6 +21,7 @@ from litestar.types import ExceptionHandlersMap
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "ClientDisconnectedError",
     "InvalidRequestError",
     "ModelNotFoundError",
     "OverloadedError",
@@ -72,6 +73,17 @@ class ModelNotFoundError(APIError):
 class AuthenticationError(APIError):
     status_code = 401
     code = "invalid_api_key"
+
+
+class ClientDisconnectedError(APIError):
+    """The client hung up before the answer; its queued work was withdrawn. Nobody reads this
+    response; the status (nginx's 499) is for our own logs and counters."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("the client closed the connection before the response")
 
 
 class OverloadedError(APIError):

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import base64
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from litestar import Request, get, post
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
 
-from gateway.errors import ErrorEnvelope, InvalidRequestError, ModelNotFoundError, OverloadedError
+from gateway.errors import (
+    ClientDisconnectedError,
+    ErrorEnvelope,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+)
 from gateway.inputs import normalise_input
 from gateway.runtime import Runtime
 from gateway.schemas import (
@@ -50,8 +56,13 @@ class _EmbeddingsOperation(Operation):
         )
 
 
-class ClientDisconnectedError(Exception):
-    """The client hung up before we answered; its queued work was withdrawn."""
+T = TypeVar("T")
+
+
+def _runtime(request: Request[Any, Any, Any]) -> Runtime:
+    # Read from app state directly: dependency injection costs more than the lookup on the hot path.
+    runtime: Runtime = request.app.state.runtime
+    return runtime
 
 
 async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
@@ -59,17 +70,25 @@ async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request[Any, Any, Any], work: asyncio.Task[Any]) -> Any:
-    """Await ``work``, cancelling it (and so dropping its queued inputs) if the client leaves."""
-    watcher = asyncio.create_task(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not work.done():
-        work.cancel()
-        raise ClientDisconnectedError
-    return work.result()
+def _disconnect_guard(request: Request[Any, Any, Any]) -> Callable[[Awaitable[T]], Awaitable[T]]:
+    """Wrap an await so that it is cancelled (dropping its queued inputs) if the client leaves.
+
+    Only waits on the encoder are guarded: a cache hit answers faster than a watcher task starts.
+    """
+
+    async def guarded(work: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            raise ClientDisconnectedError
+        return task.result()
+
+    return guarded
 
 
 def _check_model(runtime: Runtime, model: str | None) -> None:
@@ -80,13 +99,13 @@ def _check_model(runtime: Runtime, model: str | None) -> None:
         )
 
 
-def _shape(vectors: np.ndarray, dimensions: int | None, dim: int) -> np.ndarray:
+def _shape(vectors: list[np.ndarray], dimensions: int | None, dim: int) -> list[np.ndarray]:
     """Truncate to ``dimensions`` and re-normalise, as OpenAI's text-embedding-3 models do."""
     if dimensions is None or dimensions == dim:
         return vectors
-    cut = vectors[:, :dimensions]
+    cut = np.stack(vectors)[:, :dimensions]
     norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    return (cut / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    return list((cut / np.where(norms > 0, norms, 1.0)).astype(np.float32))
 
 
 @post(
@@ -98,7 +117,8 @@ def _shape(vectors: np.ndarray, dimensions: int | None, dim: int) -> np.ndarray:
     tags=["embeddings"],
     operation_class=_EmbeddingsOperation,
 )
-async def create_embeddings(request: Request[Any, Any, Any], runtime: Runtime) -> EmbeddingResponse:
+async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingResponse:
+    runtime = _runtime(request)
     if runtime.draining:
         raise OverloadedError("the server is shutting down", retry_after=1, code="shutting_down")
     try:
@@ -110,17 +130,17 @@ async def create_embeddings(request: Request[Any, Any, Any], runtime: Runtime) -
     if data.dimensions is not None and not 1 <= data.dimensions <= dim:
         raise InvalidRequestError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
     texts = await normalise_input(data.input, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
-    work = asyncio.create_task(runtime.service.embed(texts))
-    result = await _unless_disconnected(request, work)
+    result = await runtime.service.embed(texts, guard=_disconnect_guard(request))
     request.state.cache_hits, request.state.cache_misses = result.hits, result.misses
     request.state.inputs, request.state.tokens = len(texts), sum(result.tokens)
     runtime.stats.inputs += len(texts)
     runtime.stats.tokens += sum(result.tokens)
     vectors = _shape(result.vectors, data.dimensions, dim)
     if data.encoding_format == "base64":
-        encoded: list[Any] = [base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode() for row in vectors]
+        # msgspec writes a memoryview as base64 while it encodes the JSON: no str per vector.
+        encoded: list[Any] = [np.ascontiguousarray(row, dtype="<f4").data for row in vectors]
     else:
-        encoded = vectors.tolist()
+        encoded = [row.tolist() for row in vectors]
     usage = sum(result.tokens)
     return EmbeddingResponse(
         data=[EmbeddingData(embedding=vector, index=index) for index, vector in enumerate(encoded)],
@@ -136,18 +156,21 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
 
 
 @get("/v1/models", summary="List models", tags=["models"], responses={401: _ERRORS[401]})
-async def list_models(runtime: Runtime) -> ModelList:
+async def list_models(request: Request[Any, Any, Any]) -> ModelList:
+    runtime = _runtime(request)
     return ModelList(data=_model_cards(runtime))
 
 
 @get("/v1/models/{model_id:str}", summary="Retrieve a model", tags=["models"], responses=_ERRORS)
-async def retrieve_model(model_id: str, runtime: Runtime) -> ModelCard:
+async def retrieve_model(model_id: str, request: Request[Any, Any, Any]) -> ModelCard:
+    runtime = _runtime(request)
     _check_model(runtime, model_id)
     return ModelCard(id=model_id, created=int(runtime.stats.started_at))
 
 
 @get("/health", summary="Liveness and readiness", tags=["operations"])
-async def health(runtime: Runtime) -> dict[str, Any]:
+async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    runtime = _runtime(request)
     cache = runtime.cache
     cache_status = "off" if cache is None else "ok" if await cache.ping() else "unreachable"
     return {
@@ -159,7 +182,8 @@ async def health(runtime: Runtime) -> dict[str, Any]:
 
 
 @get("/stats", summary="Counters for dashboards", tags=["operations"], responses={401: _ERRORS[401]})
-async def stats(runtime: Runtime) -> dict[str, Any]:
+async def stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    runtime = _runtime(request)
     import time
 
     import torch

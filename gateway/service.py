@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from encoder import Encoder, InputTooLongError
-from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError
+from encoder.batcher import Embedding, InputFailedError, MicroBatcher, QueueFullError
 from gateway.cache import CachedVector, CacheUnavailableError, VectorCache, cache_key
 from gateway.errors import APIError, InvalidRequestError, OverloadedError
 from gateway.stats import Stats
@@ -25,10 +25,12 @@ __all__ = ["EmbedResult", "EmbeddingService"]
 
 logger = logging.getLogger(__name__)
 
+Guard = Callable[[Awaitable[list[Embedding]]], Awaitable[list[Embedding]]]
+
 
 @dataclass(frozen=True, slots=True)
 class EmbedResult:
-    vectors: np.ndarray  # (n, dim) float32, in input order, as the encoder made them
+    vectors: list[np.ndarray]  # float32 (dim,), in input order, as the encoder made them
     tokens: list[int]  # per input, as the model's tokenizer counted
     hits: int
     misses: int
@@ -64,7 +66,9 @@ class EmbeddingService:
     def key(self, text: str) -> str:
         return cache_key(self.cache_prefix, self.encoder.fingerprint, text)
 
-    async def embed(self, texts: Sequence[str]) -> EmbedResult:
+    async def embed(self, texts: Sequence[str], *, guard: Guard | None = None) -> EmbedResult:
+        """Vectors for ``texts``. ``guard`` wraps the wait for the encoder (never the cache lookup):
+        the HTTP layer uses it to withdraw the work when the client hangs up."""
         unique = list(dict.fromkeys(texts))
         keys = [self.key(text) for text in unique] if self.cache is not None else []
         found: list[CachedVector | None] = await self._lookup(keys) if keys else [None] * len(unique)
@@ -96,7 +100,8 @@ class EmbeddingService:
 
         if miss_texts:
             try:
-                computed = await self.batcher.embed(miss_texts, token_ids)
+                pending = self.batcher.embed(miss_texts, token_ids)
+                computed = await (guard(pending) if guard is not None else pending)
             except QueueFullError as exc:
                 raise OverloadedError(str(exc), retry_after=exc.retry_after) from None
             except InputFailedError as exc:
@@ -107,8 +112,11 @@ class EmbeddingService:
             if self.cache is not None:
                 self._write_back([(keys[i], value) for i, value in zip(missing, fresh, strict=True)])
 
-        row = {text: i for i, text in enumerate(unique)}
-        vectors = np.stack([found[row[text]].vector for text in texts])  # type: ignore[union-attr]
+        if len(unique) == len(texts):
+            vectors = [value.vector for value in found]  # type: ignore[union-attr]
+        else:
+            row = {text: i for i, text in enumerate(unique)}
+            vectors = [found[row[text]].vector for text in texts]  # type: ignore[union-attr]
         return EmbedResult(vectors=vectors, tokens=tokens, hits=hits, misses=len(missing))
 
     async def _lookup(self, keys: list[str]) -> list[CachedVector | None]:
