@@ -223,10 +223,9 @@ class MicroBatcher:
             window, self._pending = self._pending, []
             live = []
             for item in window:
-                self.stats.queue_tokens -= len(item.token_ids)
                 if item.future.done():
                     self.stats.dropped += 1
-                    self._forget(item)
+                    self._done_with(item)
                 else:
                     live.append(item)
             lengths = [len(item.token_ids) for item in live]
@@ -236,9 +235,11 @@ class MicroBatcher:
                 if members:
                     await self._run_batch(loop, members)
                 for i in batch:
-                    self._forget(live[i])
+                    self._done_with(live[i])
 
-    def _forget(self, item: _Item) -> None:
+    def _done_with(self, item: _Item) -> None:
+        # Queued tokens count until computed (or dropped), so the limit bounds all accepted work.
+        self.stats.queue_tokens -= len(item.token_ids)
         if self._in_flight.get(item.text) is item:
             del self._in_flight[item.text]
 

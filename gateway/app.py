@@ -12,7 +12,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
 
 from litestar import Litestar
 from litestar.middleware import DefineMiddleware
@@ -20,9 +19,11 @@ from litestar.openapi import OpenAPIConfig
 
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
+from gateway.auth import api_key_guard
 from gateway.cache import MemoryVectorCache, RedisVectorCache, VectorCache
 from gateway.errors import exception_handlers
 from gateway.inputs import TokenIdDecoder
+from gateway.metrics import Metrics
 from gateway.middleware import RequestContextMiddleware, add_request_id_header
 from gateway.routes import ROUTES
 from gateway.runtime import Runtime
@@ -31,14 +32,15 @@ from gateway.service import EmbeddingService
 from gateway.settings import Settings
 from gateway.stats import Stats
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "load_model"]
 
 logger = logging.getLogger("gateway")
 
 VERSION = "0.1.0"
 
 
-def _load(settings: Settings) -> Encoder:
+def load_model(settings: Settings) -> Encoder:
+    """Load and warm up the configured model (seconds to minutes: call it before serving)."""
     encoder = load_encoder(
         settings.model,
         device=settings.device,
@@ -67,16 +69,19 @@ def _make_cache(settings: Settings, dim: int) -> VectorCache | None:
 
 def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: VectorCache | None = None) -> Litestar:
     stats = Stats()
+    metrics = Metrics(stats)
+    json_logs = settings.log_format == "json"
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        model = encoder if encoder is not None else await asyncio.to_thread(_load, settings)
+        model = encoder if encoder is not None else await asyncio.to_thread(load_model, settings)
         vector_cache = cache if cache is not None else _make_cache(settings, model.dim)
         batcher = MicroBatcher(
             model,
             max_batch_tokens=settings.max_batch_tokens or None,
             max_batch_size=settings.max_batch_size,
             max_queue_tokens=settings.max_queue_tokens,
+            on_batch=metrics.observe_batch,
         )
         await batcher.start()
         service = EmbeddingService(
@@ -96,7 +101,9 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
             service=service,
             stats=stats,
             token_decoder=TokenIdDecoder(),
+            metrics=metrics,
         )
+        metrics.runtime = runtime
         app.state.runtime = runtime
         backend = vector_cache.backend if vector_cache else "off"
         if vector_cache is not None and not await vector_cache.ping():
@@ -115,7 +122,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
             yield
         finally:
             runtime.draining = True
-            await service.drain(timeout_s=10)
+            await service.drain(timeout_s=settings.shutdown_timeout_s)
             await batcher.stop()
             if vector_cache is not None and cache is None:
                 await vector_cache.close()
@@ -124,7 +131,8 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
         route_handlers=ROUTES,
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
-        middleware=[DefineMiddleware(partial(_middleware, stats=stats))],
+        middleware=[DefineMiddleware(partial(RequestContextMiddleware, metrics=metrics, json_logs=json_logs))],
+        guards=[api_key_guard(settings.api_key_set(), public_metrics=settings.public_metrics)],
         before_send=[add_request_id_header],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
@@ -139,7 +147,3 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
     # Litestar documents bodies it decodes itself; ours is decoded strictly by msgspec in the route.
     app.openapi_schema.components.schemas.update(request_schema_components())
     return app
-
-
-def _middleware(app: Any, *, stats: Stats) -> RequestContextMiddleware:
-    return RequestContextMiddleware(app, stats)

@@ -1,11 +1,13 @@
-"""``embedding-gateway serve | openapi``: flags mirror :class:`~gateway.settings.Settings`."""
+"""``embedding-gateway serve | check | openapi``: flags mirror :class:`~gateway.settings.Settings`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,38 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="load the model and serve the HTTP API")
     _settings_flags(serve)
+    check = commands.add_parser("check", help="can the configured server run here? (torch, device, model, Redis)")
+    _settings_flags(check)
     openapi = commands.add_parser("openapi", help="print (or write) the OpenAPI document")
     openapi.add_argument("--output", "-o", type=Path, default=None, help="write here instead of stdout")
     return parser
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; access lines carry their fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            payload.update(fields)
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, separators=(",", ":"), default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 
 def openapi_document() -> dict[str, Any]:
@@ -45,26 +76,82 @@ def openapi_document() -> dict[str, Any]:
 def _serve(settings: Settings) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from encoder import DeviceNotAvailableError, ModelNotFoundError
+    from gateway.app import create_app, load_model
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings)
+    # Load and warm up before the socket opens: the port answers only once the model can.
+    try:
+        encoder = load_model(settings)
+    except (ModelNotFoundError, DeviceNotAvailableError) as exc:
+        print(f"embedding-gateway: cannot start: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, encoder=encoder),
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level,
+        log_config=None,  # keep the logging set up above (JSON when asked)
         access_log=False,  # our middleware logs one richer line per request
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     server = uvicorn.Server(config)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler it found at
+    # start; with the default handler the process would die by the signal after a clean drain.
+    # A graceful stop is a success: exit 0.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: None)
     server.run()
-    # uvicorn sets started=False when the lifespan (model load) failed.
-    return 0 if server.started else 1
+    return 0 if server.started else 1  # uvicorn leaves started False when start-up failed
+
+
+def _check(settings: Settings) -> int:
+    """The seed's start script, done right: report what this machine offers and what fails."""
+    import torch
+
+    from encoder import DeviceNotAvailableError, ModelNotFoundError, resolve_device
+    from encoder.device import available_devices
+    from encoder.model_files import read_model_spec, resolve_model_dir
+
+    ok = True
+    print(f"torch      {torch.__version__}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        print(f"cuda       available: {torch.cuda.device_count()} device(s): {names}")
+    else:
+        print("cuda       not available")
+    print(f"mps        {'available' if 'mps' in available_devices() else 'not available'}")
+    try:
+        device = resolve_device(settings.device)
+        print(f"device     {device} (asked: {settings.device})")
+    except DeviceNotAvailableError as exc:
+        print(f"device     FAIL: {exc}")
+        ok = False
+    try:
+        folder = resolve_model_dir(settings.model, settings.revision or None)
+        spec = read_model_spec(folder)
+        print(
+            f"model      {settings.model} -> {folder}: dim {spec.dim}, pooling {spec.pooling}, "
+            f"normalize {spec.normalize}, max {spec.max_tokens} tokens"
+        )
+    except (ModelNotFoundError, ValueError, OSError) as exc:
+        print(f"model      FAIL: {exc}")
+        ok = False
+    if not settings.cache:
+        print("cache      off")
+    elif not settings.redis_url:
+        print(f"cache      in-process LRU ({settings.memory_cache_items} entries); set EMBED_REDIS_URL for Redis")
+    else:
+        import redis
+
+        try:
+            redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
+            print(f"redis      {settings.redis_url} answers")
+        except (redis.RedisError, OSError) as exc:
+            print(f"redis      FAIL: {settings.redis_url}: {exc}")
+            ok = False
+    print("ok: the configured server can run here" if ok else "not ok: fix the FAIL lines above")
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {name: getattr(args, name) for name in Settings.field_names()}
     try:
         settings = Settings.load(overrides=overrides)
+        settings.api_key_set()  # an unreadable key file is a start-up error, not a 500 later
     except SettingsError as exc:
         print(f"embedding-gateway: invalid setting: {exc}", file=sys.stderr)
         return 2
-    return _serve(settings)
+    return _check(settings) if args.command == "check" else _serve(settings)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -12,7 +11,7 @@ from typing import Any
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.stats import Stats
+from gateway.metrics import Metrics, endpoint_label
 
 __all__ = ["RequestContextMiddleware", "add_request_id_header", "request_id"]
 
@@ -47,9 +46,9 @@ async def add_request_id_header(message: Message, scope: Scope) -> None:
 class RequestContextMiddleware:
     """Times each routed request, counts it, and logs one line without any input text."""
 
-    def __init__(self, app: ASGIApp, stats: Stats, json_logs: bool = False) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, json_logs: bool = False) -> None:
         self.app = app
-        self.stats = stats
+        self.metrics = metrics
         self.json_logs = json_logs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -70,9 +69,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             seconds = time.perf_counter() - started
-            path = scope.get("path", "")
-            if path.endswith("embeddings"):
-                self.stats.observe_request(seconds, error=status >= 400)
+            self.metrics.observe_request(endpoint_label(scope.get("path", "")), status, seconds)
             self._log(scope, rid, status, seconds)
 
     def _log(self, scope: Scope, rid: str, status: int, seconds: float) -> None:
@@ -91,6 +88,6 @@ class RequestContextMiddleware:
         if not logger.isEnabledFor(logging.INFO):
             return
         if self.json_logs:
-            logger.info(json.dumps(fields, separators=(",", ":")))
+            logger.info("request", extra={"fields": fields})
         else:
             logger.info(" ".join(f"{key}={value}" for key, value in fields.items()))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from litestar import Request, get, post
+from litestar import MediaType, Request, Response, get, post
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
 
@@ -20,6 +22,7 @@ from gateway.errors import (
     OverloadedError,
 )
 from gateway.inputs import normalise_input
+from gateway.metrics import CONTENT_TYPE
 from gateway.runtime import Runtime
 from gateway.schemas import (
     EmbeddingData,
@@ -116,6 +119,7 @@ def _shape(vectors: list[np.ndarray], dimensions: int | None, dim: int) -> list[
     responses=_ERRORS,
     tags=["embeddings"],
     operation_class=_EmbeddingsOperation,
+    opt={"auth": "api"},
 )
 async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingResponse:
     runtime = _runtime(request)
@@ -155,13 +159,13 @@ def _model_cards(runtime: Runtime) -> list[ModelCard]:
     return [ModelCard(id=name, created=created) for name in names]
 
 
-@get("/v1/models", summary="List models", tags=["models"], responses={401: _ERRORS[401]})
+@get("/v1/models", summary="List models", tags=["models"], responses={401: _ERRORS[401]}, opt={"auth": "api"})
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     runtime = _runtime(request)
     return ModelList(data=_model_cards(runtime))
 
 
-@get("/v1/models/{model_id:str}", summary="Retrieve a model", tags=["models"], responses=_ERRORS)
+@get("/v1/models/{model_id:str}", summary="Retrieve a model", tags=["models"], responses=_ERRORS, opt={"auth": "api"})
 async def retrieve_model(model_id: str, request: Request[Any, Any, Any]) -> ModelCard:
     runtime = _runtime(request)
     _check_model(runtime, model_id)
@@ -181,7 +185,9 @@ async def health(request: Request[Any, Any, Any]) -> dict[str, Any]:
     }
 
 
-@get("/stats", summary="Counters for dashboards", tags=["operations"], responses={401: _ERRORS[401]})
+@get(
+    "/stats", summary="Counters for dashboards", tags=["operations"], responses={401: _ERRORS[401]}, opt={"auth": "ops"}
+)
 async def stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
     runtime = _runtime(request)
     import time
@@ -229,9 +235,39 @@ async def stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
             "name": torch.cuda.get_device_name(device),
             "memory_allocated_bytes": torch.cuda.memory_allocated(device),
             "memory_reserved_bytes": torch.cuda.memory_reserved(device),
+            "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(device),
             "memory_total_bytes": torch.cuda.get_device_properties(device).total_memory,
         }
     return body
 
 
-ROUTES = [create_embeddings, list_models, retrieve_model, health, stats]
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    tags=["operations"],
+    responses={401: _ERRORS[401]},
+    opt={"auth": "ops"},
+    media_type=CONTENT_TYPE,
+)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return Response(_runtime(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@cache
+def _dashboard_html() -> bytes:
+    return (Path(__file__).parent / "static" / "dashboard.html").read_bytes()
+
+
+@get(
+    "/dashboard",
+    summary="A self-contained live dashboard (polls /stats)",
+    tags=["operations"],
+    responses={401: _ERRORS[401]},
+    opt={"auth": "ops"},
+    media_type=MediaType.HTML,
+)
+async def dashboard() -> Response[bytes]:
+    return Response(_dashboard_html(), media_type=MediaType.HTML)
+
+
+ROUTES = [create_embeddings, list_models, retrieve_model, health, stats, metrics, dashboard]

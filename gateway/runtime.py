@@ -8,6 +8,7 @@ from encoder import Encoder
 from encoder.batcher import MicroBatcher
 from gateway.cache import VectorCache
 from gateway.inputs import TokenIdDecoder
+from gateway.metrics import Metrics
 from gateway.service import EmbeddingService
 from gateway.settings import Settings
 from gateway.stats import Stats
@@ -24,4 +25,5 @@ class Runtime:
     service: EmbeddingService
     stats: Stats
     token_decoder: TokenIdDecoder
+    metrics: Metrics
     draining: bool = False

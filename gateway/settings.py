@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -59,6 +59,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8001
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    shutdown_timeout_s: PositiveInt = 30
+    # access
+    api_keys: str = ""  # comma list, or @/path/to/file with one key per line
+    public_metrics: bool = False  # true: /stats, /metrics and /dashboard need no key
 
     @property
     def served_model(self) -> str:
@@ -71,6 +76,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def accepted_models(self) -> frozenset[str]:
         """Ids a request may name: the served id, its aliases and ``EMBED_MODEL`` itself."""
         return frozenset({self.served_model, self.model, *self.model_aliases})
+
+    def api_key_set(self) -> frozenset[str]:
+        """The accepted API keys (empty: no auth). ``@path`` reads one key per line from a file."""
+        source = self.api_keys.strip()
+        if source.startswith("@"):
+            path = Path(source[1:]).expanduser()
+            try:
+                source = path.read_text(encoding="utf-8").replace("\n", ",")
+            except OSError as exc:
+                raise SettingsError(f"EMBED_API_KEYS: cannot read key file {str(path)!r}: {exc.strerror}") from None
+        return frozenset(key.strip() for key in source.split(",") if key.strip())
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -91,8 +107,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for info in msgspec.structs.fields(cls):  # operators write on/off and yes/no too
             if info.type is bool and isinstance(raw.get(info.name), str):
                 raw[info.name] = _BOOLEANS.get(raw[info.name].lower(), raw[info.name])
-        if isinstance(raw.get("log_level"), str):
-            raw["log_level"] = raw["log_level"].lower()
+        for name in ("log_level", "log_format"):
+            if isinstance(raw.get(name), str):
+                raw[name] = raw[name].lower()
         try:
             # strict=False turns "8001" into 8001 and "true"/"0" into booleans.
             return msgspec.convert(raw, cls, strict=False)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["Stats"]
 
+_EMBEDDING_ENDPOINTS = frozenset({"/v1/embeddings", "/embeddings"})
+
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
     if not sorted_values:
@@ -21,7 +23,7 @@ class Stats:
     """Plain counters, updated on the event loop only (so no locks)."""
 
     started_at: float = field(default_factory=time.time)
-    requests: int = 0
+    requests: int = 0  # embedding requests
     request_errors: int = 0
     inputs: int = 0
     tokens: int = 0
@@ -29,12 +31,16 @@ class Stats:
     cache_misses: int = 0
     cache_errors: int = 0
     cache_writes: int = 0
+    by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
 
-    def observe_request(self, seconds: float, *, error: bool) -> None:
-        self.requests += 1
-        self.request_errors += int(error)
-        self.latencies.append(seconds)
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        self.by_endpoint[key] = self.by_endpoint.get(key, 0) + 1
+        if endpoint in _EMBEDDING_ENDPOINTS:
+            self.requests += 1
+            self.request_errors += int(status >= 400)
+            self.latencies.append(seconds)
 
     def latency_ms(self) -> dict[str, float]:
         ordered = sorted(self.latencies)

@@ -65,10 +65,17 @@ def build_bge_m3_like(
     intermediate: int = 64,
     vocab_size: int | None = None,
     seed: int = 0,
+    tokenizer_from: Path | None = None,
 ) -> Path:
-    """Write a bge-m3-shaped model folder with random weights to ``folder`` and return it."""
+    """Write a bge-m3-shaped model folder with random weights to ``folder`` and return it.
+
+    ``tokenizer_from`` copies a real tokenizer (e.g. all-MiniLM-L6-v2's WordPiece) so that token
+    counts per word are realistic, for benchmarks; by default a small Unigram one is trained.
+    """
+    from transformers import AutoTokenizer
+
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from)) if tokenizer_from else build_tokenizer()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
     config = XLMRobertaConfig(
@@ -79,9 +86,9 @@ def build_bge_m3_like(
         intermediate_size=intermediate,
         max_position_embeddings=8194,
         type_vocab_size=1,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
     )
     XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
     torch.save(torch.nn.Linear(hidden, hidden).state_dict(), folder / "colbert_linear.pt")
