@@ -142,6 +142,11 @@ class MicroBatcher:
         self._forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
         self._tokens_per_second = 3000.0  # refined from measurements; sizes Retry-After
 
+    @property
+    def in_flight(self) -> int:
+        """Distinct inputs accepted and not yet answered."""
+        return len(self._in_flight)
+
     async def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="micro-batcher")

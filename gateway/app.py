@@ -20,7 +20,7 @@ from litestar.openapi import OpenAPIConfig
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
 from gateway.auth import api_key_guard
-from gateway.cache import MemoryVectorCache, RedisVectorCache, VectorCache
+from gateway.cache import CircuitBreakerCache, MemoryVectorCache, RedisVectorCache, VectorCache
 from gateway.errors import exception_handlers
 from gateway.inputs import TokenIdDecoder
 from gateway.metrics import Metrics
@@ -58,11 +58,14 @@ def _make_cache(settings: Settings, dim: int) -> VectorCache | None:
     if not settings.cache:
         return None
     if settings.redis_url:
-        return RedisVectorCache(
+        redis_cache = RedisVectorCache(
             settings.redis_url,
             dim=dim,
             ttl_seconds=settings.cache_ttl_seconds,
             timeout_s=settings.cache_timeout_ms / 1000,
+        )
+        return CircuitBreakerCache(
+            redis_cache, failures=settings.cache_breaker_failures, cooldown_s=settings.cache_breaker_seconds
         )
     return MemoryVectorCache(dim=dim, max_items=settings.memory_cache_items, ttl_seconds=settings.cache_ttl_seconds)
 

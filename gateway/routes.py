@@ -210,6 +210,8 @@ async def stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
             "hit_rate": round(s.hit_rate, 6),
             "errors": s.cache_errors,
             "writes": s.cache_writes,
+            "circuit": getattr(runtime.cache, "state", "closed"),
+            "circuit_opened": getattr(runtime.cache, "opened", 0),
         },
         "encoder": {
             "device": encoder.device,
@@ -228,6 +230,11 @@ async def stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
             "oom_splits": batches.oom_splits,
         },
         "latency_ms": s.latency_ms(),
+        "internals": {  # for leak hunting: all three return to their idle values between bursts
+            "asyncio_tasks": len(asyncio.all_tasks()),
+            "pending_cache_writes": runtime.service.pending_writes,
+            "inputs_in_flight": runtime.batcher.in_flight,
+        },
     }
     if encoder.torch_device.type == "cuda":
         device = encoder.torch_device

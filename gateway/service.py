@@ -17,7 +17,7 @@ import numpy as np
 
 from encoder import Encoder, InputTooLongError
 from encoder.batcher import Embedding, InputFailedError, MicroBatcher, QueueFullError
-from gateway.cache import CachedVector, CacheUnavailableError, VectorCache, cache_key
+from gateway.cache import CachedVector, CacheSkippedError, CacheUnavailableError, VectorCache, cache_key
 from gateway.errors import APIError, InvalidRequestError, OverloadedError
 from gateway.stats import Stats
 
@@ -125,7 +125,9 @@ class EmbeddingService:
             return await self.cache.get_many(keys)
         except CacheUnavailableError as exc:
             self.stats.cache_errors += 1
-            logger.warning("cache lookup failed, computing all %d inputs: %s", len(keys), exc)
+            # While the breaker is open every request lands here: say it once per failure, not per request.
+            level = logging.DEBUG if isinstance(exc, CacheSkippedError) else logging.WARNING
+            logger.log(level, "cache lookup failed, computing all %d inputs: %s", len(keys), exc)
             return [None] * len(keys)
 
     def _write_back(self, items: list[tuple[str, CachedVector]]) -> None:
@@ -138,9 +140,15 @@ class EmbeddingService:
         try:
             await self.cache.put_many(items)
             self.stats.cache_writes += len(items)
+        except CacheSkippedError:
+            pass  # the breaker is open; the lookup that preceded this write was already counted
         except CacheUnavailableError as exc:
             self.stats.cache_errors += 1
             logger.warning("cache write of %d vectors failed: %s", len(items), exc)
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._writes)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) for background cache writes, e.g. at shutdown or in tests."""

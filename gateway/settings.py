@@ -55,6 +55,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cache_ttl_seconds: PositiveInt = 604_800
     cache_prefix: str = "emb"
     cache_timeout_ms: PositiveInt = 250
+    cache_breaker_failures: PositiveInt = 3  # consecutive failures that open the circuit
+    cache_breaker_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # how long an open circuit skips Redis
     # server
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8001
