@@ -141,6 +141,8 @@ class MicroBatcher:
         # One forward thread: parallel passes would only fight over the same cores or GPU.
         self._forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
         self._tokens_per_second = 3000.0  # refined from measurements; sizes Retry-After
+        self.summary_interval_s = 60.0
+        self._last_summary: tuple[float, int, int, int, int] = (time.monotonic(), 0, 0, 0, 0)
 
     @property
     def in_flight(self) -> int:
@@ -284,6 +286,24 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_result(Embedding(vector, len(item.token_ids)))
 
+    def _maybe_summarise(self) -> None:
+        """One INFO line per ``summary_interval_s`` while batches run: the logs' view of batching."""
+        now = time.monotonic()
+        if now - self._last_summary[0] < self.summary_interval_s:
+            return
+        stats, (_, batches, inputs, padded, real) = self.stats, self._last_summary
+        count = stats.batches - batches
+        if count:
+            logger.info(
+                "encoder: %d batches, avg %.1f inputs and %.0f padded tokens each, padding %.1f%%, queue %d tokens",
+                count,
+                (stats.inputs - inputs) / count,
+                (stats.padded_tokens - padded) / count,
+                100 * (1 - (stats.tokens - real) / max(1, stats.padded_tokens - padded)),
+                stats.queue_tokens,
+            )
+        self._last_summary = (now, stats.batches, stats.inputs, stats.padded_tokens, stats.tokens)
+
     def _fail(self, item: _Item, error: Exception) -> None:
         if not item.future.done():
             item.future.set_exception(error)
@@ -305,5 +325,6 @@ class MicroBatcher:
             report.padded_tokens,
             report.seconds * 1e3,
         )
+        self._maybe_summarise()
         if self.on_batch is not None:
             self.on_batch(report)

@@ -140,3 +140,18 @@ async def test_out_of_memory_splits_and_fails_only_the_culprit(minilm_encoder: E
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_logs_summarise_batching(minilm_encoder: Encoder, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    batcher = await _started(minilm_encoder)
+    batcher.summary_interval_s = 0.0
+    try:
+        with caplog.at_level(logging.INFO, logger="encoder.batcher"):
+            await _embed(batcher, ["one text", "another text", "a third"])
+        lines = [r.getMessage() for r in caplog.records if r.name == "encoder.batcher"]
+        assert any("1 batches, avg 3.0 inputs" in line for line in lines), lines
+    finally:
+        await batcher.stop()
