@@ -29,7 +29,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from encoder.model import Encoder
+from encoder.model import DENSE, Encoder
 from encoder.packing import plan_batches
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _INLINE_TOKENIZE_CHARS = 2048
+DENSE_ONLY = frozenset({DENSE})
 
 
 def default_max_batch_tokens(device: torch.device) -> int:
@@ -71,10 +72,13 @@ class InputFailedError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Embedding:
-    """One input's result: its vector (float32) and how many tokens the model read."""
+    """One input's result: its dense vector (float32), how many tokens the model read, and the
+    sparse weights / ColBERT vectors when they were asked for."""
 
     vector: np.ndarray
     tokens: int
+    sparse: tuple[np.ndarray, np.ndarray] | None = None
+    colbert: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +96,12 @@ class _Item:
     text: str
     token_ids: list[int]
     future: asyncio.Future[Embedding]
+    kinds: frozenset[str] = DENSE_ONLY
     waiters: int = 1
+
+    @property
+    def key(self) -> tuple[frozenset[str], str]:
+        return (self.kinds, self.text)
 
 
 @dataclass(slots=True)
@@ -135,7 +144,7 @@ class MicroBatcher:
         self.on_batch = on_batch
         self.stats = BatcherStats()
         self._pending: list[_Item] = []
-        self._in_flight: dict[str, _Item] = {}
+        self._in_flight: dict[tuple[frozenset[str], str], _Item] = {}
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         # One forward thread: parallel passes would only fight over the same cores or GPU.
@@ -180,15 +189,22 @@ class MicroBatcher:
             return self.encoder.tokenize(texts, truncate=truncate)
         return await asyncio.to_thread(partial(self.encoder.tokenize, texts, truncate=truncate))
 
-    async def embed(self, texts: Sequence[str], token_ids: Sequence[list[int]]) -> list[Embedding]:
-        """Vectors for ``texts`` (already tokenised by :meth:`tokenize`), in order.
+    async def embed(
+        self, texts: Sequence[str], token_ids: Sequence[list[int]], *, kinds: frozenset[str] = DENSE_ONLY
+    ) -> list[Embedding]:
+        """Results for ``texts`` (already tokenised by :meth:`tokenize`), in order.
+
+        ``kinds`` adds ``sparse`` and/or ``colbert`` outputs (bge-m3's heads) to the dense vector;
+        all come from the same forward pass.
 
         Raises :class:`QueueFullError` at once, before queueing anything, when the queue is full.
         Cancelling the caller withdraws its inputs unless another caller waits for the same text.
         """
         if self._worker is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        new_tokens = sum(len(ids) for text, ids in zip(texts, token_ids, strict=True) if text not in self._in_flight)
+        new_tokens = sum(
+            len(ids) for text, ids in zip(texts, token_ids, strict=True) if (kinds, text) not in self._in_flight
+        )
         if self.stats.queue_tokens and self.stats.queue_tokens + new_tokens > self.max_queue_tokens:
             self.stats.rejected += 1
             retry_after = max(1.0, (self.stats.queue_tokens + new_tokens) / self._tokens_per_second)
@@ -196,13 +212,13 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         items: list[_Item] = []
         for text, ids in zip(texts, token_ids, strict=True):
-            item = self._in_flight.get(text)
+            item = self._in_flight.get((kinds, text))
             if item is not None and not item.future.done():
                 item.waiters += 1
                 self.stats.deduplicated += 1
             else:
-                item = _Item(text, list(ids), loop.create_future())
-                self._in_flight[text] = item
+                item = _Item(text, list(ids), loop.create_future(), kinds)
+                self._in_flight[item.key] = item
                 self._pending.append(item)
                 self.stats.queue_tokens += len(ids)
             items.append(item)
@@ -247,14 +263,23 @@ class MicroBatcher:
     def _done_with(self, item: _Item) -> None:
         # Queued tokens count until computed (or dropped), so the limit bounds all accepted work.
         self.stats.queue_tokens -= len(item.token_ids)
-        if self._in_flight.get(item.text) is item:
-            del self._in_flight[item.text]
+        if self._in_flight.get(item.key) is item:
+            del self._in_flight[item.key]
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         token_ids = [item.token_ids for item in items]
+        kinds = DENSE_ONLY.union(*(item.kinds for item in items))
         started = time.perf_counter()
         try:
-            vectors = await loop.run_in_executor(self._forward, self.encoder.encode, token_ids)
+            if kinds == DENSE_ONLY:
+                vectors = await loop.run_in_executor(self._forward, self.encoder.encode, token_ids)
+                results = [Embedding(vector, len(ids)) for vector, ids in zip(vectors, token_ids, strict=True)]
+            else:
+                outputs = await loop.run_in_executor(self._forward, self.encoder.encode_outputs, token_ids, kinds)
+                results = [
+                    Embedding(out.dense, len(ids), out.sparse, out.colbert)  # type: ignore[arg-type]
+                    for out, ids in zip(outputs, token_ids, strict=True)
+                ]
         except (torch.OutOfMemoryError, MemoryError) as exc:
             if self.encoder.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -282,9 +307,9 @@ class MicroBatcher:
             seconds=seconds,
         )
         self._record(report)
-        for item, vector in zip(items, vectors, strict=True):
+        for item, result in zip(items, results, strict=True):
             if not item.future.done():
-                item.future.set_result(Embedding(vector, len(item.token_ids)))
+                item.future.set_result(result)
 
     def _maybe_summarise(self) -> None:
         """One INFO line per ``summary_interval_s`` while batches run: the logs' view of batching."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,20 @@ from encoder.model_files import ModelSpec, read_model_spec, resolve_model_dir
 from encoder.packing import plan_batches
 from encoder.pooling import Pooling, normalize, pool
 
-__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "Encoder", "InputTooLongError", "load_encoder"]
+__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "Encoder", "InputTooLongError", "Outputs", "load_encoder"]
+
+DENSE, SPARSE, COLBERT = "dense", "sparse", "colbert"
+HEAD_FILES = {SPARSE: "sparse_linear.pt", COLBERT: "colbert_linear.pt"}
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """What one forward pass gave one input. ``sparse`` is (token ids ascending, weights)."""
+
+    dense: np.ndarray | None = None
+    sparse: tuple[np.ndarray, np.ndarray] | None = None
+    colbert: np.ndarray | None = None
+
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +77,7 @@ class Encoder:
         truncate: bool,
         threads: int,
         fingerprint: str,
+        heads: dict[str, torch.nn.Linear] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -80,6 +94,14 @@ class Encoder:
         self.torch_dtype = dtype
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._forward_lock = threading.Lock()
+        self.heads = heads or {}
+        special = (tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+        self._unused_ids = np.array([i for i in special if i is not None], dtype=np.int64)
+
+    @property
+    def outputs(self) -> frozenset[str]:
+        """What this model can produce: always ``dense``; ``sparse``/``colbert`` with bge-m3's heads."""
+        return frozenset({DENSE, *self.heads})
 
     @property
     def device(self) -> str:
@@ -151,6 +173,50 @@ class Encoder:
                 vectors = normalize(vectors)
             return vectors.cpu().numpy().astype(np.float32, copy=False)
 
+    def encode_outputs(self, token_ids: Sequence[Sequence[int]], kinds: frozenset[str]) -> list[Outputs]:
+        """Dense, sparse and/or ColBERT outputs from one forward pass, as FlagEmbedding's BGEM3 computes them.
+
+        * sparse: ``relu(sparse_linear(H))`` per token; CLS, EOS, PAD and UNK ids dropped, zero
+          weights dropped, the largest weight kept per token id; ids ascending.
+        * colbert: ``colbert_linear(H[:, 1:])`` over the real tokens after CLS, L2-normalised per row.
+        """
+        missing = kinds - self.outputs
+        if missing:
+            raise ValueError(f"this model has no {sorted(missing)} head ({[HEAD_FILES[k] for k in sorted(missing)]})")
+        hidden, mask = self.forward(token_ids)
+        with torch.inference_mode():
+            dense = None
+            if DENSE in kinds:
+                pooled = pool(hidden, mask, self.pooling)
+                dense = (normalize(pooled) if self.normalize else pooled).cpu().numpy().astype(np.float32, copy=False)
+            weights = None
+            if SPARSE in kinds:
+                weights = torch.relu(self.heads[SPARSE](hidden)).squeeze(-1).float().cpu().numpy()
+            colbert = None
+            if COLBERT in kinds:
+                vectors = self.heads[COLBERT](hidden[:, 1:]) * mask[:, 1:, None].to(hidden.dtype)
+                colbert = normalize(vectors.float()).cpu().numpy()
+        results = []
+        for row, ids in enumerate(token_ids):
+            sparse = None
+            if weights is not None:
+                sparse = self._sparse_row(np.asarray(ids, dtype=np.int64), weights[row, : len(ids)])
+            results.append(
+                Outputs(
+                    dense=None if dense is None else dense[row],
+                    sparse=sparse,
+                    colbert=None if colbert is None else np.ascontiguousarray(colbert[row, : len(ids) - 1]),
+                )
+            )
+        return results
+
+    def _sparse_row(self, ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = ~np.isin(ids, self._unused_ids) & (weights > 0)
+        unique, inverse = np.unique(ids[keep], return_inverse=True)
+        best = np.zeros(len(unique), dtype=np.float32)
+        np.maximum.at(best, inverse, weights[keep].astype(np.float32))
+        return unique.astype(np.int64), best
+
     def embed(
         self,
         texts: Sequence[str],
@@ -206,6 +272,7 @@ def load_encoder(
     tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
     network = AutoModel.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
     network.eval().to(torch_device)
+    heads = _load_heads(spec.path, torch_device, torch_dtype)
     # The fingerprint covers the model's contents and the limit actually served.
     fingerprint = replace(spec, max_tokens=limit).fingerprint()
     encoder = Encoder(
@@ -218,6 +285,22 @@ def load_encoder(
         truncate=truncate,
         threads=threads,
         fingerprint=fingerprint,
+        heads=heads,
     )
     logger.info("loaded %r", encoder)
     return encoder
+
+
+def _load_heads(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Linear]:
+    """bge-m3's extra heads, when the folder has them: ``sparse_linear.pt`` and ``colbert_linear.pt``."""
+    heads: dict[str, torch.nn.Linear] = {}
+    for kind, name in HEAD_FILES.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        out_features, in_features = state["weight"].shape
+        head = torch.nn.Linear(in_features, out_features)
+        head.load_state_dict(state)
+        heads[kind] = head.eval().to(device=device, dtype=dtype)
+    return heads

@@ -35,7 +35,11 @@ __all__ = [
     "VectorCache",
     "cache_key",
     "pack",
+    "pack_colbert",
+    "pack_sparse",
     "unpack",
+    "unpack_colbert",
+    "unpack_sparse",
 ]
 
 _MAGIC = b"E1"
@@ -66,6 +70,59 @@ def pack(value: CachedVector) -> bytes:
     return body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
 
 
+def _seal(body: bytes) -> bytes:
+    return body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def _opened(data: bytes | None, magic: bytes) -> memoryview | None:
+    """The body of a sealed value with this magic, or None when it is short, foreign or corrupt."""
+    if data is None or len(data) < len(magic) + _CHECKSUM.size or not data.startswith(magic):
+        return None
+    body = memoryview(data)[: -_CHECKSUM.size]
+    if _CHECKSUM.unpack_from(data, len(body))[0] != xxhash.xxh3_64_intdigest(body):
+        return None
+    return body
+
+
+_SPARSE = struct.Struct("<2sII")  # magic, tokens, entries
+_COLBERT = struct.Struct("<2sIII")  # magic, tokens, rows, dim
+
+
+def pack_sparse(tokens: int, indices: np.ndarray, values: np.ndarray) -> bytes:
+    """Sparse weights: token ids (uint32) and weights (float32), both little-endian."""
+    header = _SPARSE.pack(b"S1", tokens, len(indices))
+    return _seal(header + indices.astype("<u4").tobytes() + values.astype("<f4").tobytes())
+
+
+def unpack_sparse(data: bytes | None) -> tuple[int, np.ndarray, np.ndarray] | None:
+    body = _opened(data, b"S1")
+    if body is None or len(body) < _SPARSE.size:
+        return None
+    _, tokens, count = _SPARSE.unpack_from(body)
+    if len(body) != _SPARSE.size + 8 * count:
+        return None
+    indices = np.frombuffer(body, dtype="<u4", count=count, offset=_SPARSE.size).astype(np.int64)
+    values = np.frombuffer(body, dtype="<f4", count=count, offset=_SPARSE.size + 4 * count)
+    return tokens, indices, values
+
+
+def pack_colbert(tokens: int, vectors: np.ndarray) -> bytes:
+    """ColBERT vectors: a (rows, dim) float32 matrix, little-endian."""
+    rows, dim = vectors.shape
+    return _seal(_COLBERT.pack(b"C1", tokens, rows, dim) + np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+
+
+def unpack_colbert(data: bytes | None, dim: int) -> tuple[int, np.ndarray] | None:
+    body = _opened(data, b"C1")
+    if body is None or len(body) < _COLBERT.size:
+        return None
+    _, tokens, rows, stored_dim = _COLBERT.unpack_from(body)
+    if stored_dim != dim or len(body) != _COLBERT.size + 4 * rows * dim:
+        return None
+    matrix = np.frombuffer(body, dtype="<f4", offset=_COLBERT.size).reshape(rows, dim)
+    return tokens, matrix
+
+
 def unpack(data: bytes | None, dim: int) -> CachedVector | None:
     """The stored vector, or ``None`` for anything that is not a whole, intact value of ``dim``."""
     end = _HEADER.size + 4 * dim
@@ -79,9 +136,17 @@ def unpack(data: bytes | None, dim: int) -> CachedVector | None:
 
 
 class VectorCache(Protocol):
-    """What the service needs from a cache. Errors surface as :class:`CacheUnavailableError`."""
+    """What the service needs from a cache. Errors surface as :class:`CacheUnavailableError`.
+
+    ``get_many``/``put_many`` hold dense vectors; ``get_blobs``/``put_blobs`` hold any sealed value
+    (sparse weights, ColBERT matrices) under keys that name their kind.
+    """
 
     backend: str
+
+    async def get_blobs(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    async def put_blobs(self, items: Sequence[tuple[str, bytes]]) -> None: ...
 
     async def get_many(self, keys: Sequence[str]) -> list[CachedVector | None]: ...
 
@@ -92,7 +157,25 @@ class VectorCache(Protocol):
     async def close(self) -> None: ...
 
 
-class RedisVectorCache:
+class _DenseValues:
+    """Dense vectors on top of a cache's blob calls (the same for every backend)."""
+
+    dim: int
+
+    async def get_blobs(self, keys: Sequence[str]) -> list[bytes | None]:
+        raise NotImplementedError
+
+    async def put_blobs(self, items: Sequence[tuple[str, bytes]]) -> None:
+        raise NotImplementedError
+
+    async def get_many(self, keys: Sequence[str]) -> list[CachedVector | None]:
+        return [unpack(value, self.dim) for value in await self.get_blobs(keys)]
+
+    async def put_many(self, items: Sequence[tuple[str, CachedVector]]) -> None:
+        await self.put_blobs([(key, pack(value)) for key, value in items])
+
+
+class RedisVectorCache(_DenseValues):
     """One ``MGET`` per lookup, one non-transactional pipeline of ``SET key value EX ttl`` per write.
 
     Every call is bounded by ``timeout_s`` (socket timeouts and an outer deadline), and redis-py
@@ -113,7 +196,7 @@ class RedisVectorCache:
             health_check_interval=30,
         )
 
-    async def get_many(self, keys: Sequence[str]) -> list[CachedVector | None]:
+    async def get_blobs(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
         try:
@@ -121,9 +204,9 @@ class RedisVectorCache:
                 values = await self.client.mget(keys)
         except (RedisError, OSError, TimeoutError) as exc:
             raise CacheUnavailableError(f"redis read failed: {exc!r}") from exc
-        return [unpack(value if isinstance(value, bytes) else None, self.dim) for value in values]
+        return [value if isinstance(value, bytes) else None for value in values]
 
-    async def put_many(self, items: Sequence[tuple[str, CachedVector]]) -> None:
+    async def put_blobs(self, items: Sequence[tuple[str, bytes]]) -> None:
         if not items:
             return
         try:
@@ -131,7 +214,7 @@ class RedisVectorCache:
             async with asyncio.timeout(self.timeout_s * 4):
                 async with self.client.pipeline(transaction=False) as pipe:
                     for key, value in items:
-                        pipe.set(key, pack(value), ex=self.ttl_seconds)
+                        pipe.set(key, value, ex=self.ttl_seconds)
                     await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             raise CacheUnavailableError(f"redis write failed: {exc!r}") from exc
@@ -147,7 +230,7 @@ class RedisVectorCache:
         await self.client.aclose()
 
 
-class MemoryVectorCache:
+class MemoryVectorCache(_DenseValues):
     """An in-process LRU of ``max_items`` packed values with a TTL, for running without Redis."""
 
     backend = "memory"
@@ -158,22 +241,22 @@ class MemoryVectorCache:
         self.ttl_seconds = ttl_seconds
         self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
-    async def get_many(self, keys: Sequence[str]) -> list[CachedVector | None]:
+    async def get_blobs(self, keys: Sequence[str]) -> list[bytes | None]:
         now = time.monotonic()
-        found: list[CachedVector | None] = []
+        found: list[bytes | None] = []
         for key in keys:
             entry = self._items.get(key)
             if entry is None or entry[0] < now:
                 found.append(None)
                 continue
             self._items.move_to_end(key)
-            found.append(unpack(entry[1], self.dim))
+            found.append(entry[1])
         return found
 
-    async def put_many(self, items: Sequence[tuple[str, CachedVector]]) -> None:
+    async def put_blobs(self, items: Sequence[tuple[str, bytes]]) -> None:
         expires = time.monotonic() + self.ttl_seconds
         for key, value in items:
-            self._items[key] = (expires, pack(value))
+            self._items[key] = (expires, value)
             self._items.move_to_end(key)
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
@@ -185,7 +268,7 @@ class MemoryVectorCache:
         self._items.clear()
 
 
-class CircuitBreakerCache:
+class CircuitBreakerCache(_DenseValues):
     """Skips a failing cache for a while instead of paying its timeout on every request.
 
     After ``failures`` consecutive errors the breaker *opens*: lookups answer all-miss at once and
@@ -197,6 +280,7 @@ class CircuitBreakerCache:
     def __init__(self, inner: VectorCache, *, failures: int = 3, cooldown_s: float = 5.0) -> None:
         self.inner = inner
         self.backend = inner.backend
+        self.dim: int = getattr(inner, "dim", 0)
         self.failures = failures
         self.cooldown_s = cooldown_s
         self._consecutive = 0
@@ -223,20 +307,20 @@ class CircuitBreakerCache:
                 self.opened += 1
             self._opened_at = time.monotonic()  # (re)open: a failed half-open probe waits again
 
-    async def get_many(self, keys: Sequence[str]) -> list[CachedVector | None]:
+    async def get_blobs(self, keys: Sequence[str]) -> list[bytes | None]:
         self._check()
         try:
-            found = await self.inner.get_many(keys)
+            found = await self.inner.get_blobs(keys)
         except CacheUnavailableError:
             self._record(False)
             raise
         self._record(True)
         return found
 
-    async def put_many(self, items: Sequence[tuple[str, CachedVector]]) -> None:
+    async def put_blobs(self, items: Sequence[tuple[str, bytes]]) -> None:
         self._check()
         try:
-            await self.inner.put_many(items)
+            await self.inner.put_blobs(items)
         except CacheUnavailableError:
             self._record(False)
             raise

@@ -25,7 +25,19 @@ __all__ = ["CONTENT_TYPE", "Metrics", "endpoint_label"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_ENDPOINTS = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/health", "/stats", "/metrics", "/dashboard"})
+_ENDPOINTS = frozenset(
+    {
+        "/v1/embeddings",
+        "/embeddings",
+        "/v1/embeddings/sparse",
+        "/v1/embeddings/multivector",
+        "/v1/models",
+        "/health",
+        "/stats",
+        "/metrics",
+        "/dashboard",
+    }
+)
 
 
 def endpoint_label(path: str) -> str:

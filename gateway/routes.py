@@ -14,6 +14,7 @@ from litestar import MediaType, Request, Response, get, post
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
 
+from encoder.model import COLBERT, DENSE, SPARSE
 from gateway.errors import (
     ClientDisconnectedError,
     ErrorEnvelope,
@@ -29,10 +30,18 @@ from gateway.schemas import (
     EmbeddingResponse,
     ModelCard,
     ModelList,
+    MultiVectorData,
+    MultiVectorResponse,
+    OutputsRequest,
     RequestBodyError,
+    SparseData,
+    SparseResponse,
+    SparseVector,
     Usage,
     decode_embedding_request,
+    decode_outputs_request,
 )
+from gateway.service import EmbedResult
 
 __all__ = ["ROUTES"]
 
@@ -48,18 +57,22 @@ _ERRORS = {
 }
 
 
-@dataclass
-class _EmbeddingsOperation(Operation):
-    """The body is decoded by our own strict msgspec decoder, so document it here."""
+def _documented_body(schema: str) -> type[Operation]:
+    """Bodies are decoded by our own strict msgspec decoders, so document them here."""
 
-    def __post_init__(self) -> None:
-        self.request_body = RequestBody(
-            content={"application/json": OpenAPIMediaType(schema=Reference("#/components/schemas/EmbeddingRequest"))},
-            required=True,
-        )
+    @dataclass
+    class BodyOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(
+                content={"application/json": OpenAPIMediaType(schema=Reference(f"#/components/schemas/{schema}"))},
+                required=True,
+            )
+
+    return BodyOperation
 
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 
 def _runtime(request: Request[Any, Any, Any]) -> Runtime:
@@ -118,28 +131,16 @@ def _shape(vectors: list[np.ndarray], dimensions: int | None, dim: int) -> list[
     description="OpenAI-compatible. Vectors are served from the cache when the same text was seen before.",
     responses=_ERRORS,
     tags=["embeddings"],
-    operation_class=_EmbeddingsOperation,
+    operation_class=_documented_body("EmbeddingRequest"),
     opt={"auth": "api"},
 )
 async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingResponse:
-    runtime = _runtime(request)
-    if runtime.draining:
-        raise OverloadedError("the server is shutting down", retry_after=1, code="shutting_down")
-    try:
-        data = decode_embedding_request(await request.body())
-    except RequestBodyError as exc:
-        raise InvalidRequestError(str(exc), param=exc.param) from None
-    _check_model(runtime, data.model)
+    runtime, data = await _accept(request, decode_embedding_request)
     dim = runtime.encoder.dim
     if data.dimensions is not None and not 1 <= data.dimensions <= dim:
         raise InvalidRequestError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
-    texts = await normalise_input(data.input, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
-    result = await runtime.service.embed(texts, guard=_disconnect_guard(request))
-    request.state.cache_hits, request.state.cache_misses = result.hits, result.misses
-    request.state.inputs, request.state.tokens = len(texts), sum(result.tokens)
-    runtime.stats.inputs += len(texts)
-    runtime.stats.tokens += sum(result.tokens)
-    vectors = _shape(result.vectors, data.dimensions, dim)
+    result = await _run(request, runtime, data.input, DENSE)
+    vectors = _shape(result.values, data.dimensions, dim)
     if data.encoding_format == "base64":
         # msgspec writes a memoryview as base64 while it encodes the JSON: no str per vector.
         encoded: list[Any] = [np.ascontiguousarray(row, dtype="<f4").data for row in vectors]
@@ -151,6 +152,82 @@ async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingRespons
         model=runtime.settings.served_model,
         usage=Usage(prompt_tokens=usage, total_tokens=usage),
     )
+
+
+async def _accept(request: Request[Any, Any, Any], decode: Callable[[bytes], B]) -> tuple[Runtime, B]:
+    """What every embeddings route does first: refuse while draining, decode strictly, check the model."""
+    runtime = _runtime(request)
+    if runtime.draining:
+        raise OverloadedError("the server is shutting down", retry_after=1, code="shutting_down")
+    try:
+        data = decode(await request.body())
+    except RequestBodyError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
+    _check_model(runtime, getattr(data, "model", None))
+    return runtime, data
+
+
+async def _run(request: Request[Any, Any, Any], runtime: Runtime, value: Any, kind: str) -> EmbedResult:
+    """Normalise ``input``, compute ``kind`` through the service, and count it for logs and stats."""
+    texts = await normalise_input(value, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
+    result = await runtime.service.embed(texts, kind=kind, guard=_disconnect_guard(request))
+    request.state.cache_hits, request.state.cache_misses = result.hits, result.misses
+    request.state.inputs, request.state.tokens = len(texts), sum(result.tokens)
+    runtime.stats.inputs += len(texts)
+    runtime.stats.tokens += sum(result.tokens)
+    return result
+
+
+async def _outputs(request: Request[Any, Any, Any], kind: str) -> tuple[Runtime, OutputsRequest, EmbedResult]:
+    """The shared path of /v1/embeddings/sparse and /v1/embeddings/multivector."""
+    runtime, data = await _accept(request, decode_outputs_request)
+    return runtime, data, await _run(request, runtime, data.input, kind)
+
+
+def _usage(result: EmbedResult) -> Usage:
+    total = sum(result.tokens)
+    return Usage(prompt_tokens=total, total_tokens=total)
+
+
+@post(
+    "/v1/embeddings/sparse",
+    status_code=200,
+    summary="Sparse lexical weights (bge-m3)",
+    description="Per input: token ids ascending and their weights, as Qdrant, Milvus and Pinecone take them.",
+    responses=_ERRORS,
+    tags=["embeddings"],
+    operation_class=_documented_body("OutputsRequest"),
+    opt={"auth": "api"},
+)
+async def create_sparse(request: Request[Any, Any, Any]) -> SparseResponse:
+    runtime, data, result = await _outputs(request, SPARSE)
+    tokenizer = runtime.encoder.tokenizer
+    items = []
+    for index, (ids, weights) in enumerate(result.values):
+        tokens = tokenizer.convert_ids_to_tokens(ids.tolist()) if data.return_tokens else None
+        items.append(SparseData(SparseVector(ids.tolist(), weights.tolist(), tokens), index))
+    return SparseResponse(data=items, model=runtime.settings.served_model, usage=_usage(result))
+
+
+@post(
+    "/v1/embeddings/multivector",
+    status_code=200,
+    summary="ColBERT multi-vectors (bge-m3)",
+    description="Per input: one L2-normalised vector per token after CLS; base64 is little-endian float32, row-major.",
+    responses=_ERRORS,
+    tags=["embeddings"],
+    operation_class=_documented_body("OutputsRequest"),
+    opt={"auth": "api"},
+)
+async def create_multivector(request: Request[Any, Any, Any]) -> MultiVectorResponse:
+    runtime, data, result = await _outputs(request, COLBERT)
+    items = []
+    for index, matrix in enumerate(result.values):
+        embedding: Any = (
+            np.ascontiguousarray(matrix, dtype="<f4").data if data.encoding_format == "base64" else matrix.tolist()
+        )
+        items.append(MultiVectorData(embedding=embedding, shape=list(matrix.shape), index=index))
+    return MultiVectorResponse(data=items, model=runtime.settings.served_model, usage=_usage(result))
 
 
 def _model_cards(runtime: Runtime) -> list[ModelCard]:
@@ -277,4 +354,14 @@ async def dashboard() -> Response[bytes]:
     return Response(_dashboard_html(), media_type=MediaType.HTML)
 
 
-ROUTES = [create_embeddings, list_models, retrieve_model, health, stats, metrics, dashboard]
+ROUTES = [
+    create_embeddings,
+    create_sparse,
+    create_multivector,
+    list_models,
+    retrieve_model,
+    health,
+    stats,
+    metrics,
+    dashboard,
+]

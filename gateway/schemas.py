@@ -7,9 +7,11 @@ all strings, all token ids or all token-id lists, as OpenAI's four shapes requir
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 __all__ = [
     "EmbeddingData",
@@ -17,9 +19,13 @@ __all__ = [
     "EmbeddingResponse",
     "ModelCard",
     "ModelList",
+    "MultiVectorResponse",
+    "OutputsRequest",
     "RequestBodyError",
+    "SparseResponse",
     "Usage",
     "decode_embedding_request",
+    "decode_outputs_request",
     "request_schema_components",
 ]
 
@@ -32,6 +38,37 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+
+
+class OutputsRequest(msgspec.Struct, kw_only=True):
+    """POST /v1/embeddings/sparse and /v1/embeddings/multivector: bge-m3's other two outputs."""
+
+    input: str | list[str | int | list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"  # multivector only
+    return_tokens: bool = False  # sparse only: also the token strings
+    user: str | None = None
+
+
+class SparseVector(msgspec.Struct, omit_defaults=True):
+    """The shape Qdrant, Milvus and Pinecone take: token ids ascending, and their weights."""
+
+    indices: list[int]
+    values: list[float]
+    tokens: list[str] | None = None
+
+
+class SparseData(msgspec.Struct):
+    embedding: SparseVector
+    index: int
+    object: Literal["sparse_embedding"] = "sparse_embedding"
+
+
+class MultiVectorData(msgspec.Struct):
+    embedding: list[list[float]] | str  # base64: little-endian float32, row-major, of ``shape``
+    shape: list[int]  # [tokens after CLS, dimension]
+    index: int
+    object: Literal["multivector_embedding"] = "multivector_embedding"
 
 
 class Usage(msgspec.Struct):
@@ -47,6 +84,20 @@ class EmbeddingData(msgspec.Struct):
 
 class EmbeddingResponse(msgspec.Struct):
     data: list[EmbeddingData]
+    model: str
+    usage: Usage
+    object: Literal["list"] = "list"
+
+
+class SparseResponse(msgspec.Struct):
+    data: list[SparseData]
+    model: str
+    usage: Usage
+    object: Literal["list"] = "list"
+
+
+class MultiVectorResponse(msgspec.Struct):
+    data: list[MultiVectorData]
     model: str
     usage: Usage
     object: Literal["list"] = "list"
@@ -73,12 +124,21 @@ class RequestBodyError(ValueError):
 
 
 _request_decoder = msgspec.json.Decoder(EmbeddingRequest)  # strict: "64" is not an int
+_outputs_decoder = msgspec.json.Decoder(OutputsRequest)
 
 
 def decode_embedding_request(body: bytes) -> EmbeddingRequest:
     """Decode and type-check a request body in one pass (no intermediate dict)."""
+    return _decode(_request_decoder, body)
+
+
+def decode_outputs_request(body: bytes) -> OutputsRequest:
+    return _decode(_outputs_decoder, body)
+
+
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     try:
-        return _request_decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
         param = None
@@ -95,5 +155,7 @@ def decode_embedding_request(body: bytes) -> EmbeddingRequest:
 
 def request_schema_components() -> dict[str, Any]:
     """JSON Schemas of the request body, for the OpenAPI document's components."""
-    (_, components) = msgspec.json.schema_components([EmbeddingRequest], ref_template="#/components/schemas/{name}")
+    (_, components) = msgspec.json.schema_components(
+        [EmbeddingRequest, OutputsRequest], ref_template="#/components/schemas/{name}"
+    )
     return components

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 __all__ = ["Stats"]
 
-_EMBEDDING_ENDPOINTS = frozenset({"/v1/embeddings", "/embeddings"})
+_EMBEDDING_ENDPOINTS = frozenset(
+    {"/v1/embeddings", "/embeddings", "/v1/embeddings/sparse", "/v1/embeddings/multivector"}
+)
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
