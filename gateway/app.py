@@ -74,6 +74,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
     stats = Stats()
     metrics = Metrics(stats)
     json_logs = settings.log_format == "json"
+    keys = settings.api_key_set()  # no keys, no guard: not even a call per request
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -135,7 +136,7 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
         middleware=[DefineMiddleware(partial(RequestContextMiddleware, metrics=metrics, json_logs=json_logs))],
-        guards=[api_key_guard(settings.api_key_set(), public_metrics=settings.public_metrics)],
+        guards=[api_key_guard(keys, public_metrics=settings.public_metrics)] if keys else [],
         before_send=[add_request_id_header],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(

@@ -120,6 +120,7 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.registry.register(_StatsCollector(self))
+        self._durations: dict[str, Histogram] = {}
 
     def observe_batch(self, report: BatchReport) -> None:
         self.batch_size.observe(report.size)
@@ -128,7 +129,10 @@ class Metrics:
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.stats.observe_request(endpoint, status, seconds)
-        self.request_duration.labels(endpoint).observe(seconds)
+        child = self._durations.get(endpoint)
+        if child is None:  # .labels() hashes and locks on every call: keep the children
+            child = self._durations[endpoint] = self.request_duration.labels(endpoint)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
