@@ -12,23 +12,10 @@ import pytest
 from encoder import Encoder, load_encoder
 from gateway import Settings, create_app
 from gateway.cache import CachedVector, pack
+from tests.helpers import embed, fetch_stats, vectors
 from tests.servers import RedisServer, ThreadedGateway
 
 TEXTS = ["first text", "second text", "third text, a little longer", "fourth: 四番目"]
-
-
-def _embed(url: str, texts: list[str], **extra: object) -> httpx.Response:
-    response = httpx.post(f"{url}/v1/embeddings", json={"input": texts, **extra}, timeout=30)
-    assert response.status_code == 200, response.text
-    return response
-
-
-def _stats(url: str) -> dict:  # type: ignore[type-arg]
-    return httpx.get(f"{url}/stats").json()  # type: ignore[no-any-return]
-
-
-def _vectors(response: httpx.Response) -> np.ndarray:
-    return np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
 
 
 def _drain(gateway: ThreadedGateway) -> None:
@@ -43,17 +30,17 @@ def test_repeat_is_served_from_redis_with_a_ttl(
     gateway_factory, redis_server: RedisServer, minilm_encoder: Encoder
 ) -> None:  # type: ignore[no-untyped-def]
     live = gateway_factory(redis_url=redis_server.url, cache_ttl_seconds=3600)
-    first = _embed(live.url, TEXTS)
+    first = embed(live.url, TEXTS)
     _drain(live)
-    before = _stats(live.url)
+    before = fetch_stats(live.url)
     assert before["cache"]["misses"] == 4
     assert before["cache"]["writes"] == 4
-    second = _embed(live.url, TEXTS)
-    after = _stats(live.url)
+    second = embed(live.url, TEXTS)
+    after = fetch_stats(live.url)
     assert after["cache"]["hits"] - before["cache"]["hits"] == len(TEXTS)
     assert after["encoder"]["batches"] == before["encoder"]["batches"], "a full hit must not run the model"
-    np.testing.assert_array_equal(_vectors(first), _vectors(second))
-    np.testing.assert_allclose(_vectors(second), minilm_encoder.embed(TEXTS), atol=1e-6)
+    np.testing.assert_array_equal(vectors(first), vectors(second))
+    np.testing.assert_allclose(vectors(second), minilm_encoder.embed(TEXTS), atol=1e-6)
     assert second.json()["usage"] == first.json()["usage"], "hits report the stored token counts"
 
     client = redis_server.client()
@@ -72,7 +59,7 @@ def test_another_fingerprint_never_reads_these_keys(
 ) -> None:  # type: ignore[no-untyped-def]
     shared_prefix = "shared-prefix"
     live = gateway_factory(redis_url=redis_server.url, cache_prefix=shared_prefix)
-    _embed(live.url, TEXTS)
+    embed(live.url, TEXTS)
     _drain(live)
     other = load_encoder(str(minilm_dir), max_tokens=128, truncate=True)
     assert other.fingerprint != minilm_encoder.fingerprint
@@ -80,8 +67,8 @@ def test_another_fingerprint_never_reads_these_keys(
         model=str(minilm_dir), model_name="all-MiniLM-L6-v2", redis_url=redis_server.url, cache_prefix=shared_prefix
     )
     with ThreadedGateway(create_app(settings, encoder=other)) as second:
-        _embed(second.url, TEXTS)
-        stats = _stats(second.url)
+        embed(second.url, TEXTS)
+        stats = fetch_stats(second.url)
     assert stats["cache"]["hits"] == 0
     assert stats["cache"]["misses"] == len(TEXTS)
 
@@ -102,58 +89,58 @@ def test_corrupt_values_are_misses_and_get_overwritten(
     }[corruption]
     client = redis_server.client()
     client.set(key, bad)
-    response = _embed(live.url, [TEXTS[0]])
-    np.testing.assert_allclose(_vectors(response)[0], minilm_encoder.embed([TEXTS[0]])[0], atol=1e-6)
-    assert _stats(live.url)["cache"]["misses"] == 1
+    response = embed(live.url, [TEXTS[0]])
+    np.testing.assert_allclose(vectors(response)[0], minilm_encoder.embed([TEXTS[0]])[0], atol=1e-6)
+    assert fetch_stats(live.url)["cache"]["misses"] == 1
     _drain(live)
     assert client.get(key) != bad, "the corrupt value must be overwritten"
-    assert _stats(live.url)["cache"]["hits"] == 0
-    _embed(live.url, [TEXTS[0]])
-    assert _stats(live.url)["cache"]["hits"] == 1
+    assert fetch_stats(live.url)["cache"]["hits"] == 0
+    embed(live.url, [TEXTS[0]])
+    assert fetch_stats(live.url)["cache"]["hits"] == 1
 
 
 def test_redis_down_then_back_on_the_same_port(
     gateway_factory, fresh_redis: RedisServer, minilm_encoder: Encoder
 ) -> None:  # type: ignore[no-untyped-def]
     live = gateway_factory(redis_url=fresh_redis.url, cache_timeout_ms=200)
-    _embed(live.url, TEXTS[:2])
+    embed(live.url, TEXTS[:2])
     _drain(live)
     assert httpx.get(f"{live.url}/health").json()["status"] == "ok"
 
     fresh_redis.stop()
     started = time.monotonic()
-    response = _embed(live.url, TEXTS)
+    response = embed(live.url, TEXTS)
     assert time.monotonic() - started < 3, "a dead Redis must not stall requests"
-    np.testing.assert_allclose(_vectors(response), minilm_encoder.embed(TEXTS), atol=1e-6)
+    np.testing.assert_allclose(vectors(response), minilm_encoder.embed(TEXTS), atol=1e-6)
     health = httpx.get(f"{live.url}/health")
     assert health.status_code == 200
     assert health.json()["status"] == "degraded"
     assert health.json()["cache"] == {"backend": "redis", "status": "unreachable"}
-    assert _stats(live.url)["cache"]["errors"] >= 1
+    assert fetch_stats(live.url)["cache"]["errors"] >= 1
 
     fresh_redis.start()  # same port, empty: the first request refills it, the second hits
-    _embed(live.url, TEXTS)
+    embed(live.url, TEXTS)
     _drain(live)
-    hits_before = _stats(live.url)["cache"]["hits"]
-    _embed(live.url, TEXTS)
-    assert _stats(live.url)["cache"]["hits"] - hits_before == len(TEXTS)
+    hits_before = fetch_stats(live.url)["cache"]["hits"]
+    embed(live.url, TEXTS)
+    assert fetch_stats(live.url)["cache"]["hits"] - hits_before == len(TEXTS)
     assert httpx.get(f"{live.url}/health").json()["status"] == "ok"
 
 
 def test_memory_cache_when_no_redis_url(gateway_factory) -> None:  # type: ignore[no-untyped-def]
     live = gateway_factory(redis_url="")
-    _embed(live.url, TEXTS)
-    _embed(live.url, TEXTS)
-    stats = _stats(live.url)
+    embed(live.url, TEXTS)
+    embed(live.url, TEXTS)
+    stats = fetch_stats(live.url)
     assert stats["cache"]["backend"] == "memory"
     assert stats["cache"]["hits"] == len(TEXTS)
 
 
 def test_cache_off_always_computes(gateway_factory) -> None:  # type: ignore[no-untyped-def]
     live = gateway_factory(cache=False)
-    _embed(live.url, TEXTS)
-    _embed(live.url, TEXTS)
-    stats = _stats(live.url)
+    embed(live.url, TEXTS)
+    embed(live.url, TEXTS)
+    stats = fetch_stats(live.url)
     assert stats["cache"]["backend"] == "off"
     assert stats["cache"]["hits"] == 0
     assert stats["encoder"]["inputs"] == 2 * len(TEXTS)

@@ -10,60 +10,47 @@ import numpy as np
 import pytest
 
 from encoder import Encoder
+from tests.helpers import embed, fetch_stats, vectors
 from tests.servers import RedisServer, SlowProxy, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _embed(url: str, texts: list[str]) -> httpx.Response:
-    response = httpx.post(f"{url}/v1/embeddings", json={"input": texts, "encoding_format": "float"}, timeout=30)
-    assert response.status_code == 200, response.text
-    return response
-
-
-def _stats(url: str) -> dict:  # type: ignore[type-arg]
-    return httpx.get(f"{url}/stats").json()  # type: ignore[no-any-return]
-
-
-def _vectors(response: httpx.Response) -> np.ndarray:
-    return np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
 
 
 def test_absent_at_start_serves_degraded(gateway_factory, minilm_encoder: Encoder) -> None:  # type: ignore[no-untyped-def]
     live = gateway_factory(redis_url=f"redis://127.0.0.1:{free_port()}/0", cache_timeout_ms=100)
     health = httpx.get(f"{live.url}/health").json()
     assert health["status"] == "degraded"
-    response = _embed(live.url, ["no redis here"])
-    np.testing.assert_allclose(_vectors(response), minilm_encoder.embed(["no redis here"]), atol=1e-6)
+    response = embed(live.url, ["no redis here"])
+    np.testing.assert_allclose(vectors(response), minilm_encoder.embed(["no redis here"]), atol=1e-6)
 
 
 def test_circuit_breaker_opens_then_closes(gateway_factory, fresh_redis: RedisServer) -> None:  # type: ignore[no-untyped-def]
     live = gateway_factory(
         redis_url=fresh_redis.url, cache_timeout_ms=100, cache_breaker_failures=2, cache_breaker_seconds=1.0
     )
-    _embed(live.url, ["breaker text"])
-    assert _stats(live.url)["cache"]["circuit"] == "closed"
+    embed(live.url, ["breaker text"])
+    assert fetch_stats(live.url)["cache"]["circuit"] == "closed"
     fresh_redis.stop()
     for i in range(3):
-        _embed(live.url, [f"while down {i}"])
-    stats = _stats(live.url)
+        embed(live.url, [f"while down {i}"])
+    stats = fetch_stats(live.url)
     assert stats["cache"]["circuit"] == "open"
     assert stats["cache"]["circuit_opened"] == 1
     errors = stats["cache"]["errors"]
     started = time.monotonic()
-    _embed(live.url, ["breaker text"])
+    embed(live.url, ["breaker text"])
     assert time.monotonic() - started < 0.5
-    assert _stats(live.url)["cache"]["errors"] == errors + 1  # skipped, counted, not waited for
+    assert fetch_stats(live.url)["cache"]["errors"] == errors + 1  # skipped, counted, not waited for
 
     fresh_redis.start()
     time.sleep(1.1)
-    assert _stats(live.url)["cache"]["circuit"] == "half-open"
-    _embed(live.url, ["after restart"])  # the probe succeeds and closes the circuit
-    assert _stats(live.url)["cache"]["circuit"] == "closed"
+    assert fetch_stats(live.url)["cache"]["circuit"] == "half-open"
+    embed(live.url, ["after restart"])  # the probe succeeds and closes the circuit
+    assert fetch_stats(live.url)["cache"]["circuit"] == "closed"
     time.sleep(0.3)
-    hits = _stats(live.url)["cache"]["hits"]
-    _embed(live.url, ["after restart"])
-    assert _stats(live.url)["cache"]["hits"] == hits + 1
+    hits = fetch_stats(live.url)["cache"]["hits"]
+    embed(live.url, ["after restart"])
+    assert fetch_stats(live.url)["cache"]["hits"] == hits + 1
 
 
 def test_slow_redis_costs_at_most_the_timeout(
@@ -72,15 +59,15 @@ def test_slow_redis_costs_at_most_the_timeout(
     proxy = SlowProxy(fresh_redis.port)
     try:
         live = gateway_factory(redis_url=proxy.url, cache_timeout_ms=150, cache_breaker_failures=100)
-        _embed(live.url, ["slow one", "slow two"])
+        embed(live.url, ["slow one", "slow two"])
         proxy.delay = 1.0  # every Redis reply now stalls for a second
         for texts in (["slow one", "slow two"], ["brand new text"]):
             started = time.monotonic()
-            response = _embed(live.url, texts)
+            response = embed(live.url, texts)
             elapsed = time.monotonic() - started
             assert elapsed < 0.6, f"a stalled Redis held the request for {elapsed:.2f}s"
-            np.testing.assert_allclose(_vectors(response), minilm_encoder.embed(texts), atol=1e-6)
-        assert _stats(live.url)["cache"]["errors"] >= 2
+            np.testing.assert_allclose(vectors(response), minilm_encoder.embed(texts), atol=1e-6)
+        assert fetch_stats(live.url)["cache"]["errors"] >= 2
     finally:
         proxy.close()
 
@@ -91,9 +78,9 @@ def test_full_redis_with_lru_keeps_serving(gateway_factory, tmp_path: Path) -> N
     try:
         live = gateway_factory(redis_url=server.url)
         for batch in range(30):
-            _embed(live.url, [f"filler {batch}-{i} for a small redis" for i in range(32)])
+            embed(live.url, [f"filler {batch}-{i} for a small redis" for i in range(32)])
         time.sleep(0.5)
-        stats = _stats(live.url)
+        stats = fetch_stats(live.url)
         assert stats["cache"]["errors"] == 0
         assert stats["cache"]["writes"] == 30 * 32
         info = server.client().info("stats")
@@ -137,4 +124,4 @@ def test_killed_under_load_no_5xx_every_vector_right(
     for thread in threads:
         thread.join()
     assert failures == []
-    assert _stats(live.url)["cache"]["errors"] >= 1
+    assert fetch_stats(live.url)["cache"]["errors"] >= 1
