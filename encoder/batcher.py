@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from encoder.model import DENSE, Encoder
-from encoder.packing import plan_batches
+from encoder.packing import default_max_batch_tokens, plan_batches
 
 __all__ = [
     "BatchReport",
@@ -38,24 +38,12 @@ __all__ = [
     "InputFailedError",
     "MicroBatcher",
     "QueueFullError",
-    "default_max_batch_tokens",
 ]
 
 logger = logging.getLogger(__name__)
 
 _INLINE_TOKENIZE_CHARS = 2048
 DENSE_ONLY = frozenset({DENSE})
-
-
-def default_max_batch_tokens(device: torch.device) -> int:
-    """Padded tokens per forward pass when the operator sets none.
-
-    A CPU's cost is close to linear in padded tokens and gains little from wide batches, so narrow
-    batches, which span fewer lengths and so pad less, win: all-MiniLM-L6-v2 on 2 cores, windows of
-    16 mixed texts, ran at 40 texts/s with 512 and 29 with 2,048 (bench/README.md). A GPU needs
-    wide batches to fill its cores.
-    """
-    return {"cpu": 512, "mps": 8192}.get(device.type, 16384)
 
 
 class QueueFullError(RuntimeError):
@@ -138,7 +126,7 @@ class MicroBatcher:
         on_batch: Callable[[BatchReport], None] | None = None,
     ) -> None:
         self.encoder = encoder
-        self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(encoder.torch_device)
+        self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(encoder.torch_device.type)
         self.max_batch_size = max_batch_size
         self.max_queue_tokens = max_queue_tokens
         self.on_batch = on_batch

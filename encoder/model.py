@@ -23,10 +23,10 @@ from transformers.utils import logging as hf_logging
 
 from encoder.device import configure_cpu_threads, resolve_device, resolve_dtype
 from encoder.model_files import ModelSpec, read_model_spec, resolve_model_dir
-from encoder.packing import plan_batches
+from encoder.packing import default_max_batch_tokens, plan_batches
 from encoder.pooling import Pooling, normalize, pool
 
-__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "Encoder", "InputTooLongError", "Outputs", "load_encoder"]
+__all__ = ["Encoder", "InputTooLongError", "Outputs", "load_encoder"]
 
 DENSE, SPARSE, COLBERT = "dense", "sparse", "colbert"
 HEAD_FILES = {SPARSE: "sparse_linear.pt", COLBERT: "colbert_linear.pt"}
@@ -43,7 +43,6 @@ class Outputs:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_MAX_BATCH_SIZE = 64
 
 
@@ -221,13 +220,14 @@ class Encoder:
         self,
         texts: Sequence[str],
         *,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_tokens: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ) -> np.ndarray:
         """Vectors for ``texts`` in their order, computed in length-sorted micro-batches."""
         token_ids = self.tokenize(texts)
         out = np.empty((len(token_ids), self.dim), dtype=np.float32)
-        for batch in plan_batches([len(row) for row in token_ids], max_batch_tokens, max_batch_size):
+        budget = max_batch_tokens or default_max_batch_tokens(self.torch_device.type)
+        for batch in plan_batches([len(row) for row in token_ids], budget, max_batch_size):
             out[batch] = self.encode([token_ids[i] for i in batch])
         return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["plan_batches"]
+__all__ = ["default_max_batch_tokens", "plan_batches"]
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -34,3 +34,14 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
     if current:
         batches.append(current)
     return batches
+
+
+def default_max_batch_tokens(device_type: str) -> int:
+    """Padded tokens per forward pass when the operator sets none.
+
+    A CPU's cost is close to linear in padded tokens and gains little from wide batches, so narrow
+    batches, which span fewer lengths and so pad less, win: all-MiniLM-L6-v2 on 2 cores, windows of
+    16 mixed texts, ran at 40 texts/s with 512 and 29 with 2,048 (README, Performance). A GPU needs
+    wide batches to fill its cores.
+    """
+    return {"cpu": 512, "mps": 8192}.get(device_type, 16384)
