@@ -13,6 +13,15 @@ from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError
 from tests.gates import GatedEncoder
 
 
+async def _hold_forward_thread(batcher: MicroBatcher, gated: GatedEncoder) -> asyncio.Task[np.ndarray]:
+    """Close the gate and start one request, returning once the forward thread is stuck in it:
+    everything submitted from now on queues into the next window."""
+    gated.gate.clear()
+    blocker = asyncio.create_task(_embed(batcher, ["hold the thread"]))
+    await asyncio.to_thread(gated.entered.wait, 10)
+    return blocker
+
+
 async def _started(encoder: Any, **kwargs: Any) -> MicroBatcher:
     batcher = MicroBatcher(encoder, **kwargs)
     await batcher.start()
@@ -29,9 +38,7 @@ async def test_concurrent_requests_share_batches(minilm_encoder: Encoder) -> Non
     gated = GatedEncoder(minilm_encoder)
     batcher = await _started(gated)
     try:
-        gated.gate.clear()
-        warm = asyncio.create_task(_embed(batcher, ["hold the thread"]))
-        await asyncio.to_thread(gated.entered.wait, 10)
+        warm = await _hold_forward_thread(batcher, gated)
         requests = [[f"request {i} text {j}" for j in range(3)] for i in range(8)]
         tasks = [asyncio.create_task(_embed(batcher, texts)) for texts in requests]
         await asyncio.sleep(0.05)
@@ -70,9 +77,7 @@ async def test_a_cancelled_caller_is_dropped_before_compute(minilm_encoder: Enco
     gated = GatedEncoder(minilm_encoder)
     batcher = await _started(gated)
     try:
-        gated.gate.clear()
-        blocker = asyncio.create_task(_embed(batcher, ["hold the thread"]))
-        await asyncio.to_thread(gated.entered.wait, 10)
+        blocker = await _hold_forward_thread(batcher, gated)
         leaving = asyncio.create_task(_embed(batcher, ["nobody waits for me", "nor me"]))
         staying = asyncio.create_task(_embed(batcher, ["I stay"]))
         await asyncio.sleep(0.05)
@@ -95,9 +100,7 @@ async def test_full_queue_refuses_at_once(minilm_encoder: Encoder) -> None:
     gated = GatedEncoder(minilm_encoder)
     batcher = await _started(gated, max_queue_tokens=20)
     try:
-        gated.gate.clear()
-        blocker = asyncio.create_task(_embed(batcher, ["hold the thread"]))
-        await asyncio.to_thread(gated.entered.wait, 10)
+        blocker = await _hold_forward_thread(batcher, gated)
         queued = asyncio.create_task(_embed(batcher, ["a b c d e f g h i j k l"]))
         await asyncio.sleep(0.02)
         with pytest.raises(QueueFullError) as info:
@@ -119,9 +122,9 @@ async def test_out_of_memory_splits_and_fails_only_the_culprit(minilm_encoder: E
     batcher = await _started(gated)
     try:
         ok = [t for t in texts if t != texts[2]]
-        gated.gate.clear()  # hold the thread so that both requests land in one window, one batch
-        blocker = asyncio.create_task(_embed(batcher, ["hold the thread"]))
-        await asyncio.to_thread(gated.entered.wait, 10)
+        blocker = await _hold_forward_thread(
+            batcher, gated
+        )  # hold the thread so that both requests land in one window, one batch
         pending = asyncio.gather(_embed(batcher, ok), _embed(batcher, [texts[2]]), return_exceptions=True)
         await asyncio.sleep(0.05)
         gated.gate.set()
