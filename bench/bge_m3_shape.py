@@ -23,7 +23,7 @@ from bench.baselines import seed_original
 from bench.common import ROOT, bodies, gateway, table
 from bench.corpus import build_corpus, subset
 from bench.loadgen import run_load
-from tests.factories import build_bge_m3_like
+from support.factories import build_bge_m3_like
 
 
 def main() -> None:

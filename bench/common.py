@@ -19,7 +19,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import RedisServer, free_port, wait_for_port
+from support.processes import RedisServer, free_port, wait_for_port
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from bench.baselines import redis_mget, seed_original, sentence_transformers_enc
 from bench.common import ROOT, bodies, gateway, private_redis, table
 from bench.corpus import build_corpus, subset
 from bench.loadgen import LoadResult, run_load
-from gateway.cache import cache_key
+from gateway.core.cache import cache_key
 
 
 def _row(name: str, texts: int, tokens: int, seconds: float, load: LoadResult | None = None) -> dict[str, Any]:

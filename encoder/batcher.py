@@ -12,38 +12,48 @@ Also here, because they are properties of the queue rather than of HTTP:
 * an input whose every waiter was cancelled (its client left) is dropped before compute;
 * past ``max_queue_tokens`` queued tokens new work is refused with :class:`QueueFullError`;
 * a batch that runs out of memory is split in halves and retried; only an input that fails
-  alone gets :class:`InputFailedError`, its batch-mates are answered.
+  alone gets :class:`InputFailedError`, its batch-mates are answered;
+* the worker is supervised: if it fails outside a batch (a bug, an observer that raises), every
+  input it held fails with :class:`WorkerCrashedError`, the crash is reported, and a new worker
+  takes the queue, so later callers are served instead of waiting forever.
+
+What happened is reported to a :class:`BatchObserver` (the gateway's telemetry); the batcher keeps
+only what it needs itself: the queue, its token count, and a smoothed token rate for Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
-import numpy as np
 import torch
 
-from encoder.model import DENSE, Encoder
+from encoder.kinds import OutputKind, Outputs
+from encoder.model import Encoder
 from encoder.packing import default_max_batch_tokens, plan_batches
 
 __all__ = [
+    "BatchObserver",
     "BatchReport",
-    "Embedding",
+    "BatcherEvent",
     "InputFailedError",
     "MicroBatcher",
     "QueueFullError",
+    "WorkerCrashedError",
 ]
 
 logger = logging.getLogger(__name__)
 
 _INLINE_TOKENIZE_CHARS = 2048
-DENSE_ONLY = frozenset({DENSE})
+DENSE_ONLY = frozenset({OutputKind.DENSE})
 
 
 class QueueFullError(RuntimeError):
@@ -58,15 +68,8 @@ class InputFailedError(RuntimeError):
     """One input could not be encoded even alone (for example: out of memory)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Embedding:
-    """One input's result: its dense vector (float32), how many tokens the model read, and the
-    sparse weights / ColBERT vectors when they were asked for."""
-
-    vector: np.ndarray
-    tokens: int
-    sparse: tuple[np.ndarray, np.ndarray] | None = None
-    colbert: np.ndarray | None = None
+class WorkerCrashedError(InputFailedError):
+    """The batcher's worker failed outside a forward pass; the inputs it held were not computed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,32 +82,44 @@ class BatchReport:
     seconds: float
 
 
+class BatcherEvent(enum.StrEnum):
+    """Things the queue did besides running batches, each counted by the observer."""
+
+    DEDUPLICATED = "deduplicated"  # an input joined an identical one already in flight
+    DROPPED = "dropped"  # an input whose callers all left, skipped before compute
+    REJECTED = "rejected"  # a call refused because the queue was full
+    FAILED = "failed"  # an input that failed even alone
+    OOM_SPLIT = "oom_split"  # a batch split in halves after running out of memory
+    WORKER_RESTARTED = "worker_restarted"  # the worker crashed and was replaced
+
+
+class BatchObserver(Protocol):
+    """Where the batcher reports what it did. Called on the event loop; must be quick."""
+
+    def batch_done(self, report: BatchReport) -> None: ...
+
+    def batcher_event(self, event: BatcherEvent, count: int = 1) -> None: ...
+
+
+class _Unobserved:
+    def batch_done(self, report: BatchReport) -> None:
+        pass
+
+    def batcher_event(self, event: BatcherEvent, count: int = 1) -> None:
+        pass
+
+
 @dataclass(slots=True)
 class _Item:
     text: str
     token_ids: list[int]
-    future: asyncio.Future[Embedding]
-    kinds: frozenset[str] = DENSE_ONLY
+    future: asyncio.Future[Outputs]
+    kinds: frozenset[OutputKind] = DENSE_ONLY
     waiters: int = 1
 
     @property
-    def key(self) -> tuple[frozenset[str], str]:
+    def key(self) -> tuple[frozenset[OutputKind], str]:
         return (self.kinds, self.text)
-
-
-@dataclass(slots=True)
-class BatcherStats:
-    batches: int = 0
-    inputs: int = 0
-    tokens: int = 0
-    padded_tokens: int = 0
-    seconds: float = 0.0
-    deduplicated: int = 0
-    dropped: int = 0
-    rejected: int = 0
-    failed: int = 0
-    oom_splits: int = 0
-    queue_tokens: int = 0
 
 
 class MicroBatcher:
@@ -112,7 +127,7 @@ class MicroBatcher:
 
     batcher = MicroBatcher(encoder)  # max_batch_tokens: by device
     await batcher.start()
-    results = await batcher.embed(texts, encoder.tokenize(texts))
+    results = await batcher.embed(texts, await batcher.tokenize(texts))
     await batcher.stop()
     """
 
@@ -123,32 +138,48 @@ class MicroBatcher:
         max_batch_tokens: int | None = None,
         max_batch_size: int = 128,
         max_queue_tokens: int = 2_000_000,
-        on_batch: Callable[[BatchReport], None] | None = None,
+        observer: BatchObserver | None = None,
     ) -> None:
         self.encoder = encoder
         self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(encoder.torch_device.type)
         self.max_batch_size = max_batch_size
         self.max_queue_tokens = max_queue_tokens
-        self.on_batch = on_batch
-        self.stats = BatcherStats()
+        self.observer: BatchObserver = observer or _Unobserved()
+        self._queue_tokens = 0
         self._pending: list[_Item] = []
-        self._in_flight: dict[tuple[frozenset[str], str], _Item] = {}
+        self._window: list[_Item] = []  # what the worker holds now: failed together if it crashes
+        self._in_flight: dict[tuple[frozenset[OutputKind], str], _Item] = {}
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         # One forward thread: parallel passes would only fight over the same cores or GPU.
         self._forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
         self._tokens_per_second = 3000.0  # refined from measurements; sizes Retry-After
         self.summary_interval_s = 60.0
-        self._last_summary: tuple[float, int, int, int, int] = (time.monotonic(), 0, 0, 0, 0)
+        self._summary = _Summary()
+
+    @property
+    def queue_tokens(self) -> int:
+        """Tokens accepted and not yet computed (or dropped): what ``max_queue_tokens`` bounds."""
+        return self._queue_tokens
+
+    @property
+    def running(self) -> bool:
+        """True while a worker is serving the queue (readiness)."""
+        return self._worker is not None and not self._worker.done()
 
     @property
     def in_flight(self) -> int:
         """Distinct inputs accepted and not yet answered."""
         return len(self._in_flight)
 
+    @property
+    def tokens_per_second(self) -> float:
+        """The smoothed measured encoder rate (padded tokens per second)."""
+        return self._tokens_per_second
+
     async def start(self) -> None:
         if self._worker is None:
-            self._worker = asyncio.create_task(self._run(), name="micro-batcher")
+            self._worker = asyncio.create_task(self._supervise(), name="micro-batcher")
 
     async def stop(self) -> None:
         """Finish nothing new: cancel the worker, fail what is queued, release the thread."""
@@ -157,12 +188,7 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        for item in self._pending:
-            if not item.future.done():
-                item.future.set_exception(InputFailedError("the encoder is shutting down"))
-        self._pending.clear()
-        self._in_flight.clear()
-        self.stats.queue_tokens = 0
+        self._fail_all(InputFailedError("the encoder is shutting down"))
         self._forward.shutdown(wait=True)
 
     async def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
@@ -178,9 +204,13 @@ class MicroBatcher:
         return await asyncio.to_thread(partial(self.encoder.tokenize, texts, truncate=truncate))
 
     async def embed(
-        self, texts: Sequence[str], token_ids: Sequence[list[int]], *, kinds: frozenset[str] = DENSE_ONLY
-    ) -> list[Embedding]:
-        """Results for ``texts`` (already tokenised by :meth:`tokenize`), in order.
+        self,
+        texts: Sequence[str],
+        token_ids: Sequence[list[int]],
+        *,
+        kinds: frozenset[OutputKind] = DENSE_ONLY,
+    ) -> list[Outputs]:
+        """Outputs for ``texts`` (already tokenised by :meth:`tokenize`), in order.
 
         ``kinds`` adds ``sparse`` and/or ``colbert`` outputs (bge-m3's heads) to the dense vector;
         all come from the same forward pass.
@@ -190,28 +220,32 @@ class MicroBatcher:
         """
         if self._worker is None:
             raise RuntimeError("MicroBatcher.start() was not called")
+        kinds = DENSE_ONLY | kinds
         new_tokens = sum(
             len(ids) for text, ids in zip(texts, token_ids, strict=True) if (kinds, text) not in self._in_flight
         )
-        if self.stats.queue_tokens and self.stats.queue_tokens + new_tokens > self.max_queue_tokens:
-            self.stats.rejected += 1
-            retry_after = max(1.0, (self.stats.queue_tokens + new_tokens) / self._tokens_per_second)
-            raise QueueFullError(self.stats.queue_tokens, self.max_queue_tokens, retry_after)
+        if self._queue_tokens and self._queue_tokens + new_tokens > self.max_queue_tokens:
+            self.observer.batcher_event(BatcherEvent.REJECTED)
+            retry_after = max(1.0, (self._queue_tokens + new_tokens) / self._tokens_per_second)
+            raise QueueFullError(self._queue_tokens, self.max_queue_tokens, retry_after)
         loop = asyncio.get_running_loop()
         items: list[_Item] = []
+        joined = 0
         for text, ids in zip(texts, token_ids, strict=True):
             item = self._in_flight.get((kinds, text))
             if item is not None and not item.future.done():
                 item.waiters += 1
-                self.stats.deduplicated += 1
+                joined += 1
             else:
                 item = _Item(text, list(ids), loop.create_future(), kinds)
                 self._in_flight[item.key] = item
                 self._pending.append(item)
-                self.stats.queue_tokens += len(ids)
+                self._queue_tokens += len(ids)
             items.append(item)
+        if joined:
+            self.observer.batcher_event(BatcherEvent.DEDUPLICATED, joined)
         self._wakeup.set()
-        results: list[Embedding] = []
+        results: list[Outputs] = []
         try:
             for item in items:
                 results.append(await asyncio.shield(item.future))
@@ -226,33 +260,67 @@ class MicroBatcher:
         if item.waiters <= 0 and not item.future.done():
             item.future.cancel()  # the worker skips cancelled items before compute
 
+    async def _supervise(self) -> None:
+        """Run the worker; if it dies of anything but cancellation, fail what it held and go on."""
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                held = len(self._window)
+                logger.exception("the batcher's worker crashed holding %d inputs; they fail, a new worker starts", held)
+                self._fail_window(WorkerCrashedError("the encoder's batch worker crashed; the input was not computed"))
+                self.observer.batcher_event(BatcherEvent.WORKER_RESTARTED)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
+            if not self._pending:
+                await self._wakeup.wait()
             self._wakeup.clear()
-            window, self._pending = self._pending, []
+            self._window, self._pending = self._pending, []
             live = []
-            for item in window:
+            dropped = 0
+            for item in self._window:
                 if item.future.done():
-                    self.stats.dropped += 1
+                    dropped += 1
                     self._done_with(item)
                 else:
                     live.append(item)
             lengths = [len(item.token_ids) for item in live]
             for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
                 members = [live[i] for i in batch if not live[i].future.done()]
-                self.stats.dropped += len(batch) - len(members)
+                dropped += len(batch) - len(members)
                 if members:
                     await self._run_batch(loop, members)
                 for i in batch:
                     self._done_with(live[i])
+            self._window = []
+            if dropped:
+                self.observer.batcher_event(BatcherEvent.DROPPED, dropped)
 
     def _done_with(self, item: _Item) -> None:
         # Queued tokens count until computed (or dropped), so the limit bounds all accepted work.
-        self.stats.queue_tokens -= len(item.token_ids)
+        if item.token_ids:
+            self._queue_tokens -= len(item.token_ids)
+            item.token_ids = []  # counted once, even if a crash fails it again
         if self._in_flight.get(item.key) is item:
             del self._in_flight[item.key]
+
+    def _fail_window(self, error: Exception) -> None:
+        for item in self._window:
+            self._fail(item, error)
+            self._done_with(item)
+        self._window = []
+
+    def _fail_all(self, error: Exception) -> None:
+        self._fail_window(error)
+        for item in self._pending:
+            self._fail(item, error)
+            self._done_with(item)
+        self._pending.clear()
+        self._in_flight.clear()
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
         token_ids = [item.token_ids for item in items]
@@ -261,22 +329,18 @@ class MicroBatcher:
         try:
             if kinds == DENSE_ONLY:
                 vectors = await loop.run_in_executor(self._forward, self.encoder.encode, token_ids)
-                results = [Embedding(vector, len(ids)) for vector, ids in zip(vectors, token_ids, strict=True)]
+                results = [Outputs(len(ids), dense=vector) for vector, ids in zip(vectors, token_ids, strict=True)]
             else:
-                outputs = await loop.run_in_executor(self._forward, self.encoder.encode_outputs, token_ids, kinds)
-                results = [
-                    Embedding(out.dense, len(ids), out.sparse, out.colbert)  # type: ignore[arg-type]
-                    for out, ids in zip(outputs, token_ids, strict=True)
-                ]
+                results = await loop.run_in_executor(self._forward, self.encoder.encode_outputs, token_ids, kinds)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             if self.encoder.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(items) == 1:
-                self.stats.failed += 1
+                self.observer.batcher_event(BatcherEvent.FAILED)
                 logger.error("input of %d tokens failed alone: %s", len(token_ids[0]), exc)
                 self._fail(items[0], InputFailedError(f"out of memory on an input of {len(token_ids[0])} tokens"))
                 return
-            self.stats.oom_splits += 1
+            self.observer.batcher_event(BatcherEvent.OOM_SPLIT)
             logger.warning("out of memory on a batch of %d; splitting it", len(items))
             half = len(items) // 2
             await self._run_batch(loop, items[:half])
@@ -284,53 +348,41 @@ class MicroBatcher:
             return
         except Exception as exc:  # a bug or a broken model: fail these inputs, keep serving others
             logger.exception("encoder failed on a batch of %d", len(items))
+            self.observer.batcher_event(BatcherEvent.FAILED, len(items))
             for item in items:
-                self._fail(item, InputFailedError(f"the encoder failed: {exc}"))
+                self._fail(item, InputFailedError(f"the encoder failed: {type(exc).__name__}"))
             return
-        seconds = time.perf_counter() - started
         report = BatchReport(
             size=len(items),
             tokens=sum(len(ids) for ids in token_ids),
             padded_tokens=len(items) * max(len(ids) for ids in token_ids),
-            seconds=seconds,
+            seconds=time.perf_counter() - started,
         )
-        self._record(report)
+        if report.seconds > 0:
+            # A smoothed rate, to tell refused callers how long the queue takes to drain.
+            self._tokens_per_second = 0.8 * self._tokens_per_second + 0.2 * (report.padded_tokens / report.seconds)
+        self._summary.add(report, self._queue_tokens, self.summary_interval_s)
+        self.observer.batch_done(report)
         for item, result in zip(items, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
-
-    def _maybe_summarise(self) -> None:
-        """One INFO line per ``summary_interval_s`` while batches run: the logs' view of batching."""
-        now = time.monotonic()
-        if now - self._last_summary[0] < self.summary_interval_s:
-            return
-        stats, (_, batches, inputs, padded, real) = self.stats, self._last_summary
-        count = stats.batches - batches
-        if count:
-            logger.info(
-                "encoder: %d batches, avg %.1f inputs and %.0f padded tokens each, padding %.1f%%, queue %d tokens",
-                count,
-                (stats.inputs - inputs) / count,
-                (stats.padded_tokens - padded) / count,
-                100 * (1 - (stats.tokens - real) / max(1, stats.padded_tokens - padded)),
-                stats.queue_tokens,
-            )
-        self._last_summary = (now, stats.batches, stats.inputs, stats.padded_tokens, stats.tokens)
 
     def _fail(self, item: _Item, error: Exception) -> None:
         if not item.future.done():
             item.future.set_exception(error)
 
-    def _record(self, report: BatchReport) -> None:
-        stats = self.stats
-        stats.batches += 1
-        stats.inputs += report.size
-        stats.tokens += report.tokens
-        stats.padded_tokens += report.padded_tokens
-        stats.seconds += report.seconds
-        if report.seconds > 0:
-            # A smoothed rate, to tell refused callers how long the queue takes to drain.
-            self._tokens_per_second = 0.8 * self._tokens_per_second + 0.2 * (report.padded_tokens / report.seconds)
+
+@dataclass(slots=True)
+class _Summary:
+    """One INFO line per interval while batches run: the logs' view of batching."""
+
+    started: float = 0.0
+    batches: int = 0
+    inputs: int = 0
+    tokens: int = 0
+    padded: int = 0
+
+    def add(self, report: BatchReport, queue_tokens: int, interval_s: float) -> None:
         logger.debug(
             "batch size=%d tokens=%d padded=%d ms=%.1f",
             report.size,
@@ -338,6 +390,21 @@ class MicroBatcher:
             report.padded_tokens,
             report.seconds * 1e3,
         )
-        self._maybe_summarise()
-        if self.on_batch is not None:
-            self.on_batch(report)
+        now = time.monotonic()
+        if not self.started:
+            self.started = now
+        self.batches += 1
+        self.inputs += report.size
+        self.tokens += report.tokens
+        self.padded += report.padded_tokens
+        if now - self.started < interval_s:
+            return
+        logger.info(
+            "encoder: %d batches, avg %.1f inputs and %.0f padded tokens each, padding %.1f%%, queue %d tokens",
+            self.batches,
+            self.inputs / self.batches,
+            self.padded / self.batches,
+            100 * (1 - self.tokens / max(1, self.padded)),
+            queue_tokens,
+        )
+        self.started, self.batches, self.inputs, self.tokens, self.padded = now, 0, 0, 0, 0

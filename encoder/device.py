@@ -9,13 +9,16 @@ without native bf16 instructions ran 5.6x *slower* than float32 on our machines.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "DeviceNotAvailableError",
+    "GpuMemory",
     "available_devices",
     "configure_cpu_threads",
+    "gpu_memory",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -103,3 +106,27 @@ def configure_cpu_threads(threads: int | None) -> int:
             threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     return threads
+
+
+@dataclass(frozen=True, slots=True)
+class GpuMemory:
+    """One CUDA device's memory, for /stats and /metrics."""
+
+    name: str
+    allocated_bytes: int
+    reserved_bytes: int
+    max_allocated_bytes: int
+    total_bytes: int
+
+
+def gpu_memory(device: torch.device) -> GpuMemory | None:
+    """Memory figures of a CUDA ``device``; ``None`` for any other device."""
+    if device.type != "cuda":
+        return None
+    return GpuMemory(
+        name=torch.cuda.get_device_name(device),
+        allocated_bytes=torch.cuda.memory_allocated(device),
+        reserved_bytes=torch.cuda.memory_reserved(device),
+        max_allocated_bytes=torch.cuda.max_memory_allocated(device),
+        total_bytes=torch.cuda.get_device_properties(device).total_memory,
+    )

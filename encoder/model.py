@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +22,14 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from encoder.device import configure_cpu_threads, resolve_device, resolve_dtype
+from encoder.kinds import HEAD_FILES, OutputKind, Outputs, SparseWeights
 from encoder.model_files import ModelSpec, read_model_spec, resolve_model_dir
 from encoder.packing import default_max_batch_tokens, plan_batches
 from encoder.pooling import Pooling, normalize, pool
 
-__all__ = ["Encoder", "InputTooLongError", "Outputs", "load_encoder"]
+__all__ = ["Encoder", "InputTooLongError", "load_encoder"]
 
-DENSE, SPARSE, COLBERT = "dense", "sparse", "colbert"
-HEAD_FILES = {SPARSE: "sparse_linear.pt", COLBERT: "colbert_linear.pt"}
-
-
-@dataclass(frozen=True, slots=True)
-class Outputs:
-    """What one forward pass gave one input. ``sparse`` is (token ids ascending, weights)."""
-
-    dense: np.ndarray | None = None
-    sparse: tuple[np.ndarray, np.ndarray] | None = None
-    colbert: np.ndarray | None = None
-
+DENSE, SPARSE, COLBERT = OutputKind.DENSE, OutputKind.SPARSE, OutputKind.COLBERT
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +66,7 @@ class Encoder:
         truncate: bool,
         threads: int,
         fingerprint: str,
-        heads: dict[str, torch.nn.Linear] | None = None,
+        heads: dict[OutputKind, torch.nn.Linear] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -98,9 +88,20 @@ class Encoder:
         self._unused_ids = np.array([i for i in special if i is not None], dtype=np.int64)
 
     @property
-    def outputs(self) -> frozenset[str]:
+    def outputs(self) -> frozenset[OutputKind]:
         """What this model can produce: always ``dense``; ``sparse``/``colbert`` with bge-m3's heads."""
         return frozenset({DENSE, *self.heads})
+
+    def token_names(self, ids: list[int]) -> list[str]:
+        """The tokenizer's strings for ``ids`` (for sparse answers that show their tokens)."""
+        names: list[str] = self.tokenizer.convert_ids_to_tokens(ids)
+        return names
+
+    def output_width(self, kind: OutputKind) -> int:
+        """Floats per row of ``kind``: the dense dimension, the ColBERT head's width, 0 for sparse."""
+        if kind is OutputKind.COLBERT:
+            return self.heads[kind].out_features if kind in self.heads else 0
+        return self.dim if kind is OutputKind.DENSE else 0
 
     @property
     def device(self) -> str:
@@ -172,7 +173,7 @@ class Encoder:
                 vectors = normalize(vectors)
             return vectors.cpu().numpy().astype(np.float32, copy=False)
 
-    def encode_outputs(self, token_ids: Sequence[Sequence[int]], kinds: frozenset[str]) -> list[Outputs]:
+    def encode_outputs(self, token_ids: Sequence[Sequence[int]], kinds: frozenset[OutputKind]) -> list[Outputs]:
         """Dense, sparse and/or ColBERT outputs from one forward pass, as FlagEmbedding's BGEM3 computes them.
 
         * sparse: ``relu(sparse_linear(H))`` per token; CLS, EOS, PAD and UNK ids dropped, zero
@@ -202,6 +203,7 @@ class Encoder:
                 sparse = self._sparse_row(np.asarray(ids, dtype=np.int64), weights[row, : len(ids)])
             results.append(
                 Outputs(
+                    tokens=len(ids),
                     dense=None if dense is None else dense[row],
                     sparse=sparse,
                     colbert=None if colbert is None else np.ascontiguousarray(colbert[row, : len(ids) - 1]),
@@ -209,12 +211,12 @@ class Encoder:
             )
         return results
 
-    def _sparse_row(self, ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _sparse_row(self, ids: np.ndarray, weights: np.ndarray) -> SparseWeights:
         keep = ~np.isin(ids, self._unused_ids) & (weights > 0)
         unique, inverse = np.unique(ids[keep], return_inverse=True)
         best = np.zeros(len(unique), dtype=np.float32)
         np.maximum.at(best, inverse, weights[keep].astype(np.float32))
-        return unique.astype(np.int64), best
+        return SparseWeights(unique.astype(np.int64), best)
 
     def embed(
         self,
@@ -267,8 +269,8 @@ def load_encoder(
         if not 1 <= max_tokens <= spec.max_tokens:
             raise ValueError(f"max_tokens must be 1..{spec.max_tokens} (the model's limit), got {max_tokens}")
         limit = max_tokens
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # we report over-long inputs ourselves
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.set_verbosity_error()  # we report over-long inputs ourselves
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
     network = AutoModel.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
     network.eval().to(torch_device)
@@ -291,9 +293,9 @@ def load_encoder(
     return encoder
 
 
-def _load_heads(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Linear]:
+def _load_heads(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[OutputKind, torch.nn.Linear]:
     """bge-m3's extra heads, when the folder has them: ``sparse_linear.pt`` and ``colbert_linear.pt``."""
-    heads: dict[str, torch.nn.Linear] = {}
+    heads: dict[OutputKind, torch.nn.Linear] = {}
     for kind, name in HEAD_FILES.items():
         path = folder / name
         if not path.is_file():

@@ -67,25 +67,54 @@ def configure_logging(settings: Settings) -> None:
 
 
 def openapi_document() -> dict[str, Any]:
-    from gateway.app import create_app
+    from gateway.http.app import create_app
 
     document: dict[str, Any] = create_app(Settings()).openapi_schema.to_schema()
     return document
 
 
+def preflight(settings: Settings) -> str | None:
+    """Check what can be checked before the model loads; the first problem as one line, or None.
+
+    Device and dtype against this machine, the model folder (found, readable) and
+    ``max_input_tokens`` against the model's own limit: each would otherwise fail minutes later,
+    after a download or a load, with a traceback.
+    """
+    from encoder import DeviceNotAvailableError, ModelNotFoundError, resolve_device, resolve_dtype
+    from encoder.model_files import read_model_spec, resolve_model_dir
+
+    try:
+        device = resolve_device(settings.device)
+    except DeviceNotAvailableError as exc:
+        return f"{ENV_PREFIX}DEVICE (--device): {exc}"
+    try:
+        resolve_dtype(device, settings.dtype)
+    except (DeviceNotAvailableError, ValueError) as exc:
+        return f"{ENV_PREFIX}DTYPE (--dtype): {exc}"
+    try:
+        spec = read_model_spec(resolve_model_dir(settings.model, settings.revision or None))
+    except (ModelNotFoundError, ValueError, OSError) as exc:
+        return f"{ENV_PREFIX}MODEL (--model): {exc}"
+    if settings.max_input_tokens > spec.max_tokens:
+        return (
+            f"{ENV_PREFIX}MAX_INPUT_TOKENS (--max-input-tokens): {settings.max_input_tokens} is above the model's "
+            f"limit of {spec.max_tokens} tokens; use at most {spec.max_tokens}, or 0 for the model's limit"
+        )
+    return None
+
+
 def _serve(settings: Settings) -> int:
     import uvicorn
 
-    from encoder import DeviceNotAvailableError, ModelNotFoundError
-    from gateway.app import create_app, load_model
+    from gateway.http.app import create_app, load_model
 
     configure_logging(settings)
-    # Load and warm up before the socket opens: the port answers only once the model can.
-    try:
-        encoder = load_model(settings)
-    except (ModelNotFoundError, DeviceNotAvailableError) as exc:
-        print(f"embedding-gateway: cannot start: {exc}", file=sys.stderr)
+    problem = preflight(settings)
+    if problem is not None:
+        print(f"embedding-gateway: invalid setting: {problem}", file=sys.stderr)
         return 2
+    # Load and warm up before the socket opens: the port answers only once the model can.
+    encoder = load_model(settings)
     config = uvicorn.Config(
         create_app(settings, encoder=encoder),
         host=settings.host,
@@ -103,6 +132,19 @@ def _serve(settings: Settings) -> int:
         signal.signal(stop, lambda *_: None)
     server.run()
     return 0 if server.started else 1  # uvicorn leaves started False when start-up failed
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (and a user-only secret) replaced by ``***``, for printing."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    credentials, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = credentials.partition(":")
+    hidden = f"{user}:***" if colon else "***"
+    return urlunsplit(parts._replace(netloc=f"{hidden}@{host}"))
 
 
 def _check(settings: Settings) -> int:
@@ -144,11 +186,12 @@ def _check(settings: Settings) -> int:
     else:
         import redis
 
+        shown = masked_url(settings.redis_url)
         try:
             redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2).ping()
-            print(f"redis      {settings.redis_url} answers")
+            print(f"redis      {shown} answers")
         except (redis.RedisError, OSError) as exc:
-            print(f"redis      FAIL: {settings.redis_url}: {exc}")
+            print(f"redis      FAIL: {shown}: {type(exc).__name__}")
             ok = False
     print("ok: the configured server can run here" if ok else "not ok: fix the FAIL lines above")
     return 0 if ok else 1

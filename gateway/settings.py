@@ -21,6 +21,7 @@ ENV_PREFIX = "EMBED_"
 _BOOLEANS = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False, "1": True, "0": False}
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class SettingsError(ValueError):
@@ -35,8 +36,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_name: str = ""  # served id; empty: the folder or repo basename
     model_aliases: tuple[str, ...] = ()
     revision: str = ""
-    device: str = "auto"
-    dtype: str = "auto"
+    device: Annotated[str, msgspec.Meta(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")] = "auto"
+    dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"] = "auto"
     cpu_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: every core
     # limits
     max_inputs: PositiveInt = 2048
@@ -66,6 +67,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # access
     api_keys: str = ""  # comma list, or @/path/to/file with one key per line
     public_metrics: bool = False  # true: /stats, /metrics and /dashboard need no key
+
+    def __post_init__(self) -> None:
+        # msgspec reports a ValueError raised here as a validation error at this struct.
+        url = self.redis_url.strip()
+        if url and not url.startswith(_REDIS_SCHEMES):
+            scheme = url.partition("://")[0] if "://" in url else url[:16]
+            raise ValueError(
+                f"EMBED_REDIS_URL (--redis-url): scheme {scheme!r} is not one of "
+                f"{', '.join(_REDIS_SCHEMES)} (empty: an in-process cache)"
+            )
 
     @property
     def served_model(self) -> str:
@@ -109,20 +120,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for info in msgspec.structs.fields(cls):  # operators write on/off and yes/no too
             if info.type is bool and isinstance(raw.get(info.name), str):
                 raw[info.name] = _BOOLEANS.get(raw[info.name].lower(), raw[info.name])
-        for name in ("log_level", "log_format"):
+        for name in ("log_level", "log_format", "device", "dtype"):
             if isinstance(raw.get(name), str):
                 raw[name] = raw[name].lower()
         try:
             # strict=False turns "8001" into 8001 and "true"/"0" into booleans.
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
-            raise SettingsError(_explain(str(exc))) from None
+            raise SettingsError(_explain(str(exc), raw)) from None
 
 
-def _explain(message: str) -> str:
+_CHOICES = {
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "dtype": "auto, float32, float16 or bfloat16 (fp32, fp16, half, bf16)",
+    "log_level": "debug, info, warning or error",
+    "log_format": "text or json",
+}
+
+
+def _explain(message: str, raw: Mapping[str, Any]) -> str:
     # msgspec says "... - at `$.port`"; name the variable the operator actually sets.
-    if "at `$." in message:
-        detail, _, path = message.rpartition(" - at `$.")
-        name = path.rstrip("`").split(".")[0].split("[")[0]
-        return f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')}): {detail}"
-    return message
+    if "at `$." not in message:
+        return message.removeprefix("ValueError: ")
+    detail, _, path = message.rpartition(" - at `$.")
+    name = path.rstrip("`").split(".")[0].split("[")[0]
+    if name in _CHOICES:
+        detail = f"{raw.get(name)!r} is not a choice: use {_CHOICES[name]}"
+    return f"{ENV_PREFIX}{name.upper()} (--{name.replace('_', '-')}): {detail}"

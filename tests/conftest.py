@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import build_bge_m3_like
+from support.factories import build_bge_m3_like
 from tests.servers import RedisServer
 
 
@@ -84,10 +84,12 @@ def gateway_factory(minilm_encoder):  # type: ignore[no-untyped-def]
 
     with ExitStack() as stack:
 
-        def start(**overrides: object) -> ThreadedGateway:
+        def start(encoder: object = None, telemetry: object = None, **overrides: object) -> ThreadedGateway:
+            """``encoder``: a wrapper of the shared encoder (tests/gates.py) to hold or fail its forward pass."""
             fields = {"model_name": "all-MiniLM-L6-v2", "cache_prefix": f"test-{uuid.uuid4().hex[:8]}"}
             fields.update(overrides)
             settings = Settings(model=str(minilm_encoder.path), **fields)  # type: ignore[arg-type]
-            return stack.enter_context(ThreadedGateway(create_app(settings, encoder=minilm_encoder)))
+            app = create_app(settings, encoder=encoder or minilm_encoder, telemetry=telemetry)  # type: ignore[arg-type]
+            return stack.enter_context(ThreadedGateway(app))
 
         yield start

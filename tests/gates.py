@@ -1,13 +1,20 @@
-"""Fault injection around the *real* encoder: hold its forward thread, or make chosen inputs fail."""
+"""Fault injection around the *real* encoder: hold its forward thread, or make chosen inputs fail.
+
+``GatedEncoder`` is handed to ``MicroBatcher`` or ``create_app`` in place of the encoder (the public
+way in); everything it does not override goes to the real encoder. ``Recorder`` is a
+``BatchObserver`` that counts what the batcher reports.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
 from encoder import Encoder
+from encoder.batcher import BatcherEvent, BatchReport
 
 
 class GatedEncoder:
@@ -15,15 +22,14 @@ class GatedEncoder:
 
     def __init__(self, encoder: Encoder, poison_length: int | None = None) -> None:
         self.inner = encoder
-        self.torch_device = encoder.torch_device
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
         self.calls: list[list[int]] = []
         self.poison_length = poison_length
 
-    def tokenize(self, texts: Any, **kwargs: Any) -> list[list[int]]:
-        return self.inner.tokenize(texts, **kwargs)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
     def encode(self, token_ids: list[list[int]]) -> np.ndarray:
         self.entered.set()
@@ -32,3 +38,25 @@ class GatedEncoder:
         if self.poison_length is not None and any(len(ids) == self.poison_length for ids in token_ids):
             raise MemoryError("simulated out of memory")
         return self.inner.encode(token_ids)
+
+
+class Recorder:
+    """A BatchObserver that remembers every report and counts every event."""
+
+    def __init__(self) -> None:
+        self.reports: list[BatchReport] = []
+        self.events: Counter[BatcherEvent] = Counter()
+
+    def batch_done(self, report: BatchReport) -> None:
+        self.reports.append(report)
+
+    def batcher_event(self, event: BatcherEvent, count: int = 1) -> None:
+        self.events[event] += count
+
+    @property
+    def batches(self) -> int:
+        return len(self.reports)
+
+    @property
+    def inputs(self) -> int:
+        return sum(report.size for report in self.reports)

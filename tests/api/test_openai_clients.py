@@ -100,7 +100,7 @@ def test_langchain_default_token_id_arrays(live, minilm_encoder: Encoder, tiktok
 
 
 def test_token_ids_without_an_encoding_get_a_clear_400(live) -> None:  # type: ignore[no-untyped-def]
-    from gateway.inputs import TokenIdDecoder
+    from gateway.core.inputs import TokenIdDecoder
 
     live.server.config.app.state.runtime.token_decoder = TokenIdDecoder(encoding="no_such_encoding")
     response = httpx.post(f"{live.url}/v1/embeddings", json={"input": [[9906, 1917]], "model": "all-MiniLM-L6-v2"})

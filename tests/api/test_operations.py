@@ -130,3 +130,20 @@ def test_dashboard_is_self_contained(gateway_factory) -> None:  # type: ignore[n
     assert 'fetch("/stats"' in html
     for external in ("http://", "https://", "//cdn", "<link", "src="):
         assert external not in html, f"the dashboard must not load {external}"
+
+
+def test_every_route_needs_a_key_unless_marked_public(secured) -> None:  # type: ignore[no-untyped-def]
+    """Deny by default: walk every route the app has (its OpenAPI pages included)."""
+    app = secured.server.config.app
+    public = {"/health", "/livez", "/readyz"}
+    checked = 0
+    for route in app.routes:
+        path = route.path.replace("{model_id:str}", "some-model").replace("{file_name:str}", "x.html")
+        if "{" in path:
+            continue
+        for method in sorted(route.methods - {"HEAD", "OPTIONS"}):
+            response = httpx.request(method, f"{secured.url}{path}", json={"input": "x"} if method == "POST" else None)
+            expected = 200 if path in public else 401
+            assert response.status_code == expected, (method, path, response.status_code)
+            checked += 1
+    assert checked >= 12

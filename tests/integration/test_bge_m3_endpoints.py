@@ -59,8 +59,8 @@ def test_sparse_endpoint_and_its_cached_repeat(live, bge: Encoder, redis_server:
         assert item["object"] == "sparse_embedding"
         vector = item["embedding"]
         assert vector["indices"] == sorted(vector["indices"])
-        assert vector["indices"] == want.sparse[0].tolist()
-        np.testing.assert_allclose(vector["values"], want.sparse[1], atol=1e-6)
+        assert vector["indices"] == want.sparse.indices.tolist()
+        np.testing.assert_allclose(vector["values"], want.sparse.values, atol=1e-6)
         assert vector["tokens"] == bge.tokenizer.convert_ids_to_tokens(vector["indices"])
     assert body["usage"]["prompt_tokens"] == sum(len(ids) for ids in bge.tokenize(TEXTS))
 

@@ -11,7 +11,7 @@ import pytest
 
 from encoder import Encoder, load_encoder
 from gateway import Settings, create_app
-from gateway.cache import CachedVector, pack
+from gateway.core.cache.formats import pack_dense
 from tests.helpers import embed, fetch_stats, vectors
 from tests.servers import RedisServer, ThreadedGateway
 
@@ -22,7 +22,7 @@ def _drain(gateway: ThreadedGateway) -> None:
     """Wait for the background write-back of the last request (it runs after the response)."""
     service = gateway.server.config.app.state.runtime.service  # type: ignore[attr-defined]
     deadline = time.monotonic() + 5
-    while service._writes and time.monotonic() < deadline:
+    while service.pending_writes and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -80,11 +80,11 @@ def test_corrupt_values_are_misses_and_get_overwritten(
     live = gateway_factory(redis_url=redis_server.url)
     runtime = live.server.config.app.state.runtime  # type: ignore[attr-defined]
     key = runtime.service.key(TEXTS[0])
-    good = pack(CachedVector(minilm_encoder.embed([TEXTS[0]])[0], 4))
+    good = pack_dense(4, minilm_encoder.embed([TEXTS[0]])[0])
     bad = {
         "short": good[:100],
         "garbage": bytes(range(256)) * 6,
-        "other-dimension": pack(CachedVector(np.ones(512, dtype=np.float32), 4)),
+        "other-dimension": pack_dense(4, np.ones(512, dtype=np.float32)),
         "flipped-bit": good[:50] + bytes([good[50] ^ 1]) + good[51:],
     }[corruption]
     client = redis_server.client()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel
 
 from encoder import Encoder, load_encoder
-from tests.factories import mixed_texts
+from support.factories import mixed_texts
 
 
 def test_minilm_matches_sentence_transformers(minilm_dir: Path, minilm_encoder: Encoder) -> None:

@@ -27,6 +27,20 @@ RAW_CASES: list[tuple[str, bytes, str, int]] = [
     ("huge dimensions", b'{"input": "x", "dimensions": 100000000000000000000}', "application/json", 400),
     ("zero dimensions", b'{"input": "x", "dimensions": 0}', "application/json", 400),
     ("negative dimensions", b'{"input": "x", "dimensions": -1}', "application/json", 400),
+    # msgspec follows nesting even inside an ignored field: depth 1000+ raised RecursionError, a 500.
+    (
+        "arrays 5000 deep, unknown field",
+        b'{"input": "x", "z": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        "application/json",
+        400,
+    ),
+    (
+        "objects 5000 deep, unknown field",
+        b'{"input": "x", "z": ' + b'{"a":' * 5000 + b"1" + b"}" * 5001,
+        "application/json",
+        400,
+    ),
+    ("arrays 5000 deep as input", b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400),
 ]
 
 

@@ -15,13 +15,11 @@ from tests.gates import GatedEncoder
 pytestmark = pytest.mark.slow
 
 
-def test_overload_answers_503_fast_and_openai_retries_succeed(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+def test_overload_answers_503_fast_and_openai_retries_succeed(gateway_factory, minilm_encoder) -> None:  # type: ignore[no-untyped-def]
     from openai import OpenAI
 
-    live = gateway_factory(max_queue_tokens=40)
-    runtime = live.server.config.app.state.runtime
-    gated = GatedEncoder(runtime.encoder)
-    runtime.batcher.encoder = gated
+    gated = GatedEncoder(minilm_encoder)
+    live = gateway_factory(encoder=gated, max_queue_tokens=40)
     gated.gate.clear()  # hold the model so the queue fills
 
     results: list[Any] = []

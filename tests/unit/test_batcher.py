@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from encoder import Encoder
-from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError
-from tests.gates import GatedEncoder
+from encoder.batcher import (
+    BatcherEvent,
+    BatchReport,
+    InputFailedError,
+    MicroBatcher,
+    QueueFullError,
+    WorkerCrashedError,
+)
+from tests.gates import GatedEncoder, Recorder
 
 
 async def _hold_forward_thread(batcher: MicroBatcher, gated: GatedEncoder) -> asyncio.Task[np.ndarray]:
@@ -23,14 +30,20 @@ async def _hold_forward_thread(batcher: MicroBatcher, gated: GatedEncoder) -> as
 
 
 async def _started(encoder: Any, **kwargs: Any) -> MicroBatcher:
-    batcher = MicroBatcher(encoder, **kwargs)
+    batcher = MicroBatcher(encoder, observer=Recorder(), **kwargs)
     await batcher.start()
     return batcher
 
 
+def _seen(batcher: MicroBatcher) -> Recorder:
+    recorder = batcher.observer
+    assert isinstance(recorder, Recorder)
+    return recorder
+
+
 async def _embed(batcher: MicroBatcher, texts: list[str]) -> np.ndarray:
     results = await batcher.embed(texts, await batcher.tokenize(texts))
-    return np.stack([result.vector for result in results])
+    return np.stack([result.dense for result in results])
 
 
 @pytest.mark.anyio
@@ -48,8 +61,8 @@ async def test_concurrent_requests_share_batches(minilm_encoder: Encoder) -> Non
         for texts, vectors in zip(requests, results, strict=True):
             np.testing.assert_allclose(vectors, minilm_encoder.embed(texts), atol=1e-5)
         assert len(gated.calls) == 2, "the 24 inputs queued behind one batch must run as one batch"
-        assert batcher.stats.batches == 2
-        assert batcher.stats.inputs == 25
+        assert _seen(batcher).batches == 2
+        assert _seen(batcher).inputs == 25
     finally:
         await batcher.stop()
 
@@ -66,8 +79,8 @@ async def test_identical_texts_in_flight_are_computed_once(minilm_encoder: Encod
         gated.gate.set()
         a, b = await asyncio.gather(first, second)
         np.testing.assert_array_equal(a[0], b[0])
-        assert batcher.stats.inputs == 2
-        assert batcher.stats.deduplicated == 1
+        assert _seen(batcher).inputs == 2
+        assert _seen(batcher).events[BatcherEvent.DEDUPLICATED] == 1
     finally:
         await batcher.stop()
 
@@ -90,7 +103,7 @@ async def test_a_cancelled_caller_is_dropped_before_compute(minilm_encoder: Enco
             await leaving
         lengths = [len(ids) for ids in minilm_encoder.tokenize(["hold the thread", "I stay"])]
         assert gated.calls == [[lengths[0]], [lengths[1]]], "only 'I stay' may run after the blocker"
-        assert batcher.stats.dropped == 2
+        assert _seen(batcher).events[BatcherEvent.DROPPED] == 2
     finally:
         await batcher.stop()
 
@@ -106,7 +119,7 @@ async def test_full_queue_refuses_at_once(minilm_encoder: Encoder) -> None:
         with pytest.raises(QueueFullError) as info:
             await _embed(batcher, ["one two three four five six seven eight nine ten"])
         assert info.value.retry_after >= 1
-        assert batcher.stats.rejected == 1
+        assert _seen(batcher).events[BatcherEvent.REJECTED] == 1
         gated.gate.set()
         await asyncio.gather(blocker, queued)
         await _embed(batcher, ["accepted again once the queue drained"])
@@ -134,8 +147,8 @@ async def test_out_of_memory_splits_and_fails_only_the_culprit(minilm_encoder: E
         assert isinstance(bad, InputFailedError)
         assert "out of memory" in str(bad)
         np.testing.assert_allclose(good, minilm_encoder.embed(ok), atol=1e-5)
-        assert batcher.stats.oom_splits >= 1
-        assert batcher.stats.failed == 1
+        assert _seen(batcher).events[BatcherEvent.OOM_SPLIT] >= 1
+        assert _seen(batcher).events[BatcherEvent.FAILED] == 1
     finally:
         await batcher.stop()
 
@@ -156,5 +169,42 @@ async def test_logs_summarise_batching(minilm_encoder: Encoder, caplog: pytest.L
             await _embed(batcher, ["one text", "another text", "a third"])
         lines = [r.getMessage() for r in caplog.records if r.name == "encoder.batcher"]
         assert any("1 batches, avg 3.0 inputs" in line for line in lines), lines
+    finally:
+        await batcher.stop()
+
+
+class _FailingObserver(Recorder):
+    """Raises from ``batch_done`` ``times`` times: a failure outside the forward pass."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__()
+        self.times = times
+
+    def batch_done(self, report: BatchReport) -> None:
+        super().batch_done(report)
+        if self.times > 0:
+            self.times -= 1
+            raise RuntimeError("injected failure in the observer")
+
+
+@pytest.mark.anyio
+async def test_a_crashed_worker_fails_what_it_held_and_is_replaced(
+    minilm_encoder: Encoder, caplog: pytest.LogCaptureFixture
+) -> None:
+    observer = _FailingObserver(times=1)
+    batcher = MicroBatcher(minilm_encoder, observer=observer)
+    await batcher.start()
+    try:
+        with pytest.raises(WorkerCrashedError):
+            await asyncio.wait_for(_embed(batcher, ["the worker dies after this batch"]), 10)
+        # Before supervision this waited forever: the worker task was dead.
+        vectors = await asyncio.wait_for(_embed(batcher, ["served by the new worker"]), 10)
+        np.testing.assert_allclose(vectors, minilm_encoder.embed(["served by the new worker"]), atol=1e-5)
+        assert observer.events[BatcherEvent.WORKER_RESTARTED] == 1
+        assert batcher.running
+        assert batcher.queue_tokens == 0
+        assert batcher.in_flight == 0
+        crashes = [r for r in caplog.records if "worker crashed" in r.getMessage()]
+        assert len(crashes) == 1, "one log line per crash"
     finally:
         await batcher.stop()

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import yaml
 
-from gateway.metrics import Metrics
-from gateway.stats import Stats
+from gateway.core.telemetry import LiveState, Telemetry
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _exported_names() -> set[str]:
-    text = Metrics(Stats()).render().decode()
+    text = Telemetry().render_prometheus(LiveState()).decode()
     names = set(re.findall(r"^# TYPE (\w+) ", text, flags=re.MULTILINE))
     suffixed = {f"{name}{suffix}" for name in names for suffix in ("_total", "_bucket", "_sum", "_count")}
     return names | suffixed

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway.cache import CachedVector, cache_key, pack, unpack
+from gateway.core.cache import cache_key
+from gateway.core.cache.formats import pack_dense, unpack_dense
 from gateway.settings import Settings, SettingsError
 
 
@@ -36,18 +37,18 @@ def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None
 
 def test_pack_round_trip_and_rejections() -> None:
     vector = np.random.default_rng(0).standard_normal(384).astype(np.float32)
-    packed = pack(CachedVector(vector, 17))
-    restored = unpack(packed, 384)
+    packed = pack_dense(17, vector)
+    restored = unpack_dense(packed, 384)
     assert restored is not None
-    assert restored.tokens == 17
-    np.testing.assert_array_equal(restored.vector, vector)
-    assert unpack(packed, 385) is None
-    assert unpack(packed[:-1], 384) is None
-    assert unpack(None, 384) is None
-    assert unpack(b"E2" + packed[2:], 384) is None
+    assert restored[0] == 17
+    np.testing.assert_array_equal(restored[1], vector)
+    assert unpack_dense(packed, 385) is None
+    assert unpack_dense(packed[:-1], 384) is None
+    assert unpack_dense(None, 384) is None
+    assert unpack_dense(b"E2" + packed[2:], 384) is None
     flipped = bytearray(packed)
     flipped[100] ^= 0x10
-    assert unpack(bytes(flipped), 384) is None
+    assert unpack_dense(bytes(flipped), 384) is None
 
 
 def test_keys_hash_the_text_and_name_the_model() -> None:

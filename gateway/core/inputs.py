@@ -12,9 +12,9 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from typing import Protocol
 
-from gateway.errors import InvalidRequestError
+from gateway.core.errors import InvalidInputError
 
 __all__ = ["TokenIdDecoder", "normalise_input"]
 
@@ -28,6 +28,15 @@ _TIKTOKEN_HINT = (
 )
 
 
+class _Encoding(Protocol):
+    """The part of ``tiktoken.Encoding`` we use."""
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    def decode(self, tokens: list[int]) -> str: ...
+
+
 class TokenIdDecoder:
     """Decodes cl100k_base ids to text. The encoding is loaded on first use, off the event loop;
     a failed load is remembered for ``retry_after_s`` so clients get a quick, clear 400."""
@@ -35,26 +44,27 @@ class TokenIdDecoder:
     def __init__(self, encoding: str = "cl100k_base", retry_after_s: float = 60.0) -> None:
         self.encoding_name = encoding
         self.retry_after_s = retry_after_s
-        self._encoding: Any = None
+        self._encoding: _Encoding | None = None
         self._failure: tuple[float, str] | None = None
         self._lock = threading.Lock()
 
-    def _load(self) -> Any:
+    def _load(self) -> _Encoding:
         with self._lock:
             if self._encoding is not None:
                 return self._encoding
             if self._failure is not None and time.monotonic() - self._failure[0] < self.retry_after_s:
-                raise InvalidRequestError(_TIKTOKEN_HINT.format(reason=self._failure[1]), param="input")
+                raise InvalidInputError(_TIKTOKEN_HINT.format(reason=self._failure[1]), param="input")
             try:
                 import tiktoken
 
-                self._encoding = tiktoken.get_encoding(self.encoding_name)
+                encoding: _Encoding = tiktoken.get_encoding(self.encoding_name)
             except Exception as exc:  # network, missing file, hash mismatch: all mean "not here"
                 reason = f"{type(exc).__name__}: {str(exc)[:160]}"
                 self._failure = (time.monotonic(), reason)
                 logger.warning("could not load tiktoken %s: %s", self.encoding_name, reason)
-                raise InvalidRequestError(_TIKTOKEN_HINT.format(reason=reason), param="input") from None
-            return self._encoding
+                raise InvalidInputError(_TIKTOKEN_HINT.format(reason=reason), param="input") from None
+            self._encoding = encoding
+            return encoding
 
     def decode_sync(self, batches: list[list[int]]) -> list[str]:
         encoding = self._load()
@@ -62,14 +72,14 @@ class TokenIdDecoder:
         for position, ids in enumerate(batches):
             for token in ids:
                 if not 0 <= token < vocabulary:
-                    raise InvalidRequestError(
+                    raise InvalidInputError(
                         f"input[{position}] holds token id {token}, outside cl100k_base's range 0..{vocabulary - 1}",
                         param="input",
                     )
         try:
             return [encoding.decode(ids) for ids in batches]
         except Exception as exc:  # ids inside the range that are not tokens (gaps in the table)
-            raise InvalidRequestError(f"token ids could not be decoded: {exc}", param="input") from None
+            raise InvalidInputError(f"token ids could not be decoded: {exc}", param="input") from None
 
     async def decode(self, batches: list[list[int]]) -> list[str]:
         return await asyncio.to_thread(self.decode_sync, batches)
@@ -77,37 +87,42 @@ class TokenIdDecoder:
 
 def _check_text(text: str, position: str) -> None:
     if not text:
-        raise InvalidRequestError(f"{position} is an empty string; every input must hold text", param="input")
+        raise InvalidInputError(f"{position} is an empty string; every input must hold text", param="input")
 
 
 async def normalise_input(
     value: str | list[str | int | list[int]], *, max_inputs: int, decoder: TokenIdDecoder
 ) -> list[str]:
-    """Texts for ``value``, or :class:`InvalidRequestError` naming what is wrong and where."""
+    """Texts for ``value``, or :class:`InvalidInputError` naming what is wrong and where."""
     if isinstance(value, str):
         _check_text(value, "'input'")
         return [value]
     if not value:
-        raise InvalidRequestError("'input' is an empty list; send at least one input", param="input")
+        raise InvalidInputError("'input' is an empty list; send at least one input", param="input")
     first = value[0]
     if isinstance(first, int):  # one input given as token ids
-        if not all(isinstance(token, int) for token in value):
-            raise InvalidRequestError("'input' mixes token ids with other types", param="input")
-        return await decoder.decode([value])  # type: ignore[list-item]
+        ids = [token for token in value if isinstance(token, int)]
+        if len(ids) != len(value):
+            raise InvalidInputError("'input' mixes token ids with other types", param="input")
+        return await decoder.decode([ids])
     if len(value) > max_inputs:
-        raise InvalidRequestError(
+        raise InvalidInputError(
             f"'input' holds {len(value)} inputs; this server takes at most {max_inputs} per request",
             param="input",
         )
     if isinstance(first, str):
+        texts: list[str] = []
         for position, text in enumerate(value):
             if not isinstance(text, str):
-                raise InvalidRequestError(f"input[{position}] is not a string like input[0]", param="input")
+                raise InvalidInputError(f"input[{position}] is not a string like input[0]", param="input")
             _check_text(text, f"input[{position}]")
-        return value  # type: ignore[return-value]
-    for position, ids in enumerate(value):
-        if not isinstance(ids, list):
-            raise InvalidRequestError(f"input[{position}] is not a list of token ids like input[0]", param="input")
-        if not ids:
-            raise InvalidRequestError(f"input[{position}] is an empty list of token ids", param="input")
-    return await decoder.decode(value)  # type: ignore[arg-type]
+            texts.append(text)
+        return texts
+    batches: list[list[int]] = []
+    for position, entry in enumerate(value):
+        if not isinstance(entry, list):
+            raise InvalidInputError(f"input[{position}] is not a list of token ids like input[0]", param="input")
+        if not entry:
+            raise InvalidInputError(f"input[{position}] is an empty list of token ids", param="input")
+        batches.append(entry)
+    return await decoder.decode(batches)

@@ -1,7 +1,7 @@
-"""Request and response bodies, field for field as OpenAI names them.
+"""Request and response bodies, field for field as OpenAI names them (msgspec only, no web framework).
 
 ``input`` is typed as ``str | list[str | int | list[int]]`` because msgspec allows only one
-array-like member in a union; :func:`gateway.inputs.normalise_input` then checks that a list is
+array-like member in a union; :func:`gateway.core.inputs.normalise_input` then checks that a list is
 all strings, all token ids or all token-id lists, as OpenAI's four shapes require.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 import msgspec
+
+from gateway.core.errors import InvalidInputError
 
 T = TypeVar("T")
 
@@ -21,7 +23,6 @@ __all__ = [
     "ModelList",
     "MultiVectorResponse",
     "OutputsRequest",
-    "RequestBodyError",
     "SparseResponse",
     "Usage",
     "decode_embedding_request",
@@ -65,7 +66,9 @@ class SparseData(msgspec.Struct):
 
 
 class MultiVectorData(msgspec.Struct):
-    embedding: list[list[float]] | str  # base64: little-endian float32, row-major, of ``shape``
+    embedding: (
+        list[list[float]] | memoryview
+    )  # base64 (a memoryview is written as base64): little-endian float32, row-major, of ``shape``
     shape: list[int]  # [tokens after CLS, dimension]
     index: int
     object: Literal["multivector_embedding"] = "multivector_embedding"
@@ -77,7 +80,7 @@ class Usage(msgspec.Struct):
 
 
 class EmbeddingData(msgspec.Struct):
-    embedding: list[float] | str
+    embedding: list[float] | memoryview  # memoryview: msgspec writes it as base64 while encoding, no str per vector
     index: int
     object: Literal["embedding"] = "embedding"
 
@@ -115,20 +118,12 @@ class ModelList(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
-class RequestBodyError(ValueError):
-    """The body is not valid JSON or does not fit the schema; ``param`` names the field."""
-
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 _request_decoder = msgspec.json.Decoder(EmbeddingRequest)  # strict: "64" is not an int
 _outputs_decoder = msgspec.json.Decoder(OutputsRequest)
 
 
 def decode_embedding_request(body: bytes) -> EmbeddingRequest:
-    """Decode and type-check a request body in one pass (no intermediate dict)."""
+    """Decode and type-check a request body in one pass (no intermediate dict); InvalidInputError if it is not one."""
     return _decode(_request_decoder, body)
 
 
@@ -148,9 +143,11 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         elif "missing required field `" in message:
             param = message.split("`")[1]
         where = f" for '{param}'" if param else ""
-        raise RequestBodyError(f"Invalid request body{where}: {message}", param) from None
+        raise InvalidInputError(f"Invalid request body{where}: {message}", param=param) from None
     except msgspec.DecodeError as exc:
-        raise RequestBodyError(f"The request body is not valid JSON: {exc}", None) from None
+        raise InvalidInputError(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # msgspec follows nesting even inside fields it ignores
+        raise InvalidInputError("The request body is nested too deeply to be a valid request.") from None
 
 
 def request_schema_components() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Request context: an ``x-request-id`` on every response, timing, and one log line per request."""
+"""Request context: an ``x-request-id`` on every response, timing, telemetry and one log line per request."""
 
 from __future__ import annotations
 
@@ -6,18 +6,42 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.metrics import Metrics, endpoint_label
+from gateway.core.telemetry import Telemetry
 
-__all__ = ["RequestContextMiddleware", "add_request_id_header", "request_id"]
+__all__ = ["RequestContextMiddleware", "RequestOutcome", "add_request_id_header", "outcome", "request_id"]
 
 logger = logging.getLogger("gateway.access")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    """What an embeddings route did, for the access log line (never any input text)."""
+
+    inputs: int = 0
+    hits: int = 0
+    misses: int = 0
+    tokens: int = 0
+
+
+_OUTCOME = "gateway.outcome"
+
+
+def outcome(scope: Scope) -> RequestOutcome:
+    """This request's :class:`RequestOutcome`, created on first use."""
+    state: dict[str, Any] = scope.setdefault("state", {})
+    found = state.get(_OUTCOME)
+    if not isinstance(found, RequestOutcome):
+        found = state[_OUTCOME] = RequestOutcome()
+    return found
 
 
 def request_id(scope: Scope) -> str:
@@ -35,6 +59,12 @@ def request_id(scope: Scope) -> str:
     return str(rid)
 
 
+def log_safe(text: str, limit: int = 256) -> str:
+    """``text`` with control characters and whitespace escaped, so a client cannot forge log lines."""
+    cut = text[:limit] + ("..." if len(text) > limit else "")
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), cut)
+
+
 async def add_request_id_header(message: Message, scope: Scope) -> None:
     """Litestar ``before_send`` hook: runs for every response, unrouted 404s included."""
     if message["type"] == "http.response.start":
@@ -44,11 +74,15 @@ async def add_request_id_header(message: Message, scope: Scope) -> None:
 
 
 class RequestContextMiddleware:
-    """Times each routed request, counts it, and logs one line without any input text."""
+    """Times each routed request, reports it to telemetry, and logs one line without any input text.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, json_logs: bool = False) -> None:
+    The endpoint label is the matched route's path template, so labels stay bounded whatever
+    paths clients send; routes with ``opt={"embedding": True}`` count as embedding requests.
+    """
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry, json_logs: bool = False) -> None:
         self.app = app
-        self.metrics = metrics
+        self.telemetry = telemetry
         self.json_logs = json_logs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -69,24 +103,23 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             seconds = time.perf_counter() - started
-            self.metrics.observe_request(endpoint_label(scope.get("path", "")), status, seconds)
+            handler = scope.get("route_handler")
+            embedding = bool(handler is not None and handler.opt.get("embedding"))
+            endpoint = str(scope.get("path_template") or "other")
+            self.telemetry.request_done(endpoint, status, seconds, embedding=embedding)
             self._log(scope, rid, status, seconds)
 
     def _log(self, scope: Scope, rid: str, status: int, seconds: float) -> None:
-        state: dict[str, Any] = scope.get("state", {})
-        fields = {
-            "request_id": rid,
-            "method": scope.get("method", ""),
-            "path": scope.get("path", ""),
-            "status": status,
-            "inputs": state.get("inputs", 0),
-            "hits": state.get("cache_hits", 0),
-            "misses": state.get("cache_misses", 0),
-            "tokens": state.get("tokens", 0),
-            "ms": round(seconds * 1e3, 2),
-        }
         if not logger.isEnabledFor(logging.INFO):
             return
+        fields: dict[str, object] = {
+            "request_id": rid,
+            "method": log_safe(str(scope.get("method", ""))),
+            "path": log_safe(scope.get("path", "")),
+            "status": status,
+            **asdict(outcome(scope)),
+            "ms": round(seconds * 1e3, 2),
+        }
         if self.json_logs:
             logger.info("request", extra={"fields": fields})
         else:

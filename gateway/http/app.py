@@ -1,8 +1,9 @@
 """Build the Litestar app. The lifespan owns every resource: model, batcher, cache.
 
-``create_app(settings)`` is cheap: nothing is loaded until the server starts, so
-``embedding-gateway openapi`` can build the app to export its schema without a model. Tests pass a
-loaded ``encoder`` (and may pass a ``cache``) to share one model across many apps.
+This is the one module that wires the pieces together. ``create_app(settings)`` is cheap: nothing
+is loaded until the server starts, so ``embedding-gateway openapi`` can build the app to export its
+schema without a model. Tests pass a loaded ``encoder`` (and may pass a ``cache``) to share one
+model across many apps.
 """
 
 from __future__ import annotations
@@ -19,24 +20,23 @@ from litestar.openapi import OpenAPIConfig
 
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
-from gateway.auth import api_key_guard
-from gateway.cache import CircuitBreakerCache, MemoryVectorCache, RedisVectorCache, VectorCache
-from gateway.errors import exception_handlers
-from gateway.inputs import TokenIdDecoder
-from gateway.metrics import Metrics
-from gateway.middleware import RequestContextMiddleware, add_request_id_header
-from gateway.routes import ROUTES
-from gateway.runtime import Runtime
-from gateway.schemas import request_schema_components
-from gateway.service import EmbeddingService
+from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, RedisBlobCache
+from gateway.core.inputs import TokenIdDecoder
+from gateway.core.schemas import request_schema_components
+from gateway.core.service import EmbeddingService
+from gateway.core.telemetry import Telemetry
+from gateway.http.auth import api_key_guard
+from gateway.http.errors import exception_handlers
+from gateway.http.middleware import RequestContextMiddleware, add_request_id_header
+from gateway.http.routes import ROUTES
+from gateway.http.runtime import Runtime
 from gateway.settings import Settings
-from gateway.stats import Stats
 
 __all__ = ["create_app", "load_model"]
 
 logger = logging.getLogger("gateway")
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
 
 def load_model(settings: Settings) -> Encoder:
@@ -54,45 +54,49 @@ def load_model(settings: Settings) -> Encoder:
     return encoder
 
 
-def _make_cache(settings: Settings, dim: int) -> VectorCache | None:
+def make_cache(settings: Settings) -> BlobCache | None:
+    """The configured cache: Redis behind a circuit breaker, an in-process LRU, or none."""
     if not settings.cache:
         return None
     if settings.redis_url:
-        redis_cache = RedisVectorCache(
-            settings.redis_url,
-            dim=dim,
-            ttl_seconds=settings.cache_ttl_seconds,
-            timeout_s=settings.cache_timeout_ms / 1000,
+        redis_cache = RedisBlobCache(
+            settings.redis_url, ttl_seconds=settings.cache_ttl_seconds, timeout_s=settings.cache_timeout_ms / 1000
         )
         return CircuitBreakerCache(
             redis_cache, failures=settings.cache_breaker_failures, cooldown_s=settings.cache_breaker_seconds
         )
-    return MemoryVectorCache(dim=dim, max_items=settings.memory_cache_items, ttl_seconds=settings.cache_ttl_seconds)
+    return MemoryBlobCache(max_items=settings.memory_cache_items, ttl_seconds=settings.cache_ttl_seconds)
 
 
-def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: VectorCache | None = None) -> Litestar:
-    stats = Stats()
-    metrics = Metrics(stats)
-    json_logs = settings.log_format == "json"
+def create_app(
+    settings: Settings,
+    *,
+    encoder: Encoder | None = None,
+    cache: BlobCache | None = None,
+    telemetry: Telemetry | None = None,
+) -> Litestar:
+    """The app for ``settings``. ``encoder``, ``cache`` and ``telemetry`` replace what the lifespan
+    would build (tests share one loaded model, or observe or break the telemetry)."""
+    telemetry = telemetry or Telemetry()
     keys = settings.api_key_set()  # no keys, no guard: not even a call per request
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         model = encoder if encoder is not None else await asyncio.to_thread(load_model, settings)
-        vector_cache = cache if cache is not None else _make_cache(settings, model.dim)
+        vector_cache = cache if cache is not None else make_cache(settings)
         batcher = MicroBatcher(
             model,
             max_batch_tokens=settings.max_batch_tokens or None,
             max_batch_size=settings.max_batch_size,
             max_queue_tokens=settings.max_queue_tokens,
-            on_batch=metrics.observe_batch,
+            observer=telemetry,
         )
         await batcher.start()
         service = EmbeddingService(
             encoder=model,
             batcher=batcher,
             cache=vector_cache,
-            stats=stats,
+            telemetry=telemetry,
             cache_prefix=settings.cache_prefix,
             max_request_tokens=settings.max_request_tokens,
             truncate=settings.truncate,
@@ -103,11 +107,9 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
             batcher=batcher,
             cache=vector_cache,
             service=service,
-            stats=stats,
+            telemetry=telemetry,
             token_decoder=TokenIdDecoder(),
-            metrics=metrics,
         )
-        metrics.runtime = runtime
         app.state.runtime = runtime
         backend = vector_cache.backend if vector_cache else "off"
         if vector_cache is not None and not await vector_cache.ping():
@@ -135,7 +137,11 @@ def create_app(settings: Settings, *, encoder: Encoder | None = None, cache: Vec
         route_handlers=ROUTES,
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
-        middleware=[DefineMiddleware(partial(RequestContextMiddleware, metrics=metrics, json_logs=json_logs))],
+        middleware=[
+            DefineMiddleware(
+                partial(RequestContextMiddleware, telemetry=telemetry, json_logs=settings.log_format == "json")
+            )
+        ],
         guards=[api_key_guard(keys, public_metrics=settings.public_metrics)] if keys else [],
         before_send=[add_request_id_header],
         request_max_body_size=settings.max_body_bytes,

@@ -1,0 +1,173 @@
+"""EmbeddingService: the one place where the cache and the encoder meet.
+
+For a list of texts and an output kind: deduplicate -> one cache lookup -> tokenise and check limits
+for the misses -> encode the misses through the shared micro-batcher -> answer -> write the new
+outputs back in the background. A cache that fails or is slow only turns hits into misses; it never
+fails a request. Nothing here knows HTTP: errors are :mod:`gateway.core.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from encoder import Encoder, InputTooLongError
+from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError
+from encoder.kinds import HEAD_FILES, Outputs
+from gateway.core.cache import BlobCache, CacheSkippedError, CacheUnavailableError, cache_key
+from gateway.core.errors import EncoderFailedError, InvalidInputError, OutputNotSupportedError, OverloadedError
+from gateway.core.outputs import DENSE, OutputSpec
+from gateway.core.telemetry import Telemetry
+
+__all__ = ["EmbedResult", "EmbeddingService", "Guard"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Guard = Callable[[Awaitable[list[Outputs]]], Awaitable[list[Outputs]]]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResult(Generic[T]):
+    values: list[T]  # per input, in order
+    tokens: list[int]  # per input, as the model's tokenizer counted
+    hits: int  # distinct texts served from the cache
+    misses: int  # distinct texts computed
+
+
+class EmbeddingService:
+    def __init__(
+        self,
+        *,
+        encoder: Encoder,
+        batcher: MicroBatcher,
+        cache: BlobCache | None,
+        telemetry: Telemetry,
+        cache_prefix: str,
+        max_request_tokens: int,
+        truncate: bool,
+    ) -> None:
+        self.encoder = encoder
+        self.batcher = batcher
+        self.cache = cache
+        self.telemetry = telemetry
+        self.cache_prefix = cache_prefix
+        self.max_request_tokens = max_request_tokens
+        self.truncate = truncate
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def key(self, text: str, output: OutputSpec[T, R] | None = None) -> str:
+        """The cache key of ``text``'s ``output`` (default: dense): the model fingerprint and the kind are in it."""
+        namespace = (output or DENSE).namespace
+        return cache_key(self.cache_prefix, self.encoder.fingerprint + namespace, text)
+
+    async def embed(
+        self, texts: Sequence[str], output: OutputSpec[T, R], *, guard: Guard | None = None
+    ) -> EmbedResult[T]:
+        """``output`` values for ``texts``. ``guard`` wraps the wait for the encoder (never the cache
+        lookup): the HTTP layer uses it to withdraw the work when the client hangs up."""
+        if output.kind not in self.encoder.outputs:
+            raise OutputNotSupportedError(
+                f"this model has no {output.kind} output (its folder has no {HEAD_FILES[output.kind]})", param="model"
+            )
+        width = self.encoder.output_width(output.kind)
+        unique = list(dict.fromkeys(texts))
+        keys = [self.key(text, output) for text in unique] if self.cache is not None else []
+        blobs = await self._lookup(keys) if keys else [None] * len(unique)
+        found = [output.unpack(blob, width) for blob in blobs]
+        missing = [i for i, value in enumerate(found) if value is None]
+        hits = len(unique) - len(missing)
+        self.telemetry.looked_up(hits, len(missing))
+
+        miss_texts = [unique[i] for i in missing]
+        try:
+            token_ids = await self.batcher.tokenize(miss_texts, truncate=self.truncate)
+        except InputTooLongError as exc:
+            position = texts.index(miss_texts[exc.index])
+            raise InvalidInputError(
+                f"input[{position}] has {exc.tokens} tokens, more than this model's limit of {exc.limit}; "
+                "shorten or split it",
+                param="input",
+                code="context_length_exceeded",
+            ) from None
+        per_text = {unique[i]: value[0] for i, value in enumerate(found) if value is not None}
+        per_text.update({text: len(ids) for text, ids in zip(miss_texts, token_ids, strict=True)})
+        tokens = [per_text[text] for text in texts]
+        if sum(tokens) > self.max_request_tokens:
+            raise InvalidInputError(
+                f"the request holds {sum(tokens)} tokens; this server takes at most "
+                f"{self.max_request_tokens} per request",
+                param="input",
+            )
+
+        if miss_texts:
+            computed = await self._compute(miss_texts, token_ids, output, guard)
+            for i, outputs in zip(missing, computed, strict=True):
+                found[i] = (outputs.tokens, output.take(outputs))
+            if self.cache is not None:
+                self._write_back([(keys[i], output.pack(*pair)) for i in missing if (pair := found[i]) is not None])
+
+        values: list[T] = []
+        row = {text: i for i, text in enumerate(unique)}
+        for text in texts:
+            pair = found[row[text]]
+            assert pair is not None, "every miss was computed above"
+            values.append(pair[1])
+        self.telemetry.embedded(len(texts), sum(tokens))
+        return EmbedResult(values=values, tokens=tokens, hits=hits, misses=len(missing))
+
+    async def _compute(
+        self, texts: list[str], token_ids: list[list[int]], output: OutputSpec[T, R], guard: Guard | None
+    ) -> list[Outputs]:
+        try:
+            pending = self.batcher.embed(texts, token_ids, kinds=frozenset({output.kind}))
+            return await (guard(pending) if guard is not None else pending)
+        except QueueFullError as exc:
+            raise OverloadedError(str(exc), retry_after=exc.retry_after) from None
+        except InputFailedError as exc:
+            raise EncoderFailedError(str(exc)) from None
+
+    async def _lookup(self, keys: list[str]) -> list[bytes | None]:
+        assert self.cache is not None
+        try:
+            return await self.cache.get_blobs(keys)
+        except CacheUnavailableError as exc:
+            self.telemetry.cache_failed()
+            # While the breaker is open every request lands here: say it once per failure, not per request.
+            level = logging.DEBUG if isinstance(exc, CacheSkippedError) else logging.WARNING
+            logger.log(level, "cache lookup failed, computing all %d inputs: %s", len(keys), exc)
+            return [None] * len(keys)
+
+    def _write_back(self, items: list[tuple[str, bytes]]) -> None:
+        task = asyncio.create_task(self._put(items))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _put(self, items: list[tuple[str, bytes]]) -> None:
+        assert self.cache is not None
+        try:
+            await self.cache.put_blobs(items)
+            self.telemetry.cache_written(len(items))
+        except CacheSkippedError:
+            pass  # the breaker is open; the lookup that preceded this write was already counted
+        except CacheUnavailableError as exc:
+            self.telemetry.cache_failed()
+            logger.warning("cache write of %d values failed: %s", len(items), exc)
+
+    @property
+    def pending_writes(self) -> int:
+        """Background cache writes not yet finished."""
+        return len(self._writes)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) for background cache writes, e.g. at shutdown or in tests."""
+        if self._writes:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.gather(*self._writes, return_exceptions=True)

@@ -1,0 +1,336 @@
+"""Counters and histograms, fed at explicit points; /stats and /metrics render one snapshot.
+
+Who feeds what:
+
+* the HTTP layer: :meth:`Telemetry.request_done` once per routed request;
+* the service: :meth:`Telemetry.looked_up`, :meth:`embedded`, :meth:`cache_failed`, :meth:`cache_written`;
+* the micro-batcher: :meth:`batch_done` and :meth:`batcher_event` (it takes ``Telemetry`` as its
+  :class:`~encoder.batcher.BatchObserver`).
+
+Gauges (queue depth, breaker state, GPU memory) are state, not events: the app hands
+:meth:`Telemetry.snapshot` a :class:`LiveState` read at that moment. :class:`StatsSnapshot` is the
+``/stats`` body and the OpenAPI document's schema for it; the Prometheus text is rendered from the
+same snapshot, so the two can never disagree. Everything runs on the event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from encoder.batcher import BatcherEvent, BatchReport
+
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "GpuStats", "LiveState", "StatsSnapshot", "Telemetry"]
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class GpuStats(msgspec.Struct):
+    name: str
+    memory_allocated_bytes: int
+    memory_reserved_bytes: int
+    max_memory_allocated_bytes: int
+    memory_total_bytes: int
+
+
+class LiveState(msgspec.Struct, kw_only=True):
+    """What the server is right now, read when a snapshot is taken."""
+
+    model: str = ""
+    fingerprint: str = ""
+    device: str = ""
+    dtype: str = ""
+    threads: int = 0
+    cache_backend: str = "off"
+    cache_circuit: str = "closed"
+    cache_circuit_opened: int = 0
+    queue_tokens: int = 0
+    inputs_in_flight: int = 0
+    pending_cache_writes: int = 0
+    asyncio_tasks: int = 0
+    gpu: GpuStats | None = None
+
+
+class RequestCounts(msgspec.Struct):
+    total: int
+    errors: int
+
+
+class CacheStats(msgspec.Struct):
+    backend: str
+    hits: int
+    misses: int
+    hit_rate: float
+    errors: int
+    writes: int
+    circuit: str
+    circuit_opened: int
+
+
+class EncoderStats(msgspec.Struct):
+    device: str
+    dtype: str
+    threads: int
+    batches: int
+    inputs: int
+    avg_batch_size: float
+    forward_seconds: float
+    avg_batch_tokens: float
+    padding_ratio: float
+    queue_tokens: int
+    deduplicated: int
+    dropped: int
+    rejected: int
+    failed: int
+    oom_splits: int
+    worker_restarts: int
+
+
+class LatencyStats(msgspec.Struct):
+    p50: float
+    p95: float
+    p99: float
+    window: int
+
+
+class Internals(msgspec.Struct):
+    """For leak hunting: all three return to their idle values between bursts."""
+
+    asyncio_tasks: int
+    pending_cache_writes: int
+    inputs_in_flight: int
+
+
+class StatsSnapshot(msgspec.Struct, omit_defaults=True):
+    """The ``/stats`` body: embedding requests, cache, encoder and latency, as of ``uptime_seconds``."""
+
+    model: str
+    fingerprint: str
+    uptime_seconds: float
+    requests: RequestCounts
+    inputs: int
+    tokens: int
+    cache: CacheStats
+    encoder: EncoderStats
+    latency_ms: LatencyStats
+    internals: Internals
+    gpu: GpuStats | None = None
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))]
+
+
+@dataclass(slots=True)
+class _Counters:
+    requests: int = 0  # embedding requests
+    request_errors: int = 0
+    inputs: int = 0
+    tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_errors: int = 0
+    cache_writes: int = 0
+    batches: int = 0
+    batch_inputs: int = 0
+    batch_tokens: int = 0
+    batch_padded_tokens: int = 0
+    batch_seconds: float = 0.0
+    events: dict[BatcherEvent, int] = field(default_factory=lambda: dict.fromkeys(BatcherEvent, 0))
+    by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class Telemetry:
+    """One per server; tests run many in one process, so each owns its Prometheus registry."""
+
+    def __init__(self, *, latency_window: int = 2048) -> None:
+        self.started_at = time.time()
+        self.counters = _Counters()
+        self._latencies: deque[float] = deque(maxlen=latency_window)
+        self.registry = CollectorRegistry()
+        self._request_seconds = Histogram(
+            "embedding_request_duration_seconds",
+            "time from request to response, by endpoint",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self._batch_size = Histogram(
+            "embedding_batch_size",
+            "inputs per forward pass",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self._batch_tokens = Histogram(
+            "embedding_batch_tokens",
+            "padded tokens per forward pass",
+            registry=self.registry,
+            buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+        )
+        self._encoder_seconds = Histogram(
+            "embedding_encoder_seconds",
+            "seconds per forward pass",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self._durations: dict[str, Histogram] = {}
+        self._live = LiveState()
+        self.registry.register(_SnapshotCollector(self))
+
+    # --- fed by the HTTP layer -------------------------------------------------------------
+    def request_done(self, endpoint: str, status: int, seconds: float, *, embedding: bool) -> None:
+        """One routed request. ``embedding`` requests also count towards requests, errors and latency."""
+        counters = self.counters
+        key = (endpoint, status)
+        counters.by_endpoint[key] = counters.by_endpoint.get(key, 0) + 1
+        if embedding:
+            counters.requests += 1
+            counters.request_errors += int(status >= 400)
+            self._latencies.append(seconds)
+        child = self._durations.get(endpoint)
+        if child is None:  # .labels() hashes and locks on every call: keep the children
+            child = self._durations[endpoint] = self._request_seconds.labels(endpoint)
+        child.observe(seconds)
+
+    # --- fed by the service ----------------------------------------------------------------
+    def looked_up(self, hits: int, misses: int) -> None:
+        self.counters.cache_hits += hits
+        self.counters.cache_misses += misses
+
+    def embedded(self, inputs: int, tokens: int) -> None:
+        self.counters.inputs += inputs
+        self.counters.tokens += tokens
+
+    def cache_failed(self) -> None:
+        self.counters.cache_errors += 1
+
+    def cache_written(self, count: int) -> None:
+        self.counters.cache_writes += count
+
+    # --- fed by the micro-batcher (a BatchObserver) ------------------------------------------
+    def batch_done(self, report: BatchReport) -> None:
+        counters = self.counters
+        counters.batches += 1
+        counters.batch_inputs += report.size
+        counters.batch_tokens += report.tokens
+        counters.batch_padded_tokens += report.padded_tokens
+        counters.batch_seconds += report.seconds
+        self._batch_size.observe(report.size)
+        self._batch_tokens.observe(report.padded_tokens)
+        self._encoder_seconds.observe(report.seconds)
+
+    def batcher_event(self, event: BatcherEvent, count: int = 1) -> None:
+        self.counters.events[event] += count
+
+    # --- read ------------------------------------------------------------------------------
+    def snapshot(self, live: LiveState) -> StatsSnapshot:
+        c = self.counters
+        ordered = sorted(self._latencies)
+        looked_up = c.cache_hits + c.cache_misses
+        events = c.events
+        return StatsSnapshot(
+            model=live.model,
+            fingerprint=live.fingerprint,
+            uptime_seconds=round(time.time() - self.started_at, 3),
+            requests=RequestCounts(total=c.requests, errors=c.request_errors),
+            inputs=c.inputs,
+            tokens=c.tokens,
+            cache=CacheStats(
+                backend=live.cache_backend,
+                hits=c.cache_hits,
+                misses=c.cache_misses,
+                hit_rate=round(c.cache_hits / looked_up, 6) if looked_up else 0.0,
+                errors=c.cache_errors,
+                writes=c.cache_writes,
+                circuit=live.cache_circuit,
+                circuit_opened=live.cache_circuit_opened,
+            ),
+            encoder=EncoderStats(
+                device=live.device,
+                dtype=live.dtype,
+                threads=live.threads,
+                batches=c.batches,
+                inputs=c.batch_inputs,
+                avg_batch_size=round(c.batch_inputs / c.batches, 3) if c.batches else 0.0,
+                forward_seconds=round(c.batch_seconds, 3),
+                avg_batch_tokens=round(c.batch_padded_tokens / c.batches, 1) if c.batches else 0.0,
+                padding_ratio=round(1 - c.batch_tokens / c.batch_padded_tokens, 4) if c.batch_padded_tokens else 0.0,
+                queue_tokens=live.queue_tokens,
+                deduplicated=events[BatcherEvent.DEDUPLICATED],
+                dropped=events[BatcherEvent.DROPPED],
+                rejected=events[BatcherEvent.REJECTED],
+                failed=events[BatcherEvent.FAILED],
+                oom_splits=events[BatcherEvent.OOM_SPLIT],
+                worker_restarts=events[BatcherEvent.WORKER_RESTARTED],
+            ),
+            latency_ms=LatencyStats(
+                p50=round(_percentile(ordered, 0.50) * 1e3, 3),
+                p95=round(_percentile(ordered, 0.95) * 1e3, 3),
+                p99=round(_percentile(ordered, 0.99) * 1e3, 3),
+                window=len(ordered),
+            ),
+            internals=Internals(
+                asyncio_tasks=live.asyncio_tasks,
+                pending_cache_writes=live.pending_cache_writes,
+                inputs_in_flight=live.inputs_in_flight,
+            ),
+            gpu=live.gpu,
+        )
+
+    def render_prometheus(self, live: LiveState) -> bytes:
+        """The Prometheus text exposition: this snapshot's counters and gauges, and the histograms."""
+        self._live = live  # read by _SnapshotCollector during generate_latest, on this same thread
+        return generate_latest(self.registry)
+
+
+class _SnapshotCollector:
+    """Turns the snapshot into Prometheus families at scrape time."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    def collect(self) -> Iterator[Metric]:
+        telemetry = self.telemetry
+        snapshot = telemetry.snapshot(telemetry._live)
+        requests = CounterMetricFamily(
+            "embedding_requests", "HTTP requests by endpoint and status", labels=["endpoint", "status"]
+        )
+        for (endpoint, status), count in sorted(telemetry.counters.by_endpoint.items()):
+            requests.add_metric([endpoint, str(status)], count)
+        yield requests
+        cache, encoder = snapshot.cache, snapshot.encoder
+        for name, value, text in (
+            ("embedding_inputs", snapshot.inputs, "inputs embedded (hits and misses)"),
+            ("embedding_tokens", snapshot.tokens, "tokens embedded, as the model's tokenizer counts"),
+            ("embedding_cache_hits", cache.hits, "distinct texts served from the cache"),
+            ("embedding_cache_misses", cache.misses, "distinct texts not in the cache"),
+            ("embedding_cache_errors", cache.errors, "cache reads or writes that failed or timed out"),
+            ("embedding_cache_writes", cache.writes, "vectors written back to the cache"),
+            ("embedding_batcher_dropped", encoder.dropped, "inputs dropped before compute (their clients left)"),
+            ("embedding_batcher_rejected", encoder.rejected, "calls refused because the queue was full"),
+            ("embedding_batcher_failed", encoder.failed, "inputs the encoder could not compute"),
+            ("embedding_batcher_worker_restarts", encoder.worker_restarts, "batcher worker crashes (each restarted)"),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        yield GaugeMetricFamily("embedding_queue_tokens", "tokens waiting for the encoder", value=encoder.queue_tokens)
+        yield GaugeMetricFamily(
+            "embedding_cache_circuit_open",
+            "1 while the cache breaker skips the cache",
+            value=int(cache.circuit == "open"),
+        )
+        gpu = snapshot.gpu
+        if gpu is not None:
+            for name, value in (
+                ("embedding_gpu_memory_allocated_bytes", gpu.memory_allocated_bytes),
+                ("embedding_gpu_memory_reserved_bytes", gpu.memory_reserved_bytes),
+                ("embedding_gpu_memory_total_bytes", gpu.memory_total_bytes),
+            ):
+                yield GaugeMetricFamily(name, name.replace("_", " "), value=value)

@@ -1,0 +1,1 @@
+"""The HTTP layer: Litestar routes, auth, errors and request context over :mod:`gateway.core`."""

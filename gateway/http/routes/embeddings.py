@@ -1,0 +1,160 @@
+"""POST /v1/embeddings (OpenAI's), /v1/embeddings/sparse and /v1/embeddings/multivector (bge-m3's).
+
+Each handler only decodes, checks the model, and hands the texts to the service with its output
+kind; the kind's registry entry (:mod:`gateway.core.outputs`) builds the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from litestar import Request, post
+from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
+
+from encoder.kinds import Outputs
+from gateway.core.errors import ClientDisconnectedError, InvalidInputError, ShuttingDownError
+from gateway.core.inputs import normalise_input
+from gateway.core.outputs import COLBERT, DENSE, SPARSE, Answer, OutputSpec, ResponseOptions
+from gateway.core.schemas import (
+    EmbeddingResponse,
+    MultiVectorResponse,
+    SparseResponse,
+    decode_embedding_request,
+    decode_outputs_request,
+)
+from gateway.http.middleware import outcome
+from gateway.http.routes.common import ERRORS, runtime_of
+from gateway.http.routes.models import check_model
+from gateway.http.runtime import Runtime
+
+__all__ = ["create_embeddings", "create_multivector", "create_sparse"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _documented_body(schema: str) -> type[Operation]:
+    """Bodies are decoded by our own strict msgspec decoders, so document them here."""
+
+    @dataclass
+    class BodyOperation(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(
+                content={"application/json": OpenAPIMediaType(schema=Reference(f"#/components/schemas/{schema}"))},
+                required=True,
+            )
+
+    return BodyOperation
+
+
+async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _disconnect_guard(
+    request: Request[Any, Any, Any],
+) -> Callable[[Awaitable[list[Outputs]]], Awaitable[list[Outputs]]]:
+    """Wrap the wait for the encoder so it is cancelled (dropping its queued inputs) if the client leaves.
+
+    Only waits on the encoder are guarded: a cache hit answers faster than a watcher task starts.
+    """
+
+    async def guarded(work: Awaitable[list[Outputs]]) -> list[Outputs]:
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            raise ClientDisconnectedError
+        return task.result()
+
+    return guarded
+
+
+async def _answer(
+    request: Request[Any, Any, Any],
+    runtime: Runtime,
+    value: str | list[str | int | list[int]],
+    output: OutputSpec[T, R],
+    options: ResponseOptions,
+) -> R:
+    """Normalise ``input``, compute ``output`` through the service, and build the response body."""
+    texts = await normalise_input(value, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
+    result = await runtime.service.embed(texts, output, guard=_disconnect_guard(request))
+    done = outcome(request.scope)
+    done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, sum(result.tokens)
+    return output.respond(Answer(result.values, result.tokens, runtime.settings.served_model), options)
+
+
+def _accepting(request: Request[Any, Any, Any]) -> Runtime:
+    runtime = runtime_of(request)
+    if runtime.draining:
+        raise ShuttingDownError("the server is shutting down; retry on another replica", retry_after=1)
+    return runtime
+
+
+_EMBEDDING = {"embedding": True}
+
+
+@post(
+    ["/v1/embeddings", "/embeddings"],
+    status_code=200,
+    summary="Create embeddings",
+    description="OpenAI-compatible. Vectors are served from the cache when the same text was seen before.",
+    responses=ERRORS,
+    tags=["embeddings"],
+    operation_class=_documented_body("EmbeddingRequest"),
+    opt=_EMBEDDING,
+)
+async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingResponse:
+    runtime = _accepting(request)
+    data = decode_embedding_request(await request.body())
+    check_model(runtime, data.model)
+    dim = runtime.encoder.dim
+    if data.dimensions is not None and not 1 <= data.dimensions <= dim:
+        raise InvalidInputError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
+    options = ResponseOptions(encoding_format=data.encoding_format, dimensions=data.dimensions)
+    return await _answer(request, runtime, data.input, DENSE, options)
+
+
+@post(
+    "/v1/embeddings/sparse",
+    status_code=200,
+    summary="Sparse lexical weights (bge-m3)",
+    description="Per input: token ids ascending and their weights, as Qdrant, Milvus and Pinecone take them.",
+    responses=ERRORS,
+    tags=["embeddings"],
+    operation_class=_documented_body("OutputsRequest"),
+    opt=_EMBEDDING,
+)
+async def create_sparse(request: Request[Any, Any, Any]) -> SparseResponse:
+    runtime = _accepting(request)
+    data = decode_outputs_request(await request.body())
+    check_model(runtime, data.model)
+    options = ResponseOptions(return_tokens=data.return_tokens, token_names=runtime.encoder.token_names)
+    return await _answer(request, runtime, data.input, SPARSE, options)
+
+
+@post(
+    "/v1/embeddings/multivector",
+    status_code=200,
+    summary="ColBERT multi-vectors (bge-m3)",
+    description="Per input: one L2-normalised vector per token after CLS; base64 is little-endian float32, row-major.",
+    responses=ERRORS,
+    tags=["embeddings"],
+    operation_class=_documented_body("OutputsRequest"),
+    opt=_EMBEDDING,
+)
+async def create_multivector(request: Request[Any, Any, Any]) -> MultiVectorResponse:
+    runtime = _accepting(request)
+    data = decode_outputs_request(await request.body())
+    check_model(runtime, data.model)
+    options = ResponseOptions(encoding_format=data.encoding_format)
+    return await _answer(request, runtime, data.input, COLBERT, options)

@@ -1,0 +1,38 @@
+"""GET /v1/models and /v1/models/{id}: the served id and its aliases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, get
+
+from gateway.core.errors import ModelNotFoundError
+from gateway.core.schemas import ModelCard, ModelList
+from gateway.http.routes.common import ERRORS, runtime_of
+from gateway.http.runtime import Runtime
+
+__all__ = ["check_model", "list_models", "retrieve_model"]
+
+
+def check_model(runtime: Runtime, model: str | None) -> None:
+    """A request may name the served id, an alias or ``EMBED_MODEL`` itself (or nothing)."""
+    if model is not None and model not in runtime.settings.accepted_models:
+        raise ModelNotFoundError(
+            f"The model '{model}' does not exist on this server; it serves '{runtime.settings.served_model}'.",
+            param="model",
+        )
+
+
+@get("/v1/models", summary="List models", tags=["models"], responses={401: ERRORS[401]})
+async def list_models(request: Request[Any, Any, Any]) -> ModelList:
+    runtime = runtime_of(request)
+    created = int(runtime.telemetry.started_at)
+    names = dict.fromkeys([runtime.settings.served_model, *runtime.settings.model_aliases])
+    return ModelList(data=[ModelCard(id=name, created=created) for name in names])
+
+
+@get("/v1/models/{model_id:str}", summary="Retrieve a model", tags=["models"], responses=ERRORS)
+async def retrieve_model(model_id: str, request: Request[Any, Any, Any]) -> ModelCard:
+    runtime = runtime_of(request)
+    check_model(runtime, model_id)
+    return ModelCard(id=model_id, created=int(runtime.telemetry.started_at))

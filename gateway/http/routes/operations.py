@@ -1,0 +1,97 @@
+"""Probes and observability: /health, /livez, /readyz, /stats, /metrics and /dashboard."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+from litestar import MediaType, Request, Response, get
+
+from gateway.core.telemetry import PROMETHEUS_CONTENT_TYPE, StatsSnapshot
+from gateway.http.auth import OPS, PUBLIC
+from gateway.http.routes.common import ERRORS, runtime_of
+
+__all__ = ["dashboard", "health", "livez", "metrics", "readyz", "stats"]
+
+
+class CacheHealth(msgspec.Struct):
+    backend: str
+    status: Literal["off", "ok", "unreachable"]
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok", "degraded"]
+    model: str
+    device: str
+    cache: CacheHealth
+
+
+class Probe(msgspec.Struct):
+    status: Literal["ok", "unavailable"]
+
+
+@get("/health", summary="Model, device and cache health", tags=["operations"], opt=PUBLIC)
+async def health(request: Request[Any, Any, Any]) -> Health:
+    runtime = runtime_of(request)
+    cache_status = await runtime.cache_status()
+    return Health(
+        status="degraded" if cache_status == "unreachable" else "ok",
+        model=runtime.settings.served_model,
+        device=runtime.encoder.device,
+        cache=CacheHealth(backend=runtime.cache.backend if runtime.cache else "off", status=cache_status),
+    )
+
+
+@get("/livez", summary="Liveness: the process answers", tags=["operations"], opt=PUBLIC)
+async def livez() -> Probe:
+    return Probe(status="ok")
+
+
+@get(
+    "/readyz",
+    summary="Readiness: 200 while embedding requests are taken, 503 while draining or without an encoder worker",
+    tags=["operations"],
+    opt=PUBLIC,
+    responses={503: ERRORS[503]},
+)
+async def readyz(request: Request[Any, Any, Any]) -> Response[Probe]:
+    ready = runtime_of(request).ready
+    return Response(Probe(status="ok" if ready else "unavailable"), status_code=200 if ready else 503)
+
+
+@get("/stats", summary="Counters for dashboards", tags=["operations"], responses={401: ERRORS[401]}, opt=OPS)
+async def stats(request: Request[Any, Any, Any]) -> StatsSnapshot:
+    runtime = runtime_of(request)
+    return runtime.telemetry.snapshot(runtime.live_state())
+
+
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    tags=["operations"],
+    responses={401: ERRORS[401]},
+    opt=OPS,
+    media_type=PROMETHEUS_CONTENT_TYPE,
+)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime = runtime_of(request)
+    return Response(runtime.telemetry.render_prometheus(runtime.live_state()), media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+@cache
+def _dashboard_html() -> bytes:
+    return (Path(__file__).parent.parent / "static" / "dashboard.html").read_bytes()
+
+
+@get(
+    "/dashboard",
+    summary="A self-contained live dashboard (polls /stats)",
+    tags=["operations"],
+    responses={401: ERRORS[401]},
+    opt=OPS,
+    media_type=MediaType.HTML,
+)
+async def dashboard() -> Response[bytes]:
+    return Response(_dashboard_html(), media_type=MediaType.HTML)

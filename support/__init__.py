@@ -1,0 +1,1 @@
+"""Helpers shared by tests/ and bench/: real processes (redis-server) and model folders built on the fly."""

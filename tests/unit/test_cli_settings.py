@@ -1,0 +1,53 @@
+"""Settings that cannot work stop the server before the model loads: exit 2, one line naming the
+variable and the flag (README's promise)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import cli
+
+
+def _serve(capsys: pytest.CaptureFixture[str], *flags: str) -> tuple[int, list[str]]:
+    code = cli.main(["serve", *flags])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, lines
+
+
+@pytest.mark.parametrize(
+    ("flags", "variable", "flag", "says"),
+    [
+        (["--device", "tpu"], "EMBED_DEVICE", "--device", "auto, cpu, cuda, cuda:N or mps"),
+        (["--device", "cuda:7"], "EMBED_DEVICE", "--device", "not available"),
+        (["--dtype", "int4"], "EMBED_DTYPE", "--dtype", "float32, float16 or bfloat16"),
+        (["--max-input-tokens", "9000"], "EMBED_MAX_INPUT_TOKENS", "--max-input-tokens", "limit of 256"),
+        (["--redis-url", "http://user:pw@cache:6379"], "EMBED_REDIS_URL", "--redis-url", "redis://"),
+        (["--port", "eighty"], "EMBED_PORT", "--port", "int"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], minilm_dir: Path, flags: list[str], variable: str, flag: str, says: str
+) -> None:
+    code, lines = _serve(capsys, "--model", str(minilm_dir), *flags)
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert f"{variable} ({flag})" in lines[0]
+    assert says in lines[0]
+    assert "pw" not in lines[0], "credentials are never printed"
+
+
+def test_a_missing_model_folder_exits_2_before_loading(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, lines = _serve(capsys, "--model", str(tmp_path / "nothing-here"))
+    assert code == 2
+    assert len(lines) == 1
+    assert "EMBED_MODEL (--model)" in lines[0]
+
+
+def test_check_masks_the_redis_password(capsys: pytest.CaptureFixture[str], minilm_dir: Path) -> None:
+    code = cli.main(["check", "--model", str(minilm_dir), "--redis-url", "redis://app:s3cret@127.0.0.1:1/0"])
+    out = capsys.readouterr().out
+    assert code == 1  # nothing listens on port 1
+    assert "s3cret" not in out
+    assert "redis://app:***@127.0.0.1:1/0" in out
