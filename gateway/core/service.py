@@ -91,8 +91,7 @@ class EmbeddingService:
         except InputTooLongError as exc:
             position = texts.index(miss_texts[exc.index])
             raise InvalidInputError(
-                f"input[{position}] has {exc.tokens} tokens, more than this model's limit of {exc.limit}; "
-                "shorten or split it",
+                f"input[{position}] {exc.describe()}; shorten or split it",
                 param="input",
                 code="context_length_exceeded",
             ) from None
