@@ -1,10 +1,17 @@
 """Cross-request dynamic batching: many small requests, few well-packed forward passes.
 
-Every input from every concurrent request joins one queue. A single worker task takes *everything*
-that queued while the previous window ran, sorts it by token length, packs micro-batches under a
-token budget (each padded only to its own longest input) and runs them one at a time on one
-forward thread. No fixed sleep: under light load a lone request runs at once; under heavy load the
-windows grow and pack better. Windows are served in arrival order, so nobody starves.
+Every input from every concurrent request joins one queue. Before each forward pass a single
+worker task plans *everything* queued at that moment: sorted by token length, packed into
+micro-batches under a token budget (each padded only to its own longest input). It then runs the
+one planned batch that serves the most deserving caller, and plans again with whatever arrived
+meanwhile. No fixed sleep: under light load a lone request runs at once; under heavy load the
+queue grows and packs better.
+
+Fairness: each call to :meth:`MicroBatcher.embed` is a *flow*, optionally of a *tenant* (an API
+key's name). The next batch is the one holding an input of the tenant, then the flow, that has been
+served the fewest tokens (start-time fair queueing: a newcomer starts at the least-served active
+peer's count, so it neither starves others nor waits behind a bulk request). So a one-text query
+waits at most about one micro-batch behind a 100k-token ingest, never for all of it.
 
 Also here, because they are properties of the queue rather than of HTTP:
 
@@ -110,10 +117,21 @@ class _Unobserved:
 
 
 @dataclass(slots=True)
+class _Flow:
+    """One ``embed`` call's share of the queue, for fair ordering."""
+
+    seq: int  # arrival order: the last tie-breaker
+    tenant: str
+    served: int = 0  # tokens computed for it (virtual time)
+    waiting: int = 0  # its inputs still queued
+
+
+@dataclass(slots=True)
 class _Item:
     text: str
     token_ids: list[int]
     future: asyncio.Future[Outputs]
+    flow: _Flow
     kinds: frozenset[OutputKind] = DENSE_ONLY
     waiters: int = 1
 
@@ -147,7 +165,9 @@ class MicroBatcher:
         self.observer: BatchObserver = observer or _Unobserved()
         self._queue_tokens = 0
         self._pending: list[_Item] = []
-        self._window: list[_Item] = []  # what the worker holds now: failed together if it crashes
+        self._window: list[_Item] = []  # the batch the worker holds now: failed together if it crashes
+        self._flows = 0
+        self._tenants: dict[str, int] = {}  # tenant -> tokens served while it had queued work
         self._in_flight: dict[tuple[frozenset[OutputKind], str], _Item] = {}
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -209,11 +229,13 @@ class MicroBatcher:
         token_ids: Sequence[list[int]],
         *,
         kinds: frozenset[OutputKind] = DENSE_ONLY,
+        tenant: str = "",
     ) -> list[Outputs]:
         """Outputs for ``texts`` (already tokenised by :meth:`tokenize`), in order.
 
         ``kinds`` adds ``sparse`` and/or ``colbert`` outputs (bge-m3's heads) to the dense vector;
-        all come from the same forward pass.
+        all come from the same forward pass. ``tenant`` (an API key's name) groups calls for
+        fairness: tenants are served in turn, then the calls within one.
 
         Raises :class:`QueueFullError` at once, before queueing anything, when the queue is full.
         Cancelling the caller withdraws its inputs unless another caller waits for the same text.
@@ -229,6 +251,7 @@ class MicroBatcher:
             retry_after = max(1.0, (self._queue_tokens + new_tokens) / self._tokens_per_second)
             raise QueueFullError(self._queue_tokens, self.max_queue_tokens, retry_after)
         loop = asyncio.get_running_loop()
+        flow = self._new_flow(tenant)
         items: list[_Item] = []
         joined = 0
         for text, ids in zip(texts, token_ids, strict=True):
@@ -237,7 +260,8 @@ class MicroBatcher:
                 item.waiters += 1
                 joined += 1
             else:
-                item = _Item(text, list(ids), loop.create_future(), kinds)
+                flow.waiting += 1
+                item = _Item(text, list(ids), loop.create_future(), flow, kinds)
                 self._in_flight[item.key] = item
                 self._pending.append(item)
                 self._queue_tokens += len(ids)
@@ -254,6 +278,16 @@ class MicroBatcher:
                 self._withdraw(item)
             raise
         return results
+
+    def _new_flow(self, tenant: str) -> _Flow:
+        """A flow starts at the least-served waiting flow's count (its tenant likewise): it neither
+        jumps ahead of peers that waited nor queues behind everything they were already given."""
+        waiting = [item.flow for item in self._pending if item.flow.waiting]
+        start = min((flow.served for flow in waiting), default=0)
+        if tenant not in self._tenants:
+            self._tenants[tenant] = min((self._tenants.get(flow.tenant, 0) for flow in waiting), default=0)
+        self._flows += 1
+        return _Flow(seq=self._flows, tenant=tenant, served=start)
 
     def _withdraw(self, item: _Item) -> None:
         item.waiters -= 1
@@ -279,32 +313,54 @@ class MicroBatcher:
             if not self._pending:
                 await self._wakeup.wait()
             self._wakeup.clear()
-            self._window, self._pending = self._pending, []
             live = []
             dropped = 0
-            for item in self._window:
-                if item.future.done():
+            for item in self._pending:
+                if item.future.done():  # every caller left (or it failed): never computed
                     dropped += 1
                     self._done_with(item)
                 else:
                     live.append(item)
-            lengths = [len(item.token_ids) for item in live]
-            for batch in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size):
-                members = [live[i] for i in batch if not live[i].future.done()]
-                dropped += len(batch) - len(members)
-                if members:
-                    await self._run_batch(loop, members)
-                for i in batch:
-                    self._done_with(live[i])
-            self._window = []
             if dropped:
                 self.observer.batcher_event(BatcherEvent.DROPPED, dropped)
+            if not live:
+                self._pending = []
+                continue
+            batch = self._next_batch(live)
+            chosen = {id(item) for item in batch}
+            self._pending = [item for item in live if id(item) not in chosen]
+            self._window = batch
+            await self._run_batch(loop, batch)
+            for item in batch:
+                self._done_with(item)
+            self._window = []
+
+    def _next_batch(self, live: list[_Item]) -> list[_Item]:
+        """Plan every queued input into length-sorted micro-batches; take the one that holds an
+        input of the least-served tenant, then flow (oldest first on ties)."""
+        plan = plan_batches([len(item.token_ids) for item in live], self.max_batch_tokens, self.max_batch_size)
+        tenants = self._tenants
+        neediest = min(
+            (item.flow for item in live), key=lambda flow: (tenants.get(flow.tenant, 0), flow.served, flow.seq)
+        )
+        for batch in plan:
+            if any(live[i].flow is neediest for i in batch):
+                return [live[i] for i in batch]
+        raise AssertionError("the neediest flow has an input in some batch")
 
     def _done_with(self, item: _Item) -> None:
         # Queued tokens count until computed (or dropped), so the limit bounds all accepted work.
         if item.token_ids:
-            self._queue_tokens -= len(item.token_ids)
+            tokens = len(item.token_ids)
+            self._queue_tokens -= tokens
             item.token_ids = []  # counted once, even if a crash fails it again
+            flow = item.flow
+            flow.served += tokens
+            flow.waiting -= 1
+            if flow.tenant in self._tenants:
+                self._tenants[flow.tenant] += tokens
+            if flow.waiting == 0 and not any(other.flow.tenant == flow.tenant for other in self._pending):
+                self._tenants.pop(flow.tenant, None)  # idle tenants start afresh when they return
         if self._in_flight.get(item.key) is item:
             del self._in_flight[item.key]
 

@@ -68,10 +68,11 @@ class EmbeddingService:
         return cache_key(self.cache_prefix, self.encoder.fingerprint + namespace, text)
 
     async def embed(
-        self, texts: Sequence[str], output: OutputSpec[T, R], *, guard: Guard | None = None
+        self, texts: Sequence[str], output: OutputSpec[T, R], *, guard: Guard | None = None, tenant: str = ""
     ) -> EmbedResult[T]:
         """``output`` values for ``texts``. ``guard`` wraps the wait for the encoder (never the cache
-        lookup): the HTTP layer uses it to withdraw the work when the client hangs up."""
+        lookup): the HTTP layer uses it to withdraw the work when the client hangs up. ``tenant``
+        (an API key's name) is the unit the encoder queue is fair between."""
         if output.kind not in self.encoder.outputs:
             raise OutputNotSupportedError(
                 f"this model has no {output.kind} output (its folder has no {HEAD_FILES[output.kind]})", param="model"
@@ -106,7 +107,7 @@ class EmbeddingService:
             )
 
         if miss_texts:
-            computed = await self._compute(miss_texts, token_ids, output, guard)
+            computed = await self._compute(miss_texts, token_ids, output, guard, tenant)
             for i, outputs in zip(missing, computed, strict=True):
                 found[i] = (outputs.tokens, output.take(outputs))
             if self.cache is not None:
@@ -122,10 +123,10 @@ class EmbeddingService:
         return EmbedResult(values=values, tokens=tokens, hits=hits, misses=len(missing))
 
     async def _compute(
-        self, texts: list[str], token_ids: list[list[int]], output: OutputSpec[T, R], guard: Guard | None
+        self, texts: list[str], token_ids: list[list[int]], output: OutputSpec[T, R], guard: Guard | None, tenant: str
     ) -> list[Outputs]:
         try:
-            pending = self.batcher.embed(texts, token_ids, kinds=frozenset({output.kind}))
+            pending = self.batcher.embed(texts, token_ids, kinds=frozenset({output.kind}), tenant=tenant)
             return await (guard(pending) if guard is not None else pending)
         except QueueFullError as exc:
             raise OverloadedError(str(exc), retry_after=exc.retry_after) from None

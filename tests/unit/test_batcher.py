@@ -208,3 +208,51 @@ async def test_a_crashed_worker_fails_what_it_held_and_is_replaced(
         assert len(crashes) == 1, "one log line per crash"
     finally:
         await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_small_request_waits_one_batch_behind_a_bulk_one_not_all_of_it(minilm_encoder: Encoder) -> None:
+    gated = GatedEncoder(minilm_encoder)
+    batcher = await _started(gated, max_batch_tokens=512)
+    try:
+        blocker = await _hold_forward_thread(batcher, gated)
+        bulk_texts = [f"bulk document number {i} " + "with a fair amount of words in it " * 4 for i in range(60)]
+        bulk = asyncio.create_task(_embed(batcher, bulk_texts))
+        await asyncio.sleep(0.02)
+        small = asyncio.create_task(_embed(batcher, ["a short query"]))
+        await asyncio.sleep(0.02)
+        gated.gate.set()
+        await small
+        batches_when_small_done = _seen(batcher).batches  # finished passes (the next may have started)
+        await bulk
+        await blocker
+        total = _seen(batcher).batches
+        assert total >= 6, "the bulk request spans several micro-batches"
+        # The blocker, at most one bulk batch, then the query: never behind the whole bulk request.
+        assert batches_when_small_done <= 3, (batches_when_small_done, total)
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_tenants_take_turns(minilm_encoder: Encoder) -> None:
+    gated = GatedEncoder(minilm_encoder)
+    batcher = await _started(gated, max_batch_tokens=256, max_batch_size=4)
+    try:
+        blocker = await _hold_forward_thread(batcher, gated)
+        order: list[str] = []
+
+        async def run(tenant: str, texts: list[str]) -> None:
+            await batcher.embed(texts, await batcher.tokenize(texts), tenant=tenant)
+            order.append(tenant)
+
+        a = asyncio.create_task(run("team-a", [f"team a text {i}" for i in range(16)]))
+        await asyncio.sleep(0.02)
+        # Team b sends many small requests after team a's bulk one; they must not all wait for it.
+        b = [asyncio.create_task(run("team-b", [f"team b text {i}"])) for i in range(3)]
+        await asyncio.sleep(0.02)
+        gated.gate.set()
+        await asyncio.gather(a, *b, blocker)
+        assert order[-1] == "team-a", order
+    finally:
+        await batcher.stop()
