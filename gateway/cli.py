@@ -107,6 +107,7 @@ def _serve(settings: Settings) -> int:
     import uvicorn
 
     from gateway.http.app import create_app, load_model
+    from gateway.http.server import uvicorn_config
 
     configure_logging(settings)
     problem = preflight(settings)
@@ -115,15 +116,7 @@ def _serve(settings: Settings) -> int:
         return 2
     # Load and warm up before the socket opens: the port answers only once the model can.
     encoder = load_model(settings)
-    config = uvicorn.Config(
-        create_app(settings, encoder=encoder),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep the logging set up above (JSON when asked)
-        access_log=False,  # our middleware logs one richer line per request
-        lifespan="on",
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    config = uvicorn_config(create_app(settings, encoder=encoder), settings)
     server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler it found at
     # start; with the default handler the process would die by the signal after a clean drain.

@@ -21,6 +21,7 @@ ENV_PREFIX = "EMBED_"
 _BOOLEANS = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False, "1": True, "0": False}
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -64,6 +65,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     shutdown_timeout_s: PositiveInt = 30
+    max_connections: PositiveInt = 1000  # open connections (and tasks) before new requests get 503
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024  # a request head; 431 above
+    max_headers: PositiveInt = 100  # header lines per request; 431 above
+    header_timeout_s: PositiveFloat = 10.0  # to receive a request head (idle or slow clients are closed)
+    body_timeout_s: PositiveFloat = 60.0  # to receive a request body once its head arrived
+    keepalive_timeout_s: PositiveInt = 5  # an idle keep-alive connection is closed after this
     # access
     api_keys: str = ""  # comma list, or @/path/to/file with one key per line
     public_metrics: bool = False  # true: /stats, /metrics and /dashboard need no key

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -33,6 +33,10 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> None:
+        self.start_when(lambda: httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200, timeout)
+
+    def start_when(self, ready: Callable[[], bool], timeout: float = 120.0) -> None:
+        """Start the process and wait until ``ready()`` (an HTTP probe) is true."""
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -42,12 +46,12 @@ class GatewayProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                if ready():
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"gateway did not become healthy:\n{self.log()}")
+        raise TimeoutError(f"gateway did not become ready:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -57,5 +58,154 @@ def test_a_30_mb_string_is_answered_fast_with_bounded_memory(
         time.sleep(0.5)
         held_mb = (_memory_kb(pid, "VmRSS") - before) / 1024
         assert held_mb < 150, f"{held_mb:.0f} MB still held afterwards"
+    finally:
+        gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One server with short deadlines and a small connection cap, shared by the connection attacks."""
+    env = {
+        "EMBED_MODEL": str(minilm_dir),
+        "EMBED_CACHE": "false",
+        "EMBED_HEADER_TIMEOUT_S": "1",
+        "EMBED_BODY_TIMEOUT_S": "1",
+        "EMBED_MAX_CONNECTIONS": "40",
+        "EMBED_API_KEYS": "the-key",
+        "EMBED_LOG_LEVEL": "info",
+    }
+    gateway = GatewayProcess(env, tmp_path_factory.mktemp("guarded") / "gateway.log")
+    gateway.start_when(lambda: httpx.get(f"{gateway.url}/livez", timeout=1).status_code == 200)
+    yield gateway
+    gateway.stop()
+
+
+def _connect(gateway: GatewayProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Whether the server closed ``sock`` within ``seconds``, and what it sent first."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return False, received
+    except ConnectionResetError:
+        pass
+    return True, received
+
+
+def _health_ms(gateway: GatewayProcess) -> float:
+    started = time.monotonic()
+    assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
+    return (time.monotonic() - started) * 1e3
+
+
+def test_a_huge_header_is_refused_at_once_and_others_are_served(guarded: GatewayProcess) -> None:
+    """Before: a 100 MB header was read whole (14.9 s) and /health stalled up to 11.2 s."""
+    sock = _connect(guarded)
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nx-big: ")
+    started = time.monotonic()
+    try:
+        for _ in range(16):  # 16 MB, without ever ending the header
+            sock.sendall(b"a" * (1 << 20))
+            if time.monotonic() - started > 5:
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server already refused and closed
+    closed, answer = _closed_within(sock, 5)
+    assert closed, "the connection must be refused, not read forever"
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+    assert time.monotonic() - started < 5
+    assert _health_ms(guarded) < 1000
+
+
+def test_too_many_headers_are_refused(guarded: GatewayProcess) -> None:
+    sock = _connect(guarded)
+    lines = b"".join(b"x-h%d: v\r\n" % i for i in range(300))
+    sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n" + lines + b"\r\n")
+    closed, answer = _closed_within(sock, 5)
+    assert closed
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+
+
+def test_idle_and_slow_head_connections_are_closed(guarded: GatewayProcess) -> None:
+    """Before: 1,000 idle sockets stayed open 70 s; 500 slowloris connections 40 s."""
+    idle = _connect(guarded)
+    slow = _connect(guarded)
+    slow.sendall(b"GET /health HTTP/1.1\r\n")
+    started = time.monotonic()
+    for sock in (idle, slow):
+        closed, _ = _closed_within(sock, 5)
+        assert closed, "a connection that never finishes its head must be closed"
+    assert time.monotonic() - started < 4
+
+
+def test_a_stalled_body_is_cut_off(guarded: GatewayProcess) -> None:
+    sock = _connect(guarded)
+    sock.sendall(
+        b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nauthorization: Bearer the-key\r\n"
+        b'content-type: application/json\r\ncontent-length: 1000\r\n\r\n{"input": "a'
+    )
+    closed, _ = _closed_within(sock, 5)
+    assert closed, "a body that stops arriving must not hold the connection"
+    assert _health_ms(guarded) < 1000
+
+
+def test_past_the_connection_cap_new_requests_get_503(guarded: GatewayProcess) -> None:
+    held = [_connect(guarded) for _ in range(45)]
+    try:
+        time.sleep(0.2)
+        refused = httpx.get(f"{guarded.url}/livez", timeout=5)
+        assert refused.status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{guarded.url}/livez", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_control_characters_never_reach_the_log_raw(guarded: GatewayProcess) -> None:
+    """Before: GET /v1/models/x%0A<fake line> wrote the newline and ANSI escapes into the log."""
+    forged = "x%0A2026-01-01 00:00:00 INFO gateway.access: status=200 forged=1%1B[31m"
+    assert httpx.get(f"{guarded.url}/v1/models/{forged}", timeout=5).status_code == 401
+    time.sleep(0.3)
+    log = guarded.log()
+    assert "forged=1" in log, "the request must be logged"
+    for line in log.splitlines():
+        assert not line.startswith("2026-01-01"), line
+        assert "\x1b" not in line
+
+
+def test_sigterm_is_bounded_by_the_shutdown_timeout_despite_a_slow_body(minilm_dir: Path, tmp_path: Path) -> None:
+    """Before: one slow-body client held SIGTERM for 33 s and logged a CancelledError traceback."""
+    env = {
+        "EMBED_MODEL": str(minilm_dir),
+        "EMBED_CACHE": "false",
+        "EMBED_SHUTDOWN_TIMEOUT_S": "2",
+        "EMBED_BODY_TIMEOUT_S": "120",
+        "EMBED_LOG_LEVEL": "info",
+    }
+    gateway = GatewayProcess(env, tmp_path / "gateway.log")
+    gateway.start()
+    try:
+        sock = _connect(gateway)
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 100000\r\n\r\n{"input": "a'
+        )
+        time.sleep(0.3)
+        started = time.monotonic()
+        code = gateway.terminate(timeout=30)
+        elapsed = time.monotonic() - started
+        assert code == 0
+        assert elapsed < 2 + 5, f"SIGTERM took {elapsed:.1f} s"
+        assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+        sock.close()
     finally:
         gateway.stop()
