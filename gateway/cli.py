@@ -175,7 +175,9 @@ def _check(settings: Settings) -> int:
     if not settings.cache:
         print("cache      off")
     elif not settings.redis_url:
-        print(f"cache      in-process LRU ({settings.memory_cache_items} entries); set EMBED_REDIS_URL for Redis")
+        print(
+            f"cache      in-process LRU ({settings.memory_cache_bytes / 2**20:.0f} MiB); set EMBED_REDIS_URL for Redis"
+        )
     else:
         import redis
 

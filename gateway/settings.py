@@ -52,7 +52,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_queue_tokens: PositiveInt = 2_000_000
     # cache
     redis_url: str = ""  # empty: an in-process LRU cache
-    memory_cache_items: PositiveInt = 100_000
+    memory_cache_bytes: PositiveInt = 256 * 1024 * 1024  # the in-process cache (no Redis), entries counted by size
     cache: bool = True
     cache_ttl_seconds: PositiveInt = 604_800
     cache_prefix: str = "emb"

@@ -65,7 +65,7 @@ def make_cache(settings: Settings) -> BlobCache | None:
         return CircuitBreakerCache(
             redis_cache, failures=settings.cache_breaker_failures, cooldown_s=settings.cache_breaker_seconds
         )
-    return MemoryBlobCache(max_items=settings.memory_cache_items, ttl_seconds=settings.cache_ttl_seconds)
+    return MemoryBlobCache(max_bytes=settings.memory_cache_bytes, ttl_seconds=settings.cache_ttl_seconds)
 
 
 def create_app(

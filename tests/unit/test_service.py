@@ -29,7 +29,7 @@ async def service(minilm_encoder: Encoder) -> AsyncIterator[EmbeddingService]:
     yield EmbeddingService(
         encoder=minilm_encoder,
         batcher=batcher,
-        cache=MemoryBlobCache(max_items=100, ttl_seconds=60),
+        cache=MemoryBlobCache(max_bytes=1 << 20, ttl_seconds=60),
         telemetry=telemetry,
         cache_prefix="unit",
         max_request_tokens=60,
@@ -89,3 +89,21 @@ def test_dense_answer_truncates_renormalises_and_writes_base64() -> None:
     assert isinstance(encoded.data[0].embedding, memoryview)
     assert bytes(encoded.data[0].embedding) == vector.astype("<f4").tobytes()
     assert encoded.usage.total_tokens == 5
+
+
+@pytest.mark.anyio
+async def test_the_memory_cache_is_bounded_in_bytes_whatever_the_kind() -> None:
+    """Before: it counted items; 100,000 ColBERT entries of 256 tokens would be about 40 GB."""
+    cache = MemoryBlobCache(max_bytes=4 << 20, ttl_seconds=60)
+    colbert_like = bytes(417_000)  # a 256-token ColBERT matrix of 384-d float32 rows, sealed
+    await cache.put_blobs([(f"colbert-{i}", colbert_like) for i in range(50)])
+    assert cache.bytes <= 4 << 20
+    assert 5 <= len(cache) <= 10
+    assert await cache.get_blobs(["colbert-49", "colbert-0"]) == [colbert_like, None], "LRU keeps the newest"
+    dense = bytes(1_550)
+    await cache.put_blobs([(f"dense-{i}", dense) for i in range(1000)])
+    assert cache.bytes <= 4 << 20
+    assert (await cache.get_blobs(["dense-999"]))[0] == dense
+    await cache.put_blobs([("huge", bytes(8 << 20))])  # bigger than the whole cache: not kept
+    assert (await cache.get_blobs(["huge"]))[0] is None
+    assert (await cache.get_blobs(["dense-999"]))[0] == dense
