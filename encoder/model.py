@@ -130,6 +130,12 @@ class Encoder:
     def dtype(self) -> str:
         return str(self.torch_dtype).removeprefix("torch.")
 
+    @property
+    def numerics(self) -> str:
+        """How the vectors are computed, beyond the model's files: runtime and number format.
+        Two encoders of one model with other numerics give (slightly) different vectors."""
+        return f"torch:{self.dtype}"
+
     def __repr__(self) -> str:
         return (
             f"Encoder({str(self.path)!r}, dim={self.dim}, pooling={self.pooling!r}, normalize={self.normalize}, "

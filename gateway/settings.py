@@ -56,6 +56,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cache: bool = True
     cache_ttl_seconds: PositiveInt = 604_800
     cache_prefix: str = "emb"
+    cache_share_numerics: bool = False  # true: replicas differing only in dtype/runtime share vectors
     cache_timeout_ms: PositiveInt = 250
     cache_breaker_failures: PositiveInt = 3  # consecutive failures that open the circuit
     cache_breaker_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # how long an open circuit skips Redis

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import xxhash
+
 from encoder import Encoder, InputTooLongError
 from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError
 from encoder.kinds import HEAD_FILES, Outputs
@@ -23,7 +25,7 @@ from gateway.core.errors import EncoderFailedError, InvalidInputError, OutputNot
 from gateway.core.outputs import DENSE, OutputSpec
 from gateway.core.telemetry import Telemetry
 
-__all__ = ["EmbedResult", "EmbeddingService", "Guard"]
+__all__ = ["EmbedResult", "EmbeddingService", "Guard", "cache_namespace"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 Guard = Callable[[Awaitable[list[Outputs]]], Awaitable[list[Outputs]]]
+
+
+def cache_namespace(fingerprint: str, numerics: str, *, truncate: bool, share_numerics: bool = False) -> str:
+    """The part of every cache key that says which vectors these are: ``{fingerprint}-{tag}``.
+
+    The fingerprint covers the model's files, pooling, normalisation and max length; the tag covers
+    what else changes a vector: the numerics (runtime, dtype, quantisation) and truncation (a
+    truncated vector is not the vector of the whole text). ``share_numerics`` leaves the numerics
+    out on purpose, for replicas with, say, fp16 GPUs and fp32 CPUs that should share one cache.
+    """
+    described = f"{'any' if share_numerics else numerics}|truncate={truncate}"
+    return f"{fingerprint}-{xxhash.xxh3_64_hexdigest(described.encode())[:8]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +66,7 @@ class EmbeddingService:
         cache_prefix: str,
         max_request_tokens: int,
         truncate: bool,
+        share_numerics: bool = False,
     ) -> None:
         self.encoder = encoder
         self.batcher = batcher
@@ -60,12 +75,14 @@ class EmbeddingService:
         self.cache_prefix = cache_prefix
         self.max_request_tokens = max_request_tokens
         self.truncate = truncate
+        self.namespace = cache_namespace(
+            encoder.fingerprint, encoder.numerics, truncate=truncate, share_numerics=share_numerics
+        )
         self._writes: set[asyncio.Task[None]] = set()
 
     def key(self, text: str, output: OutputSpec[T, R] | None = None) -> str:
-        """The cache key of ``text``'s ``output`` (default: dense): the model fingerprint and the kind are in it."""
-        namespace = (output or DENSE).namespace
-        return cache_key(self.cache_prefix, self.encoder.fingerprint + namespace, text)
+        """The cache key of ``text``'s ``output`` (default: dense): the namespace and the kind are in it."""
+        return cache_key(self.cache_prefix, self.namespace + (output or DENSE).namespace, text)
 
     async def embed(
         self, texts: Sequence[str], output: OutputSpec[T, R], *, guard: Guard | None = None, tenant: str = ""

@@ -55,6 +55,7 @@ class LiveState(msgspec.Struct, kw_only=True):
     pending_cache_writes: int = 0
     asyncio_tasks: int = 0
     gpu: GpuStats | None = None
+    cache_namespace: str = ""
 
 
 class RequestCounts(msgspec.Struct):
@@ -71,6 +72,7 @@ class CacheStats(msgspec.Struct):
     writes: int
     circuit: str
     circuit_opened: int
+    namespace: str = ""  # the key segment after the prefix: fingerprint + numerics/truncation tag
 
 
 class EncoderStats(msgspec.Struct):
@@ -252,6 +254,7 @@ class Telemetry:
                 writes=c.cache_writes,
                 circuit=live.cache_circuit,
                 circuit_opened=live.cache_circuit_opened,
+                namespace=live.cache_namespace,
             ),
             encoder=EncoderStats(
                 device=live.device,

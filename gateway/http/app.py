@@ -100,6 +100,7 @@ def create_app(
             cache_prefix=settings.cache_prefix,
             max_request_tokens=settings.max_request_tokens,
             truncate=settings.truncate,
+            share_numerics=settings.cache_share_numerics,
         )
         runtime = Runtime(
             settings=settings,
@@ -115,10 +116,11 @@ def create_app(
         if vector_cache is not None and not await vector_cache.ping():
             logger.warning("cache %s is unreachable at start; serving without it until it answers", backend)
         logger.info(
-            "ready: model=%s served_as=%s fingerprint=%s device=%s dtype=%s threads=%d cache=%s",
+            "ready: model=%s served_as=%s cache_namespace=%s numerics=%s device=%s dtype=%s threads=%d cache=%s",
             settings.model,
             settings.served_model,
-            model.fingerprint,
+            service.namespace,
+            model.numerics,
             model.device,
             model.dtype,
             model.threads,

@@ -56,6 +56,7 @@ class Runtime:
         return LiveState(
             model=self.settings.served_model,
             fingerprint=encoder.fingerprint,
+            cache_namespace=self.service.namespace,
             device=encoder.device,
             dtype=encoder.dtype,
             threads=encoder.threads,

@@ -46,7 +46,8 @@ def test_repeat_is_served_from_redis_with_a_ttl(
     client = redis_server.client()
     runtime = live.server.config.app.state.runtime  # type: ignore[attr-defined]
     keys = [runtime.service.key(text) for text in TEXTS]
-    assert all(key.startswith(f"{runtime.settings.cache_prefix}:{minilm_encoder.fingerprint}:") for key in keys)
+    assert all(key.startswith(f"{runtime.settings.cache_prefix}:{minilm_encoder.fingerprint}-") for key in keys)
+    assert all(key.startswith(f"{runtime.settings.cache_prefix}:{runtime.service.namespace}:") for key in keys)
     ttls = [client.ttl(key) for key in keys]
     assert all(3500 < ttl <= 3600 for ttl in ttls), ttls
     for key in client.scan_iter(f"{runtime.settings.cache_prefix}:*"):
@@ -144,3 +145,49 @@ def test_cache_off_always_computes(gateway_factory) -> None:  # type: ignore[no-
     assert stats["cache"]["backend"] == "off"
     assert stats["cache"]["hits"] == 0
     assert stats["encoder"]["inputs"] == 2 * len(TEXTS)
+
+
+def _replica(encoder: Encoder, redis_url: str, prefix: str, **fields: object) -> ThreadedGateway:
+    settings = Settings(
+        model=str(encoder.path), model_name="all-MiniLM-L6-v2", redis_url=redis_url, cache_prefix=prefix, **fields
+    )  # type: ignore[arg-type]
+    return ThreadedGateway(create_app(settings, encoder=encoder))
+
+
+def test_replicas_with_other_numerics_never_serve_each_others_vectors(
+    redis_server: RedisServer, minilm_dir: Path, minilm_encoder: Encoder
+) -> None:
+    """Before: a bf16 gateway and an fp32 gateway shared one fingerprint (vectors differ by up to 0.0019)."""
+    bf16 = load_encoder(str(minilm_dir), dtype="bfloat16", truncate=True)
+    assert bf16.fingerprint == minilm_encoder.fingerprint, "same files: the model fingerprint alone cannot tell"
+    texts = ["numerics are part of the key", "so are runtimes and quantisation"]
+    with _replica(minilm_encoder, redis_server.url, "numerics") as fp32_gateway:
+        fp32 = vectors(embed(fp32_gateway.url, texts))
+        _drain(fp32_gateway)
+    with _replica(bf16, redis_server.url, "numerics") as bf16_gateway:
+        got = vectors(embed(bf16_gateway.url, texts))
+        assert fetch_stats(bf16_gateway.url)["cache"]["hits"] == 0
+    assert not np.array_equal(got, fp32), "the bf16 replica computed its own vectors"
+    # On purpose, with the documented setting: replicas differing only in numerics share vectors.
+    with _replica(minilm_encoder, redis_server.url, "shared", cache_share_numerics=True) as first:
+        embed(first.url, texts)
+        _drain(first)
+    with _replica(bf16, redis_server.url, "shared", cache_share_numerics=True) as second:
+        np.testing.assert_array_equal(vectors(embed(second.url, texts)), fp32)
+        assert fetch_stats(second.url)["cache"]["hits"] == len(texts)
+
+
+def test_a_truncated_vector_is_never_served_to_a_replica_that_does_not_truncate(
+    redis_server: RedisServer, minilm_dir: Path, minilm_encoder: Encoder
+) -> None:
+    """Before: a replica with truncation on wrote the truncated vector of a long text, and a replica
+    with truncation off served it for that text instead of answering 400."""
+    long_text = "a long document that goes on and on " * 120
+    strict_encoder = load_encoder(str(minilm_dir), truncate=False)
+    with _replica(minilm_encoder, redis_server.url, "trunc", truncate=True) as lenient:
+        embed(lenient.url, [long_text])
+        _drain(lenient)
+    with _replica(strict_encoder, redis_server.url, "trunc", truncate=False) as strict:
+        response = httpx.post(f"{strict.url}/v1/embeddings", json={"input": long_text}, timeout=30)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "context_length_exceeded"
