@@ -79,6 +79,7 @@ class EmbeddingService:
             encoder.fingerprint, encoder.numerics, truncate=truncate, share_numerics=share_numerics
         )
         self._writes: set[asyncio.Task[None]] = set()
+        self.writes_failing = False  # the last cache write failed (health reports the cache degraded)
 
     def key(self, text: str, output: OutputSpec[T, R] | None = None) -> str:
         """The cache key of ``text``'s ``output`` (default: dense): the namespace and the kind are in it."""
@@ -170,12 +171,20 @@ class EmbeddingService:
         assert self.cache is not None
         try:
             await self.cache.put_blobs(items)
-            self.telemetry.cache_written(len(items))
         except CacheSkippedError:
-            pass  # the breaker is open; the lookup that preceded this write was already counted
+            return  # the breaker is open; the lookup that preceded this write was already counted
         except CacheUnavailableError as exc:
             self.telemetry.cache_failed()
-            logger.warning("cache write of %d values failed: %s", len(items), exc)
+            # A read-only replica fails every write while every read succeeds: say so once per
+            # streak of failures (health shows it meanwhile), not once per request.
+            if not self.writes_failing:
+                logger.warning("cache writes fail (new vectors are not kept until they succeed): %s", exc)
+            self.writes_failing = True
+            return
+        self.telemetry.cache_written(len(items))
+        if self.writes_failing:
+            logger.info("cache writes succeed again")
+        self.writes_failing = False
 
     @property
     def pending_writes(self) -> int:

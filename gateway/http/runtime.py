@@ -34,11 +34,15 @@ class Runtime:
         """Can this process take embedding requests now? (not draining, batcher worker running)"""
         return not self.draining and self.batcher.running
 
-    async def cache_status(self) -> Literal["off", "ok", "unreachable"]:
-        """``off``, ``ok`` or ``unreachable`` (a real ping: health checks are rare)."""
+    async def cache_status(self) -> Literal["off", "ok", "degraded", "unreachable"]:
+        """``off``; ``unreachable`` (a real ping fails: health checks are rare); ``degraded`` while
+        the breaker skips the cache or writes fail (a read-only replica, a full Redis); else ``ok``."""
         if self.cache is None:
             return "off"
-        return "ok" if await self.cache.ping() else "unreachable"
+        if not await self.cache.ping():
+            return "unreachable"
+        breaker_open = isinstance(self.cache, CircuitBreakerCache) and self.cache.state != "closed"
+        return "degraded" if breaker_open or self.service.writes_failing else "ok"
 
     def live_state(self) -> LiveState:
         encoder, cache = self.encoder, self.cache

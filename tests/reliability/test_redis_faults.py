@@ -125,3 +125,33 @@ def test_killed_under_load_no_5xx_every_vector_right(
         thread.join()
     assert failures == []
     assert fetch_stats(live.url)["cache"]["errors"] >= 1
+
+
+def test_a_read_only_replica_is_degraded_health_and_one_log_line(
+    gateway_factory, redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """Before: /health said ok while every write failed, and each request logged a warning."""
+    import logging
+
+    replica = RedisServer(tmp_path, None, "--replicaof", "127.0.0.1", str(redis_server.port))
+    replica.start()
+    try:
+        live = gateway_factory(redis_url=replica.url)
+        with caplog.at_level(logging.WARNING, logger="gateway.core.service"):
+            for i in range(8):
+                response = httpx.post(f"{live.url}/v1/embeddings", json={"input": [f"text {i} for a replica"]})
+                assert response.status_code == 200
+                time.sleep(0.05)
+            deadline = time.monotonic() + 5
+            while httpx.get(f"{live.url}/health").json()["cache"]["status"] != "degraded":
+                assert time.monotonic() < deadline, "health must say the cache is degraded"
+                time.sleep(0.05)
+        health = httpx.get(f"{live.url}/health").json()
+        assert health["status"] == "degraded"
+        ready = httpx.get(f"{live.url}/readyz")
+        assert ready.status_code == 200, "a degraded cache does not make the server unready"
+        assert ready.json()["cache"] == "degraded"
+        warnings = [r for r in caplog.records if "cache writes fail" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    finally:
+        replica.stop()

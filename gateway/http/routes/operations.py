@@ -18,7 +18,7 @@ __all__ = ["dashboard", "health", "livez", "metrics", "readyz", "stats"]
 
 class CacheHealth(msgspec.Struct):
     backend: str
-    status: Literal["off", "ok", "unreachable"]
+    status: Literal["off", "ok", "degraded", "unreachable"]
 
 
 class Health(msgspec.Struct):
@@ -28,8 +28,9 @@ class Health(msgspec.Struct):
     cache: CacheHealth
 
 
-class Probe(msgspec.Struct):
+class Probe(msgspec.Struct, omit_defaults=True):
     status: Literal["ok", "unavailable"]
+    cache: str | None = None  # /readyz: the cache's state; a degraded cache does not make the server unready
 
 
 @get("/health", summary="Model, device and cache health", tags=["operations"], opt=PUBLIC)
@@ -37,7 +38,7 @@ async def health(request: Request[Any, Any, Any]) -> Health:
     runtime = runtime_of(request)
     cache_status = await runtime.cache_status()
     return Health(
-        status="degraded" if cache_status == "unreachable" else "ok",
+        status="ok" if cache_status in ("ok", "off") else "degraded",
         model=runtime.settings.served_model,
         device=runtime.encoder.device,
         cache=CacheHealth(backend=runtime.cache.backend if runtime.cache else "off", status=cache_status),
@@ -57,8 +58,10 @@ async def livez() -> Probe:
     responses={503: ERRORS[503]},
 )
 async def readyz(request: Request[Any, Any, Any]) -> Response[Probe]:
-    ready = runtime_of(request).ready
-    return Response(Probe(status="ok" if ready else "unavailable"), status_code=200 if ready else 503)
+    runtime = runtime_of(request)
+    ready = runtime.ready
+    probe = Probe(status="ok" if ready else "unavailable", cache=await runtime.cache_status())
+    return Response(probe, status_code=200 if ready else 503)
 
 
 @get("/stats", summary="Counters for dashboards", tags=["operations"], responses={401: ERRORS[401]}, opt=OPS)
