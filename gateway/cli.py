@@ -82,7 +82,12 @@ def preflight(settings: Settings) -> str | None:
     """
     from encoder import DeviceNotAvailableError, ModelNotFoundError, resolve_device, resolve_dtype
     from encoder.model_files import read_model_spec, resolve_model_dir
+    from gateway.core.keys import KeysFileError, load_keys
 
+    try:
+        load_keys(settings)  # a bad EMBED_API_KEYS_FILE: one line naming the [[keys]] table and field
+    except KeysFileError as exc:
+        return str(exc)
     try:
         device = resolve_device(settings.device)
     except DeviceNotAvailableError as exc:
