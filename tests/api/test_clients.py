@@ -153,8 +153,10 @@ def test_every_embeddings_answer_has_pacing_and_cache_headers(gateway_factory, k
         assert answer.status_code == 200
         for kind in ("requests", "tokens"):
             assert int(answer.headers[f"x-ratelimit-limit-{kind}"]) >= 1
-            assert 0 <= int(answer.headers[f"x-ratelimit-remaining-{kind}"]) <= int(
-                answer.headers[f"x-ratelimit-limit-{kind}"]
+            assert (
+                0
+                <= int(answer.headers[f"x-ratelimit-remaining-{kind}"])
+                <= int(answer.headers[f"x-ratelimit-limit-{kind}"])
             )
             assert RESET.match(answer.headers[f"x-ratelimit-reset-{kind}"]), answer.headers[f"x-ratelimit-reset-{kind}"]
     # a key without a tokens limit is paced by the encoder queue
@@ -192,8 +194,10 @@ def test_plain_key_list_still_works_beside_the_file(gateway_factory, keys_file: 
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ('[[keys]]\nname = "a"\nkey = "k1"\n[[keys]]\nname = "b"\nkey = "k2"\ntokens_per_minute = "lots"\n',
-         "[[keys]] #2 ('b'): 'tokens_per_minute' must be a positive integer"),
+        (
+            '[[keys]]\nname = "a"\nkey = "k1"\n[[keys]]\nname = "b"\nkey = "k2"\ntokens_per_minute = "lots"\n',
+            "[[keys]] #2 ('b'): 'tokens_per_minute' must be a positive integer",
+        ),
         ('[[keys]]\nname = "a"\n', "[[keys]] #1 ('a'): 'key' must be a non-empty string"),
         ('[[keys]]\nname = "a"\nkey = "k"\nrpm = 3\n', "[[keys]] #1 ('a'): unknown field 'rpm'"),
         ('[[keys]]\nname = "a"\nkey = "k"\nrequests_per_minute = 0\n', "'requests_per_minute' must be a positive"),
