@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
 from typing import Any
 
@@ -40,6 +42,7 @@ class ClientHooks:
     def __init__(self, limiter: RateLimiter, telemetry: Telemetry) -> None:
         self.limiter = limiter
         self.telemetry = telemetry
+        self._charges: set[asyncio.Task[Levels]] = set()
 
     async def guard(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         if not handler.opt.get("embedding"):
@@ -77,7 +80,12 @@ class ClientHooks:
             if isinstance(admission, Admission):
                 levels = admission.levels
                 if admission.admitted and key.tokens_per_minute and done.tokens:
-                    levels = await self.limiter.charge(key, done.tokens)
+                    # Not awaited: the charge leaves for Redis before this answer's body does, so the
+                    # key's next request already sees it, and the hit path pays no second round trip.
+                    levels = dataclasses.replace(levels, tokens=levels.tokens - done.tokens)
+                    task = asyncio.create_task(self.limiter.charge(key, done.tokens))
+                    self._charges.add(task)
+                    task.add_done_callback(self._charges.discard)
         runtime: Runtime | None = getattr(scope["litestar_app"].state, "runtime", None)
         headers = list(message.get("headers", []))
         headers += _rate_headers(levels, runtime)

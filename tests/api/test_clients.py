@@ -212,6 +212,7 @@ def test_a_bad_keys_file_exits_2_with_one_line(tmp_path: Path, minilm_dir: Path,
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if "invalid setting" in line]

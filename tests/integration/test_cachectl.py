@@ -108,6 +108,7 @@ def test_warm_sends_a_corpus_and_resumes(gateway_factory, tmp_path: Path, capsys
     offset = len("\n".join([*lines[:10], "", *lines[10:12]]).encode()) + 1
     state.write_text(json.dumps({"offset": offset}))
     assert main(argv) == 0
-    assert "warmed 18 texts" in (out := capsys.readouterr().out) and "18 hits, 0 misses" in out
+    resumed = capsys.readouterr().out
+    assert "warmed 18 texts" in resumed and "18 hits, 0 misses" in resumed
     assert main([*argv, "--restart"]) == 0
     assert "warmed 30 texts" in capsys.readouterr().out
