@@ -4,8 +4,8 @@ Three gateways on one private Redis, all warmed with the same texts, measured in
 of single-text base64 requests (what the openai client sends) at concurrency 1:
 
 * ``before``: the code of ``--baseline-ref`` (default: where this branch left ``main``), exported with
-  ``git archive``: no pacing headers, no compression, no key hooks;
-* ``off``: this code with no keys and ``EMBED_COMPRESSION=false`` (the pacing and x-cache headers stay);
+  ``git archive``, with the same key as a plain ``EMBED_API_KEYS`` (auth costs the same everywhere);
+* ``off``: this code, the plain key, ``EMBED_COMPRESSION=false`` (the pacing and x-cache headers stay);
 * ``on``: this code with a named key that has both limits (shared buckets in Redis: two Lua calls per
   request), compression on and a client that sends ``Accept-Encoding: gzip, deflate, zstd``.
 
@@ -146,14 +146,20 @@ def main() -> None:
                 "EMBED_REDIS_URL": redis_server.url,
                 "EMBED_CPU_THREADS": "1",
             }
+            plain = {"Authorization": f"Bearer {KEY}"}
             servers = {
                 "before": (
                     stack.enter_context(
-                        gateway({**common, "PYTHONPATH": str(before_src)}, work / "before.log", cwd=before_src)
+                        gateway({**common, "EMBED_API_KEYS": KEY}, work / "before.log", cwd=before_src)
                     ),
-                    {},
+                    plain,
                 ),
-                "off": (stack.enter_context(gateway({**common, "EMBED_COMPRESSION": "false"}, work / "off.log")), {}),
+                "off": (
+                    stack.enter_context(
+                        gateway({**common, "EMBED_API_KEYS": KEY, "EMBED_COMPRESSION": "false"}, work / "off.log")
+                    ),
+                    plain,
+                ),
                 "on": (
                     stack.enter_context(
                         gateway({**common, "EMBED_API_KEYS_FILE": str(work / "keys.toml")}, work / "on.log")
