@@ -37,13 +37,18 @@ class ZstdCompression:
         self, buffer: BytesIO, compression_encoding: CompressionEncoding | str, config: CompressionConfig
     ) -> None:
         self.buffer = buffer
-        self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+        # Made on the first write: the middleware builds a facade for every response whose client
+        # accepts zstd, and most hit-path answers stay under the threshold (a context costs ~18 us).
+        self.compressor: zstandard.ZstdCompressionObj | None = None
 
     def write(self, body: bytes) -> None:
+        if self.compressor is None:
+            self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
         self.buffer.write(self.compressor.compress(body))
 
     def close(self) -> None:
-        self.buffer.write(self.compressor.flush())
+        if self.compressor is not None:
+            self.buffer.write(self.compressor.flush())
 
 
 def compression_config(settings: Settings) -> CompressionConfig | None:
