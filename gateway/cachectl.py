@@ -264,7 +264,7 @@ def add_parsers(commands: Any, settings_flags: Any) -> None:
     warm_ = actions.add_parser("warm", help="send a corpus through a running gateway so its vectors are cached")
     warm_.add_argument("file", type=Path, help="JSONL with {'text': ...} per line, or plain text, one per line")
     warm_.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8001")
-    warm_.add_argument("--api-key", default="", help="Bearer key (default: $EMBED_WARM_API_KEY)")
+    warm_.add_argument("--api-key", default="", help="Bearer key of the gateway (when it has keys)")
     warm_.add_argument("--model", default=None)
     warm_.add_argument("--max-tokens", type=int, default=8192, help="estimated tokens per request")
     warm_.add_argument("--max-inputs", type=int, default=256, help="texts per request")
@@ -282,13 +282,11 @@ def _client(redis_url: str) -> RedisLike:
 
 
 def run(args: argparse.Namespace, redis_url: str = "", prefix: str = "emb") -> int:
-    import os
-
     if args.cache_command == "warm":
         report = warm(
             args.file,
             args.url,
-            api_key=args.api_key or os.environ.get("EMBED_WARM_API_KEY", ""),
+            api_key=args.api_key,
             model=args.model,
             max_tokens=args.max_tokens,
             max_inputs=args.max_inputs,
