@@ -35,12 +35,14 @@ def private_redis() -> Iterator[RedisServer]:
 
 
 @contextmanager
-def gateway(env: Mapping[str, str], log: Path) -> Iterator[str]:
-    """``python -m gateway serve`` with ``env``; yields its base URL once /health answers."""
+def gateway(env: Mapping[str, str], log: Path, cwd: Path | None = None) -> Iterator[str]:
+    """``python -m gateway serve`` with ``env`` (run in ``cwd``: another checkout); yields its base URL."""
     port = free_port()
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMBED_LOG_LEVEL": "warning", **env, "EMBED_PORT": str(port)}
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=full_env, stdout=out, stderr=out)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"], env=full_env, stdout=out, stderr=out, cwd=cwd
+        )
         try:
             deadline = time.monotonic() + 900
             while True:

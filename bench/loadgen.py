@@ -22,9 +22,11 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))] if ordered else 0.0
 
 
-async def _worker(host: str, port: int, path: str, bodies: asyncio.Queue[bytes], out: list[tuple[float, int]]) -> None:
+async def _worker(
+    host: str, port: int, path: str, bodies: asyncio.Queue[bytes], out: list[tuple[float, int]], *, extra: bytes = b""
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n".encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n".encode() + extra
     try:
         while True:
             try:
@@ -44,7 +46,7 @@ async def _worker(host: str, port: int, path: str, bodies: asyncio.Queue[bytes],
         writer.close()
 
 
-async def _run(url: str, bodies: list[bytes], concurrency: int) -> LoadResult:
+async def _run(url: str, bodies: list[bytes], concurrency: int, extra: bytes = b"") -> LoadResult:
     parts = urlsplit(url)
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
@@ -52,7 +54,7 @@ async def _run(url: str, bodies: list[bytes], concurrency: int) -> LoadResult:
     out: list[tuple[float, int]] = []
     started = time.perf_counter()
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/v1/embeddings"
-    await asyncio.gather(*[_worker(host, port, path, queue, out) for _ in range(concurrency)])
+    await asyncio.gather(*[_worker(host, port, path, queue, out, extra=extra) for _ in range(concurrency)])
     seconds = time.perf_counter() - started
     statuses: dict[int, int] = {}
     for _, status in out:
@@ -60,21 +62,24 @@ async def _run(url: str, bodies: list[bytes], concurrency: int) -> LoadResult:
     return LoadResult(seconds, [latency for latency, _ in out], statuses)
 
 
-def _child(url: str, bodies: list[bytes], concurrency: int, conn: mp.connection.Connection) -> None:
+def _child(url: str, bodies: list[bytes], concurrency: int, conn: mp.connection.Connection, extra: bytes = b"") -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    conn.send(asyncio.run(_run(url, bodies, concurrency)))
+    conn.send(asyncio.run(_run(url, bodies, concurrency, extra)))
 
 
-def run_load(url: str, bodies: list[bytes], concurrency: int) -> LoadResult:
-    """Send every body once over ``concurrency`` keep-alive connections, from a separate process."""
+def run_load(url: str, bodies: list[bytes], concurrency: int, headers: dict[str, str] | None = None) -> LoadResult:
+    """Send every body once over ``concurrency`` keep-alive connections, from a separate process.
+
+    ``headers`` are added to every request (an API key, ``Accept-Encoding``)."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()).encode()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_child, args=(url, bodies, concurrency, child))
+    process = ctx.Process(target=_child, args=(url, bodies, concurrency, child, extra))
     process.start()
     result: LoadResult = parent.recv()
     process.join()

@@ -1,4 +1,4 @@
-"""``embedding-gateway serve | check | openapi``: flags mirror :class:`~gateway.settings.Settings`."""
+"""``embedding-gateway serve | check | openapi | cache``: flags mirror :class:`~gateway.settings.Settings`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     _settings_flags(check)
     openapi = commands.add_parser("openapi", help="print (or write) the OpenAPI document")
     openapi.add_argument("--output", "-o", type=Path, default=None, help="write here instead of stdout")
+    from gateway import cachectl
+
+    cachectl.add_parsers(commands, _settings_flags)  # cache stats | purge | warm (issue 13)
     return parser
 
 
@@ -82,7 +85,12 @@ def preflight(settings: Settings) -> str | None:
     """
     from encoder import DeviceNotAvailableError, ModelNotFoundError, resolve_device, resolve_dtype
     from encoder.model_files import read_model_spec, resolve_model_dir
+    from gateway.core.keys import KeysFileError, load_keys
 
+    try:
+        load_keys(settings)  # a bad EMBED_API_KEYS_FILE: one line naming the [[keys]] table and field
+    except KeysFileError as exc:
+        return str(exc)
     try:
         device = resolve_device(settings.device)
     except DeviceNotAvailableError as exc:
@@ -201,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.output.write_text(text)
         return 0
+    if args.command == "cache":
+        return _cache(args)
     overrides = {name: getattr(args, name) for name in Settings.field_names()}
     try:
         settings = Settings.load(overrides=overrides)
@@ -209,6 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embedding-gateway: invalid setting: {exc}", file=sys.stderr)
         return 2
     return _check(settings) if args.command == "check" else _serve(settings)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from gateway import cachectl
+
+    if args.cache_command == "warm":  # talks to a running gateway, not to Redis
+        return cachectl.run(args)
+    try:
+        settings = Settings.load(overrides={name: getattr(args, name) for name in Settings.field_names()})
+    except SettingsError as exc:
+        print(f"embedding-gateway: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    return cachectl.run(args, settings.redis_url, settings.cache_prefix)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # access
     api_keys: str = ""  # comma list, or @/path/to/file with one key per line
     public_metrics: bool = False  # true: /stats, /metrics and /dashboard need no key
+    # clients, keys and limits (issue 13)
+    api_keys_file: str = ""  # TOML: [[keys]] name, key, requests_per_minute, tokens_per_minute
+    compression: bool = True  # zstd or gzip answers for clients that accept them
+    compression_min_bytes: PositiveInt = 4096  # smaller answers go out as they are (bench/features.py)
+    history_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # one /stats/history sample per interval
+    history_samples: PositiveInt = 360  # samples kept (360 x 10 s = one hour)
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here as a validation error at this struct.

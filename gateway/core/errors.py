@@ -17,7 +17,10 @@ __all__ = [
     "ModelNotFoundError",
     "OutputNotSupportedError",
     "OverloadedError",
+    "RateLimitedError",
+    "RequestsRateLimitedError",
     "ShuttingDownError",
+    "TokensRateLimitedError",
     "UnauthenticatedError",
 ]
 
@@ -71,6 +74,20 @@ class ShuttingDownError(OverloadedError):
     """The server is draining before it stops: another replica (or a retry) will answer."""
 
     code = "shutting_down"
+
+
+class RateLimitedError(OverloadedError):
+    """The API key is over its requests or tokens per minute: retry after ``retry_after`` seconds."""
+
+    code = "rate_limit_exceeded"
+
+
+class RequestsRateLimitedError(RateLimitedError):
+    """Over the key's requests per minute (OpenAI's error type ``requests``)."""
+
+
+class TokensRateLimitedError(RateLimitedError):
+    """Over the key's tokens per minute (OpenAI's error type ``tokens``)."""
 
 
 class ClientDisconnectedError(GatewayError):

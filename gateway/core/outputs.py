@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
+import msgspec
 import numpy as np
+import orjson
 
 from encoder.kinds import OutputKind, Outputs, SparseWeights
 from gateway.core.cache import formats
@@ -89,6 +91,16 @@ def _float32_le(array: np.ndarray) -> memoryview:
     return np.ascontiguousarray(array, dtype="<f4").data
 
 
+def _float_json(array: np.ndarray) -> msgspec.Raw:
+    """``array`` as a JSON array in the shortest text that reads back to the identical float32.
+
+    orjson prints float32 with float32's own shortest round-trip digits (about 9 where a float64
+    needs 17): 40% fewer bytes than ``tolist()``, and a parser that reads the numbers as float64
+    and casts them to float32 gets the very same bits back. msgspec copies the fragment as it is.
+    """
+    return msgspec.Raw(orjson.dumps(np.ascontiguousarray(array, dtype=np.float32), option=orjson.OPT_SERIALIZE_NUMPY))
+
+
 def shorten(vectors: Sequence[np.ndarray], dimensions: int | None) -> Sequence[np.ndarray]:
     """Truncate to ``dimensions`` and re-normalise, as OpenAI's text-embedding-3 models do."""
     if dimensions is None or not vectors or dimensions == len(vectors[0]):
@@ -103,7 +115,7 @@ def _dense_response(answer: Answer[np.ndarray], options: ResponseOptions) -> Emb
     if options.encoding_format == "base64":
         data = [EmbeddingData(embedding=_float32_le(row), index=i) for i, row in enumerate(vectors)]
     else:
-        data = [EmbeddingData(embedding=row.tolist(), index=i) for i, row in enumerate(vectors)]
+        data = [EmbeddingData(embedding=_float_json(row), index=i) for i, row in enumerate(vectors)]
     return EmbeddingResponse(data=data, model=answer.model, usage=answer.usage)
 
 
@@ -119,7 +131,7 @@ def _sparse_response(answer: Answer[SparseWeights], options: ResponseOptions) ->
 def _colbert_response(answer: Answer[np.ndarray], options: ResponseOptions) -> MultiVectorResponse:
     items = [
         MultiVectorData(
-            embedding=_float32_le(matrix) if options.encoding_format == "base64" else matrix.tolist(),
+            embedding=_float32_le(matrix) if options.encoding_format == "base64" else _float_json(matrix),
             shape=list(matrix.shape),
             index=index,
         )

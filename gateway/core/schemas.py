@@ -7,7 +7,7 @@ all strings, all token ids or all token-id lists, as OpenAI's four shapes requir
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -66,9 +66,9 @@ class SparseData(msgspec.Struct):
 
 
 class MultiVectorData(msgspec.Struct):
-    embedding: (
-        list[list[float]] | memoryview
-    )  # base64 (a memoryview is written as base64): little-endian float32, row-major, of ``shape``
+    # base64 (a memoryview is written as base64): little-endian float32, row-major, of ``shape``;
+    # float: a pre-encoded JSON matrix (msgspec.Raw) in float32's shortest digits
+    embedding: list[list[float]] | memoryview | msgspec.Raw
     shape: list[int]  # [tokens after CLS, dimension]
     index: int
     object: Literal["multivector_embedding"] = "multivector_embedding"
@@ -80,7 +80,9 @@ class Usage(msgspec.Struct):
 
 
 class EmbeddingData(msgspec.Struct):
-    embedding: list[float] | memoryview  # memoryview: msgspec writes it as base64 while encoding, no str per vector
+    # memoryview: msgspec writes it as base64 while encoding, no str per vector;
+    # msgspec.Raw: a pre-encoded JSON array of float32's shortest round-trip digits (orjson's)
+    embedding: list[float] | memoryview | msgspec.Raw
     index: int
     object: Literal["embedding"] = "embedding"
 
@@ -150,9 +152,32 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         raise InvalidInputError("The request body is nested too deeply to be a valid request.") from None
 
 
+class _Wire:
+    """The answers' items as clients see them on the wire (the runtime types hold a memoryview or a
+    pre-encoded ``msgspec.Raw``, which a schema generator cannot describe)."""
+
+    class EmbeddingData(msgspec.Struct):
+        embedding: Annotated[
+            list[float] | str,
+            msgspec.Meta(description="float: numbers (float32's shortest digits); base64: little-endian float32"),
+        ]
+        index: int
+        object: Literal["embedding"] = "embedding"
+
+    class MultiVectorData(msgspec.Struct):
+        embedding: Annotated[
+            list[list[float]] | str,
+            msgspec.Meta(description="float: a matrix of ``shape``; base64: little-endian float32, row-major"),
+        ]
+        shape: list[int]
+        index: int
+        object: Literal["multivector_embedding"] = "multivector_embedding"
+
+
 def request_schema_components() -> dict[str, Any]:
-    """JSON Schemas of the request body, for the OpenAPI document's components."""
+    """JSON Schemas of the bodies we decode and encode ourselves, for the OpenAPI document's components."""
     (_, components) = msgspec.json.schema_components(
-        [EmbeddingRequest, OutputsRequest], ref_template="#/components/schemas/{name}"
+        [EmbeddingRequest, OutputsRequest, _Wire.EmbeddingData, _Wire.MultiVectorData],
+        ref_template="#/components/schemas/{name}",
     )
     return components

@@ -2,7 +2,8 @@
 
 Who feeds what:
 
-* the HTTP layer: :meth:`Telemetry.request_done` once per routed request;
+* the HTTP layer: :meth:`Telemetry.request_done` once per routed request, and
+  :meth:`Telemetry.key_request` once per request made with a named API key (never the key itself);
 * the service: :meth:`Telemetry.looked_up`, :meth:`embedded`, :meth:`cache_failed`, :meth:`cache_written`;
 * the micro-batcher: :meth:`batch_done` and :meth:`batcher_event` (it takes ``Telemetry`` as its
   :class:`~encoder.batcher.BatchObserver`).
@@ -26,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from encoder.batcher import BatcherEvent, BatchReport
 
-__all__ = ["PROMETHEUS_CONTENT_TYPE", "GpuStats", "LiveState", "StatsSnapshot", "Telemetry"]
+__all__ = ["PROMETHEUS_CONTENT_TYPE", "GpuStats", "KeyStats", "LiveState", "StatsSnapshot", "Telemetry"]
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -109,6 +110,18 @@ class Internals(msgspec.Struct):
     inputs_in_flight: int
 
 
+class KeyStats(msgspec.Struct):
+    """One named API key's embedding requests (429s included in ``requests``)."""
+
+    requests: int = 0
+    errors: int = 0
+    rate_limited: int = 0
+    inputs: int = 0
+    tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
 class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     """The ``/stats`` body: embedding requests, cache, encoder and latency, as of ``uptime_seconds``."""
 
@@ -123,6 +136,7 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     latency_ms: LatencyStats
     internals: Internals
     gpu: GpuStats | None = None
+    keys: dict[str, KeyStats] = msgspec.field(default_factory=dict)  # by key name (EMBED_API_KEYS_FILE)
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -148,6 +162,7 @@ class _Counters:
     batch_seconds: float = 0.0
     events: dict[BatcherEvent, int] = field(default_factory=lambda: dict.fromkeys(BatcherEvent, 0))
     by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
+    by_key: dict[str, KeyStats] = field(default_factory=dict)
 
 
 class Telemetry:
@@ -157,6 +172,7 @@ class Telemetry:
         self.started_at = time.time()
         self.counters = _Counters()
         self._latencies: deque[float] = deque(maxlen=latency_window)
+        self._interval_latencies: deque[float] = deque(maxlen=65_536)  # since the last history sample
         self.registry = CollectorRegistry()
         self._request_seconds = Histogram(
             "embedding_request_duration_seconds",
@@ -197,10 +213,30 @@ class Telemetry:
             counters.requests += 1
             counters.request_errors += int(status >= 400)
             self._latencies.append(seconds)
+            self._interval_latencies.append(seconds)
         child = self._durations.get(endpoint)
         if child is None:  # .labels() hashes and locks on every call: keep the children
             child = self._durations[endpoint] = self._request_seconds.labels(endpoint)
         child.observe(seconds)
+
+    def key_request(self, name: str, status: int, *, inputs: int, tokens: int, hits: int, misses: int) -> None:
+        """One embedding request made with the key called ``name``."""
+        found = self.counters.by_key.get(name)
+        if found is None:
+            found = self.counters.by_key[name] = KeyStats()
+        found.requests += 1
+        found.errors += int(status >= 400)
+        found.rate_limited += int(status == 429)
+        found.inputs += inputs
+        found.tokens += tokens
+        found.cache_hits += hits
+        found.cache_misses += misses
+
+    def take_interval_latencies(self) -> list[float]:
+        """Embedding request latencies (seconds) since the previous call, for the history ring."""
+        taken = list(self._interval_latencies)
+        self._interval_latencies.clear()
+        return taken
 
     # --- fed by the service ----------------------------------------------------------------
     def looked_up(self, hits: int, misses: int) -> None:
@@ -286,6 +322,7 @@ class Telemetry:
                 inputs_in_flight=live.inputs_in_flight,
             ),
             gpu=live.gpu,
+            keys={name: msgspec.structs.replace(stats) for name, stats in sorted(c.by_key.items())},
         )
 
     def render_prometheus(self, live: LiveState) -> bytes:
@@ -329,6 +366,23 @@ class _SnapshotCollector:
             "1 while the cache breaker skips the cache",
             value=int(cache.circuit == "open"),
         )
+        if snapshot.keys:
+            families = {
+                field: CounterMetricFamily(f"embedding_key_{field}", f"{text}, by API key name", labels=["key"])
+                for field, text in (
+                    ("requests", "embedding requests"),
+                    ("errors", "embedding requests answered with an error"),
+                    ("rate_limited", "embedding requests refused by the key's limits (429)"),
+                    ("inputs", "inputs embedded"),
+                    ("tokens", "tokens embedded"),
+                    ("cache_hits", "distinct texts served from the cache"),
+                    ("cache_misses", "distinct texts computed"),
+                )
+            }
+            for name, stats in snapshot.keys.items():
+                for field, family in families.items():
+                    family.add_metric([name], getattr(stats, field))
+            yield from families.values()
         gpu = snapshot.gpu
         if gpu is not None:
             for name, value in (

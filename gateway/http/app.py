@@ -21,11 +21,16 @@ from litestar.openapi import OpenAPIConfig
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
 from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, RedisBlobCache
+from gateway.core.history import HistoryRing, run_sampler
 from gateway.core.inputs import TokenIdDecoder
+from gateway.core.keys import load_keys
+from gateway.core.ratelimit import RateLimiter
 from gateway.core.schemas import request_schema_components
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import Telemetry
 from gateway.http.auth import api_key_guard
+from gateway.http.clients import ClientHooks
+from gateway.http.compression import compression_config
 from gateway.http.errors import exception_handlers
 from gateway.http.middleware import RequestContextMiddleware, add_request_id_header
 from gateway.http.routes import ROUTES
@@ -78,7 +83,15 @@ def create_app(
     """The app for ``settings``. ``encoder``, ``cache`` and ``telemetry`` replace what the lifespan
     would build (tests share one loaded model, or observe or break the telemetry)."""
     telemetry = telemetry or Telemetry()
-    keys = settings.api_key_set()  # no keys, no guard: not even a call per request
+    keys = load_keys(settings)  # no keys, no guard: not even a call per request
+    limited = any(entry.limited for entry in keys)
+    limiter = RateLimiter(
+        redis_url=settings.redis_url if limited else "",  # shared buckets: every replica sees one
+        prefix=settings.cache_prefix,
+        timeout_s=settings.cache_timeout_ms / 1000,
+    )
+    clients = ClientHooks(limiter, telemetry)
+    history = HistoryRing(interval_s=settings.history_interval_s, capacity=settings.history_samples)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -111,7 +124,10 @@ def create_app(
             telemetry=telemetry,
             token_decoder=TokenIdDecoder(),
         )
+        runtime.history = history
         app.state.runtime = runtime
+        await limiter.connect()
+        sampler = asyncio.create_task(run_sampler(history, telemetry, runtime.live_state), name="history-sampler")
         backend = vector_cache.backend if vector_cache else "off"
         if vector_cache is not None and not await vector_cache.ping():
             logger.warning("cache %s is unreachable at start; serving without it until it answers", backend)
@@ -130,8 +146,10 @@ def create_app(
             yield
         finally:
             runtime.draining = True
+            sampler.cancel()
             await service.drain(timeout_s=settings.shutdown_timeout_s)
             await batcher.stop()
+            await limiter.close()
             if vector_cache is not None and cache is None:
                 await vector_cache.close()
 
@@ -144,8 +162,11 @@ def create_app(
                 partial(RequestContextMiddleware, telemetry=telemetry, json_logs=settings.log_format == "json")
             )
         ],
-        guards=[api_key_guard(keys, public_metrics=settings.public_metrics)] if keys else [],
-        before_send=[add_request_id_header],
+        guards=[api_key_guard(keys, public_metrics=settings.public_metrics), *([clients.guard] if limited else [])]
+        if keys
+        else [],
+        before_send=[add_request_id_header, clients.before_send],
+        compression_config=compression_config(settings),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="embedding-gateway",

@@ -25,6 +25,8 @@ from gateway.core.errors import (
     InvalidInputError,
     ModelNotFoundError,
     OverloadedError,
+    RequestsRateLimitedError,
+    TokensRateLimitedError,
     UnauthenticatedError,
 )
 
@@ -53,6 +55,8 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, str]] = {
     ClientDisconnectedError: (499, "invalid_request_error"),  # nobody reads it: nginx's status, for our logs
     EncoderFailedError: (500, "server_error"),
     OverloadedError: (503, "server_error"),
+    RequestsRateLimitedError: (429, "requests"),  # OpenAI's types for rate limits (issue 13)
+    TokensRateLimitedError: (429, "tokens"),
 }
 
 # Litestar's own exceptions: status -> code.

@@ -10,6 +10,7 @@ from encoder import Encoder
 from encoder.batcher import MicroBatcher
 from encoder.device import gpu_memory
 from gateway.core.cache import BlobCache, CircuitBreakerCache
+from gateway.core.history import HistoryRing
 from gateway.core.inputs import TokenIdDecoder
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import GpuStats, LiveState, Telemetry
@@ -28,6 +29,7 @@ class Runtime:
     telemetry: Telemetry
     token_decoder: TokenIdDecoder
     draining: bool = False
+    history: HistoryRing | None = None  # /stats/history (issue 13)
 
     @property
     def ready(self) -> bool:

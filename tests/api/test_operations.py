@@ -127,7 +127,8 @@ def test_dashboard_is_self_contained(gateway_factory) -> None:  # type: ignore[n
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     html = page.text
-    assert 'fetch("/stats"' in html
+    assert 'getJson("/stats")' in html
+    assert 'getJson("/stats/history")' in html
     for external in ("http://", "https://", "//cdn", "<link", "src="):
         assert external not in html, f"the dashboard must not load {external}"
 

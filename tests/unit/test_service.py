@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -83,7 +84,7 @@ def test_dense_answer_truncates_renormalises_and_writes_base64() -> None:
     vector /= np.linalg.norm(vector)
     answer = Answer([vector], [5], "m")
     short = DENSE.respond(answer, ResponseOptions(dimensions=3))
-    got = np.array(short.data[0].embedding)
+    got = np.array(msgspec.json.decode(short.data[0].embedding))  # float: a pre-encoded JSON fragment
     np.testing.assert_allclose(got, vector[:3] / np.linalg.norm(vector[:3]), rtol=1e-6)
     encoded = DENSE.respond(answer, ResponseOptions(encoding_format="base64"))
     assert isinstance(encoded.data[0].embedding, memoryview)

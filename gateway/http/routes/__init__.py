@@ -2,7 +2,7 @@
 
 from gateway.http.routes.embeddings import create_embeddings, create_multivector, create_sparse
 from gateway.http.routes.models import list_models, retrieve_model
-from gateway.http.routes.operations import dashboard, health, livez, metrics, readyz, stats
+from gateway.http.routes.operations import dashboard, health, livez, metrics, readyz, stats, stats_history
 
 __all__ = ["ROUTES"]
 
@@ -16,6 +16,7 @@ ROUTES = [
     livez,
     readyz,
     stats,
+    stats_history,
     metrics,
     dashboard,
 ]

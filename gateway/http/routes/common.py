@@ -19,6 +19,7 @@ ERRORS = {
         401: "Missing or wrong API key",
         404: "Unknown model",
         413: "Body too large",
+        429: "Over the API key's requests or tokens per minute (rate_limit_exceeded); honour Retry-After",
         500: "A bug or an encoder failure; the message names the request id",
         503: "Overloaded or not ready; honour Retry-After",
     }.items()

@@ -1,4 +1,9 @@
-"""GET /v1/models and /v1/models/{id}: the served id and its aliases."""
+"""GET /v1/models and /v1/models/{id}: the served id and its aliases.
+
+``EMBED_MODEL_ALIASES=*`` accepts any model name (as TEI does): clients that send their framework's
+default (``text-embedding-ada-002``, ``text-embedding-3-small``) work unchanged, and every answer's
+``model`` names the model that really served it.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,15 @@ from gateway.core.schemas import ModelCard, ModelList
 from gateway.http.routes.common import ERRORS, runtime_of
 from gateway.http.runtime import Runtime
 
-__all__ = ["check_model", "list_models", "retrieve_model"]
+__all__ = ["ANY_MODEL", "check_model", "list_models", "retrieve_model"]
+
+ANY_MODEL = "*"
 
 
 def check_model(runtime: Runtime, model: str | None) -> None:
-    """A request may name the served id, an alias or ``EMBED_MODEL`` itself (or nothing)."""
-    if model is not None and model not in runtime.settings.accepted_models:
+    """A request may name the served id, an alias or ``EMBED_MODEL`` itself (or nothing; anything with ``*``)."""
+    accepted = runtime.settings.accepted_models
+    if model is not None and model not in accepted and ANY_MODEL not in accepted:
         raise ModelNotFoundError(
             f"The model '{model}' does not exist on this server; it serves '{runtime.settings.served_model}'.",
             param="model",
@@ -27,7 +35,8 @@ def check_model(runtime: Runtime, model: str | None) -> None:
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     runtime = runtime_of(request)
     created = int(runtime.telemetry.started_at)
-    names = dict.fromkeys([runtime.settings.served_model, *runtime.settings.model_aliases])
+    aliases = [alias for alias in runtime.settings.model_aliases if alias != ANY_MODEL]
+    names = dict.fromkeys([runtime.settings.served_model, *aliases])
     return ModelList(data=[ModelCard(id=name, created=created) for name in names])
 
 

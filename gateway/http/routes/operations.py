@@ -1,4 +1,4 @@
-"""Probes and observability: /health, /livez, /readyz, /stats, /metrics and /dashboard."""
+"""Probes and observability: /health, /livez, /readyz, /stats, /stats/history, /metrics and /dashboard."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Any, Literal
 import msgspec
 from litestar import MediaType, Request, Response, get
 
+from gateway.core.history import History
 from gateway.core.telemetry import PROMETHEUS_CONTENT_TYPE, StatsSnapshot
 from gateway.http.auth import OPS, PUBLIC
 from gateway.http.routes.common import ERRORS, runtime_of
 
-__all__ = ["dashboard", "health", "livez", "metrics", "readyz", "stats"]
+__all__ = ["dashboard", "health", "livez", "metrics", "readyz", "stats", "stats_history"]
 
 
 class CacheHealth(msgspec.Struct):
@@ -71,6 +72,20 @@ async def stats(request: Request[Any, Any, Any]) -> StatsSnapshot:
 
 
 @get(
+    "/stats/history",
+    summary="Per-interval samples of the last hour (EMBED_HISTORY_INTERVAL_S x EMBED_HISTORY_SAMPLES), oldest first",
+    tags=["operations"],
+    responses={401: ERRORS[401]},
+    opt=OPS,
+)
+async def stats_history(request: Request[Any, Any, Any]) -> History:
+    runtime = runtime_of(request)
+    if runtime.history is None:
+        return History(interval_seconds=runtime.settings.history_interval_s, capacity=0, samples=[])
+    return runtime.history.history()
+
+
+@get(
     "/metrics",
     summary="Prometheus metrics",
     tags=["operations"],
@@ -90,7 +105,7 @@ def _dashboard_html() -> bytes:
 
 @get(
     "/dashboard",
-    summary="A self-contained live dashboard (polls /stats)",
+    summary="A self-contained live dashboard (draws /stats/history, polls /stats)",
     tags=["operations"],
     responses={401: ERRORS[401]},
     opt=OPS,
