@@ -89,7 +89,8 @@ def single_client(url: str, *, timeout_s: float, max_connections: int, pool_time
 def sentinel_client(url: str, master: str, *, timeout_s: float, max_connections: int) -> tuple[Sentinel, Redis]:
     """The sentinels, and a client of the master they name (it follows failovers)."""
     target = parse_sentinel_url(url)
-    sentinel_options: dict[str, Any] = {**_socket_options(timeout_s)}
+    # No retries against a sentinel (redis-py's default backs off for seconds): the next one is asked.
+    sentinel_options: dict[str, Any] = {**_socket_options(timeout_s), "retry": Retry(NoBackoff(), 0)}
     if target.ssl:
         ssl_options = {key: value for key, value in target.options.items() if key.startswith("ssl_")}
         sentinel_options.update(ssl=True, **ssl_options)

@@ -34,10 +34,15 @@ RedisMode = Literal["single", "cluster", "sentinel"]
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
+def _describe(exc: BaseException) -> str:
+    """``ReadOnlyError: You can't write against a read only replica.`` (redis-py's repr hides the message)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _failure(what: str, exc: BaseException) -> CacheUnavailableError:
     if isinstance(exc, ResponseError):
-        return CacheRefusedError(f"redis {what} refused: {exc!r}")
-    return CacheUnavailableError(f"redis {what} failed: {exc!r}")
+        return CacheRefusedError(f"redis {what} refused: {_describe(exc)}")
+    return CacheUnavailableError(f"redis {what} failed: {_describe(exc)}")
 
 
 class RedisBlobCache:
@@ -171,7 +176,7 @@ class _ClusterStore:
             async with asyncio.timeout(deadline_s):
                 await self.client.initialize()  # at once when it already knows the slots
         except _FAILURES as exc:
-            raise CacheUnavailableError(f"redis cluster unreachable: {exc!r}") from exc
+            raise CacheUnavailableError(f"redis cluster unreachable: {_describe(exc)}") from exc
 
     def _group(self, keys: Sequence[str]) -> dict[str, tuple[ClusterNode, dict[int, list[int]]]]:
         """node name -> (node, slot -> positions in ``keys``), leaving out uncovered slots and skipped nodes."""
@@ -193,10 +198,10 @@ class _ClusterStore:
         self.node_failures += 1
         if node.name not in self._down:
             logger.warning(
-                "redis cluster node %s failed, its keys are misses (retried every %gs): %r",
+                "redis cluster node %s failed, its keys are misses (retried every %gs): %s",
                 node.name,
                 self.node_cooldown_s,
-                exc,
+                _describe(exc),
             )
         self._down[node.name] = time.monotonic() + self.node_cooldown_s
         self._schedule_refresh()
