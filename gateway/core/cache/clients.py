@@ -115,5 +115,8 @@ def cluster_client(url: str, *, timeout_s: float, max_connections: int) -> Redis
         max_connections=max_connections,
         require_full_coverage=False,  # a lost master costs its own slots, not the whole cache
         retry=Retry(NoBackoff(), 0),
-        **_socket_options(timeout_s),
+        # Reads are bounded by the caller's deadline per node; a socket timeout would arm a timer
+        # for every reply of a pipeline (one per slot), which costs more than the replies.
+        socket_timeout=None,
+        socket_connect_timeout=timeout_s,
     )

@@ -18,7 +18,14 @@ from typing import Literal
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.typing import EncodableT
 
 from gateway.core.cache.base import CacheBusyError, CacheRefusedError, CacheUnavailableError
@@ -32,6 +39,8 @@ RedisMode = Literal["single", "cluster", "sentinel"]
 
 # What a client or a socket may raise; RedisClusterException (bad slots, no reachable node) is not a RedisError.
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+# Error replies of a cluster in motion (MovedError is an AskError): the keys are misses, not refusals.
+_MOVED = (AskError, TryAgainError, ClusterDownError)
 
 
 def _describe(exc: BaseException) -> str:
@@ -233,17 +242,31 @@ class _ClusterStore:
     async def _node_call(
         self, node: ClusterNode, commands: Sequence[Sequence[EncodableT]], deadline_s: float
     ) -> list[object] | BaseException:
-        """One pipeline on one node: its replies (a failed command's is its exception), or the failure."""
+        """One pipeline on one node: its replies (an error reply is its exception), or the failure.
+
+        Straight on one of the node's connections (redis-py's ClusterPipeline re-resolves policies
+        and nodes per command and would close the whole client on a connection error). An error
+        reply such as MOVED leaves that command's keys missing and refreshes the slot map.
+        """
+        replies: list[object] = []
         try:
             async with asyncio.timeout(deadline_s):
-                async with self.client.pipeline() as pipe:
-                    for command in commands:
-                        pipe.execute_command(*command, target_nodes=node)
-                    replies: list[object] = await pipe.execute(raise_on_error=False)
+                connection = node.acquire_connection()
+                try:
+                    await connection.send_packed_command(connection.pack_commands(commands))
+                    for _ in commands:
+                        try:
+                            replies.append(await connection.read_response())
+                        except ResponseError as exc:  # the reply was read: the connection is still in step
+                            replies.append(exc)
+                finally:
+                    node.release(connection)  # redis-py disconnected it if a read or write failed
         except _FAILURES as exc:
             self._node_failed(node, exc)
             return exc
         self._node_answered(node)
+        if any(isinstance(reply, _MOVED) for reply in replies):
+            self._schedule_refresh()
         return replies
 
     async def get(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -283,7 +306,7 @@ class _ClusterStore:
             if isinstance(result, BaseException):
                 continue
             for reply in result:
-                if isinstance(reply, ResponseError):
+                if isinstance(reply, ResponseError) and not isinstance(reply, _MOVED):
                     refused += 1
                 elif not isinstance(reply, BaseException):
                     written += 1
