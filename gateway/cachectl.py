@@ -8,7 +8,8 @@
   one per line) through a running gateway in token-budgeted requests, so its vectors are cached
   before the traffic comes. Resumable: ``FILE.warm-state`` holds the byte offset of the next line.
 
-Keys look like ``{prefix}:{fingerprint}[:{kind}]:{xxh3_128 hex}`` (``gateway.core.cache.base``,
+Keys look like ``{prefix}:{fingerprint}[:{kind}]:{xxh3_128 hex}``, where "fingerprint" is the whole
+cache namespace (``{model fingerprint}-{numerics tag}``, ``/stats`` ``cache.namespace``) (``gateway.core.cache.base``,
 ``gateway.core.outputs``). The Redis code only calls ``scan_iter``, ``pipeline`` and ``unlink``,
 which a ``redis.cluster.RedisCluster`` offers too (it scans every primary and splits UNLINK by slot).
 """

@@ -81,6 +81,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     compression_min_bytes: PositiveInt = 4096  # smaller answers go out as they are (bench/features.py)
     history_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # one /stats/history sample per interval
     history_samples: PositiveInt = 360  # samples kept (360 x 10 s = one hour)
+    # redis modes (issue 12)
+    redis_mode: Literal["single", "cluster", "sentinel"] = "single"
+    redis_sentinel_master: str = ""  # sentinel mode: the master's name the sentinels know
+    redis_max_connections: PositiveInt = 64  # per Redis node; more concurrent calls wait for one
+    redis_pool_timeout_ms: PositiveInt = 1000  # how long a call waits for a free connection (then: a miss)
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here as a validation error at this struct.
@@ -91,6 +96,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 f"EMBED_REDIS_URL (--redis-url): scheme {scheme!r} is not one of "
                 f"{', '.join(_REDIS_SCHEMES)} (empty: an in-process cache)"
             )
+        _check_redis_mode(self.redis_mode, url, self.redis_sentinel_master.strip())
 
     @property
     def served_model(self) -> str:
@@ -134,7 +140,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for info in msgspec.structs.fields(cls):  # operators write on/off and yes/no too
             if info.type is bool and isinstance(raw.get(info.name), str):
                 raw[info.name] = _BOOLEANS.get(raw[info.name].lower(), raw[info.name])
-        for name in ("log_level", "log_format", "device", "dtype"):
+        for name in ("log_level", "log_format", "device", "dtype", "redis_mode"):
             if isinstance(raw.get(name), str):
                 raw[name] = raw[name].lower()
         try:
@@ -144,11 +150,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise SettingsError(_explain(str(exc), raw)) from None
 
 
+def _check_redis_mode(mode: str, url: str, master: str) -> None:
+    """The URL's shape and the sentinel master's name must fit ``EMBED_REDIS_MODE``."""
+    name = "EMBED_REDIS_MODE (--redis-mode)"
+    hosts = url.partition("://")[2].rpartition("@")[2].partition("/")[0].partition("?")[0]
+    if mode == "sentinel" and not master:
+        raise ValueError(f"{name} is sentinel: set EMBED_REDIS_SENTINEL_MASTER (--redis-sentinel-master)")
+    if mode != "sentinel" and master:
+        raise ValueError(f"EMBED_REDIS_SENTINEL_MASTER is set but {name} is {mode!r}, not sentinel")
+    if mode == "single":
+        if "," in hosts:
+            raise ValueError(f"EMBED_REDIS_URL lists several hosts: set {name} to sentinel (or cluster: name one node)")
+        return
+    if not url:
+        raise ValueError(f"{name} is {mode}: set EMBED_REDIS_URL (--redis-url)")
+    if url.startswith("unix://"):
+        raise ValueError(f"{name} is {mode}: EMBED_REDIS_URL must be redis:// or rediss://, not unix://")
+    if mode == "cluster":
+        if "," in hosts:
+            raise ValueError(f"{name} is cluster: EMBED_REDIS_URL names one node, the others are discovered")
+        db = url.partition("://")[2].partition("/")[2].partition("?")[0]
+        if db not in ("", "0"):
+            raise ValueError(f"{name} is cluster: a cluster has only database 0, not /{db}")
+
+
 _CHOICES = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "dtype": "auto, float32, float16 or bfloat16 (fp32, fp16, half, bf16)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
+    "redis_mode": "single, cluster or sentinel",
 }
 
 

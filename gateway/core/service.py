@@ -158,7 +158,7 @@ class EmbeddingService:
         except CacheUnavailableError as exc:
             self.telemetry.cache_failed()
             # While the breaker is open every request lands here: say it once per failure, not per request.
-            level = logging.DEBUG if isinstance(exc, CacheSkippedError) else logging.WARNING
+            level = logging.DEBUG if isinstance(exc, CacheSkippedError) or exc.logged else logging.WARNING
             logger.log(level, "cache lookup failed, computing all %d inputs: %s", len(keys), exc)
             return [None] * len(keys)
 

@@ -65,7 +65,14 @@ def make_cache(settings: Settings) -> BlobCache | None:
         return None
     if settings.redis_url:
         redis_cache = RedisBlobCache(
-            settings.redis_url, ttl_seconds=settings.cache_ttl_seconds, timeout_s=settings.cache_timeout_ms / 1000
+            settings.redis_url.strip(),
+            ttl_seconds=settings.cache_ttl_seconds,
+            timeout_s=settings.cache_timeout_ms / 1000,
+            mode=settings.redis_mode,
+            sentinel_master=settings.redis_sentinel_master.strip(),
+            max_connections=settings.redis_max_connections,
+            pool_timeout_s=settings.redis_pool_timeout_ms / 1000,
+            node_cooldown_s=min(1.0, settings.cache_breaker_seconds),
         )
         return CircuitBreakerCache(
             redis_cache, failures=settings.cache_breaker_failures, cooldown_s=settings.cache_breaker_seconds

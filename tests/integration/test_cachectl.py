@@ -45,7 +45,7 @@ def test_stats_and_purge(gateway_factory, fresh_redis, capsys: pytest.CaptureFix
     live = gateway_factory(redis_url=fresh_redis.url, cache_prefix=PREFIX)
     texts = [f"cachectl text {i}" for i in range(25)]
     assert httpx.post(f"{live.url}/v1/embeddings", json={"input": texts}, timeout=60).status_code == 200
-    fingerprint = httpx.get(f"{live.url}/stats").json()["fingerprint"]
+    fingerprint = httpx.get(f"{live.url}/stats").json()["cache"]["namespace"]
     client = fresh_redis.client()
     _fill_old(client)
     for _ in range(50):  # the write-back runs after the answer

@@ -7,15 +7,38 @@ from typing import Protocol
 
 import xxhash
 
-__all__ = ["BlobCache", "CacheSkippedError", "CacheUnavailableError", "cache_key"]
+__all__ = [
+    "BlobCache",
+    "CacheBusyError",
+    "CacheRefusedError",
+    "CacheSkippedError",
+    "CacheUnavailableError",
+    "cache_key",
+]
 
 
 class CacheUnavailableError(RuntimeError):
-    """The cache could not be read or written in time. Callers treat it as all-miss."""
+    """The cache could not be read or written in time. Callers treat it as all-miss.
+
+    ``logged`` is true when the cache (its circuit breaker) has already logged this failure, or
+    decided it is one of a run it logged once: callers then need not log it again at warning level.
+    """
+
+    logged: bool = False
+
+
+class CacheRefusedError(CacheUnavailableError):
+    """Redis answered, with an error: ``READONLY`` (a replica), ``OOM`` (full, no eviction),
+    ``NOPERM``... It stays up for reads while it refuses writes."""
 
 
 class CacheSkippedError(CacheUnavailableError):
     """The circuit breaker is open: the cache was not even asked."""
+
+
+class CacheBusyError(CacheSkippedError):
+    """Every connection to the cache stayed busy for the whole wait: this process is saturated, Redis
+    was not asked and has not failed, so the circuit breaker does not count it."""
 
 
 class BlobCache(Protocol):

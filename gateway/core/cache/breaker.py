@@ -2,12 +2,85 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
-from gateway.core.cache.base import BlobCache, CacheSkippedError, CacheUnavailableError
+from gateway.core.cache.base import (
+    BlobCache,
+    CacheBusyError,
+    CacheRefusedError,
+    CacheSkippedError,
+    CacheUnavailableError,
+)
 
 __all__ = ["CircuitBreakerCache"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RANK = {"closed": 0, "half-open": 1, "open": 2}
+
+
+class _Circuit:
+    """Consecutive failures open it for ``cooldown_s``; then one call at a time probes (half-open)."""
+
+    def __init__(self, what: str, failures: int, cooldown_s: float) -> None:
+        self.what = what  # "cache" or "cache writes", for the log
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self.consecutive = 0
+        self.opened_at: float | None = None
+        self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if time.monotonic() - self.opened_at >= self.cooldown_s else "open"
+
+    def admit(self) -> str:
+        """May a call go to the cache now: ``"no"``, ``"yes"``, or ``"probe"`` (half-open: one call at a
+        time; the caller hands the probe back with :meth:`release`)."""
+        state = self.state
+        if state == "closed":
+            return "yes"
+        if state == "open" or self.probing:
+            return "no"
+        self.probing = True
+        return "probe"
+
+    def release(self) -> None:
+        self.probing = False
+
+    def succeeded(self) -> None:
+        if self.opened_at is not None:
+            logger.info("%s answering again after %d failures: circuit closed", self.what, self.consecutive)
+        self.consecutive, self.opened_at = 0, None
+
+    def failed(self, exc: CacheUnavailableError) -> bool:
+        """Record a failure (logged here, once per run and once per opening); True when it opened the circuit."""
+        self.consecutive += 1
+        exc.logged = True
+        if self.opened_at is not None:  # a failed half-open probe: wait again, quietly
+            self.opened_at = time.monotonic()
+            logger.debug("%s probe failed: %s", self.what, exc)
+            return False
+        if self.consecutive >= self.failures:
+            self.opened_at = time.monotonic()
+            logger.warning(
+                "%s failed %d times in a row, skipping it for %gs (then one call probes it): %s",
+                self.what,
+                self.consecutive,
+                self.cooldown_s,
+                exc,
+            )
+            return True
+        level = logging.WARNING if self.consecutive == 1 else logging.DEBUG
+        logger.log(level, "%s failed: %s", self.what, exc)
+        return False
 
 
 class CircuitBreakerCache:
@@ -15,6 +88,13 @@ class CircuitBreakerCache:
     writes are dropped, for ``cooldown_s``. Then one call is let through (*half-open*): success
     closes the breaker, failure opens it again. Skipped calls raise :class:`CacheSkippedError`
     (a :class:`CacheUnavailableError`), so callers treat them as misses.
+
+    Two circuits: one for Redis failing (unreachable, timing out), fed by reads and writes alike, and
+    one for Redis *refusing writes* while it still answers reads (:class:`CacheRefusedError`: a
+    read-only replica, a full Redis without eviction): only a successful write closes that one, and
+    while it is open reads still go to Redis. A :class:`CacheBusyError` (no free connection in time:
+    this process is saturated, Redis is fine) counts for neither. Each circuit logs the first failure
+    of a run and its opening at warning level, the rest at debug, and marks the errors ``logged``.
     """
 
     def __init__(self, inner: BlobCache, *, failures: int = 3, cooldown_s: float = 5.0) -> None:
@@ -22,54 +102,60 @@ class CircuitBreakerCache:
         self.backend = inner.backend
         self.failures = failures
         self.cooldown_s = cooldown_s
-        self._consecutive = 0
-        self._opened_at: float | None = None
-        self.opened = 0  # how many times it opened, for /stats
+        self.circuit = _Circuit("cache", failures, cooldown_s)
+        self.write_circuit = _Circuit("cache writes", failures, cooldown_s)
+        self.opened = 0  # how many times it went from closed to open, for /stats
 
     @property
     def state(self) -> str:
-        if self._opened_at is None:
-            return "closed"
-        return "half-open" if time.monotonic() - self._opened_at >= self.cooldown_s else "open"
+        """The worse of the two circuits: ``closed``, ``half-open`` or ``open``."""
+        return max(self.circuit.state, self.write_circuit.state, key=_RANK.__getitem__)
 
-    def _check(self) -> None:
-        if self.state == "open":
-            raise CacheSkippedError("circuit open: cache skipped after repeated failures")
+    def _failed(self, circuit: _Circuit, exc: CacheUnavailableError) -> None:
+        was_closed = self.state == "closed"
+        if circuit.failed(exc) and was_closed:
+            self.opened += 1
 
-    def _record(self, ok: bool) -> None:
-        if ok:
-            self._consecutive, self._opened_at = 0, None
-            return
-        self._consecutive += 1
-        if self._opened_at is not None or self._consecutive >= self.failures:
-            if self._opened_at is None:
-                self.opened += 1
-            self._opened_at = time.monotonic()  # (re)open: a failed half-open probe waits again
+    async def _call(self, circuits: tuple[_Circuit, ...], call: Callable[[], Awaitable[T]]) -> T:
+        probes: list[_Circuit] = []
+        try:
+            for circuit in circuits:
+                admitted = circuit.admit()
+                if admitted == "no":
+                    raise CacheSkippedError(f"circuit open: {circuit.what} skipped after repeated failures")
+                if admitted == "probe":
+                    probes.append(circuit)
+            try:
+                result = await call()
+            except CacheBusyError:
+                raise
+            except CacheRefusedError as exc:
+                if circuits[-1] is self.write_circuit:  # Redis answered, refusing the write
+                    self.circuit.succeeded()
+                self._failed(circuits[-1], exc)
+                raise
+            except CacheUnavailableError as exc:
+                self._failed(self.circuit, exc)
+                raise
+            for circuit in circuits:
+                circuit.succeeded()
+            return result
+        finally:
+            for circuit in probes:
+                circuit.release()
 
     async def get_blobs(self, keys: Sequence[str]) -> list[bytes | None]:
-        self._check()
-        try:
-            found = await self.inner.get_blobs(keys)
-        except CacheUnavailableError:
-            self._record(False)
-            raise
-        self._record(True)
-        return found
+        return await self._call((self.circuit,), lambda: self.inner.get_blobs(keys))
 
     async def put_blobs(self, items: Sequence[tuple[str, bytes]]) -> None:
-        self._check()
-        try:
-            await self.inner.put_blobs(items)
-        except CacheUnavailableError:
-            self._record(False)
-            raise
-        self._record(True)
+        await self._call((self.circuit, self.write_circuit), lambda: self.inner.put_blobs(items))
 
     async def ping(self) -> bool:
-        # Health checks probe Redis itself (they are rare), and a good answer closes the breaker.
+        # Health checks probe Redis itself (they are rare), and a good answer closes the main circuit
+        # (not the write circuit: a read-only replica answers PING too).
         ok = await self.inner.ping()
         if ok:
-            self._record(True)
+            self.circuit.succeeded()
         return ok
 
     async def close(self) -> None:

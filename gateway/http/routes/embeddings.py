@@ -25,6 +25,7 @@ from gateway.core.schemas import (
     decode_embedding_request,
     decode_outputs_request,
 )
+from gateway.http.auth import client_name
 from gateway.http.middleware import outcome
 from gateway.http.routes.common import ERRORS, runtime_of
 from gateway.http.routes.models import check_model
@@ -87,7 +88,10 @@ async def _answer(
 ) -> R:
     """Normalise ``input``, compute ``output`` through the service, and build the response body."""
     texts = await normalise_input(value, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
-    result = await runtime.service.embed(texts, output, guard=_disconnect_guard(request))
+    # The key's name is the unit the encoder queue is fair between (one tenant's bulk ingest does
+    # not freeze another's queries); anonymous requests share one tenant and are fair per request.
+    tenant = client_name(request.scope) or ""
+    result = await runtime.service.embed(texts, output, guard=_disconnect_guard(request), tenant=tenant)
     done = outcome(request.scope)
     done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, sum(result.tokens)
     return output.respond(Answer(result.values, result.tokens, runtime.settings.served_model), options)
