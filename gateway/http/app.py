@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -45,7 +46,20 @@ VERSION = "0.2.0"
 
 
 def load_model(settings: Settings) -> Encoder:
-    """Load and warm up the configured model (seconds to minutes: call it before serving)."""
+    """Load and warm up the configured model (seconds to minutes: call it before serving).
+
+    The torch work runs on a thread of its own that has ended when this returns. libgomp (torch's
+    CPU OpenMP) gives every thread that runs a parallel region its own team of worker threads for
+    the thread's life, and once a process holds more team threads than cores every barrier sleeps
+    in the kernel instead of spinning: loading on the main thread (or asyncio's default executor,
+    whose threads live on) left a second team beside the micro-batcher's forward thread, and the
+    server ran misses at 0.75x the encoder's in-process speed (issue 11; README, Performance).
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-load") as loader:
+        return loader.submit(_load_and_warm_up, settings).result()
+
+
+def _load_and_warm_up(settings: Settings) -> Encoder:
     encoder = load_encoder(
         settings.model,
         device=settings.device,
