@@ -9,5 +9,5 @@ COPY gateway gateway
 COPY encoder encoder
 RUN pip install --no-cache-dir .
 EXPOSE 8001
-HEALTHCHECK --interval=15s --timeout=3s --start-period=300s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8001/health').status != 200)"
+HEALTHCHECK --interval=15s --timeout=3s --start-period=300s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8001/readyz').status != 200)"
 CMD ["embedding-gateway", "serve"]

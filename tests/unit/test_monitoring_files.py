@@ -40,7 +40,14 @@ def test_compose_monitoring_profile_and_scrape_config() -> None:
     assert services["grafana"]["profiles"] == ["monitoring"]
     assert "allkeys-lru" in services["redis"]["command"]
     assert services["gateway"]["environment"]["EMBED_REDIS_URL"] == "redis://redis:6379/0"
+    assert "profiles" not in services["gateway"] and "profiles" not in services["lb"]  # plain `up` starts both
     scrape = yaml.safe_load((ROOT / "monitoring/prometheus.yml").read_text())
-    job = scrape["scrape_configs"][0]
+    (job,) = scrape["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["gateway:8001"]
+    # `--scale gateway=N`: one target per replica, found by Docker's DNS (an A record per container of
+    # the compose service), not one fixed host:port that would hit a single replica at random.
+    assert "static_configs" not in job
+    (sd,) = job["dns_sd_configs"]
+    assert sd["type"] == "A"
+    assert all(name in services for name in sd["names"]) and sd["names"] == ["gateway"]
+    assert sd["port"] == int(services["gateway"]["environment"]["EMBED_PORT"])
