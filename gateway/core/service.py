@@ -177,7 +177,7 @@ class EmbeddingService:
             self.telemetry.cache_failed()
             # A read-only replica fails every write while every read succeeds: say so once per
             # streak of failures (health shows it meanwhile), not once per request.
-            if not self.writes_failing:
+            if not self.writes_failing and not exc.logged:
                 logger.warning("cache writes fail (new vectors are not kept until they succeed): %s", exc)
             self.writes_failing = True
             return
