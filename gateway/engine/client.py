@@ -29,6 +29,7 @@ from encoder.model_files import read_model_spec
 from gateway.core.telemetry import Telemetry
 from gateway.engine.protocol import (
     Cancel,
+    Collect,
     EmbedCall,
     EmbedFailed,
     EmbedResult,
@@ -248,6 +249,9 @@ class EngineLink:
         try:
             while True:
                 frame = await read_frame(reader)
+                if isinstance(frame, Collect):
+                    self._push()
+                    continue
                 call_id = getattr(frame, "id", None)
                 future = self._waiting.get(call_id) if isinstance(call_id, int) else None
                 if future is not None and not future.done():

@@ -17,6 +17,7 @@ from gateway.core.telemetry import GpuStats, TelemetryState
 
 __all__ = [
     "Cancel",
+    "Collect",
     "EmbedCall",
     "EmbedFailed",
     "EmbedResult",
@@ -97,6 +98,10 @@ class Push(msgspec.Struct, tag="push", array_like=True):
     state: TelemetryState
 
 
+class Collect(msgspec.Struct, tag="collect", array_like=True):
+    """The engine asks a worker for its counters now (another worker answers /stats)."""
+
+
 class StatsAsk(msgspec.Struct, tag="stats", array_like=True):
     id: int
     pid: int
@@ -116,7 +121,7 @@ class StatsAnswer(msgspec.Struct, tag="stats_answer", array_like=True):
     worker_restarts: int
 
 
-Frame = Hello | EngineInfo | EmbedCall | Cancel | EmbedResult | EmbedFailed | Push | StatsAsk | StatsAnswer
+Frame = Hello | EngineInfo | EmbedCall | Cancel | EmbedResult | EmbedFailed | Push | Collect | StatsAsk | StatsAnswer
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)

@@ -25,6 +25,7 @@ from encoder.kinds import OutputKind
 from gateway.core.telemetry import GpuStats, Telemetry, TelemetryState
 from gateway.engine.protocol import (
     Cancel,
+    Collect,
     EmbedCall,
     EmbedFailed,
     EmbedResult,
@@ -42,6 +43,8 @@ from gateway.settings import Settings
 __all__ = ["EngineServer", "Restarts", "run_engine"]
 
 logger = logging.getLogger("gateway.engine")
+
+COLLECT_TIMEOUT_S = 0.25  # a worker too busy to send its counters by then is reported as last pushed
 
 
 class Restarts(msgspec.Struct):
@@ -69,6 +72,7 @@ class EngineServer:
         self.worker_states: dict[int, TelemetryState] = {}  # worker pid -> its latest counters
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._fresh: dict[asyncio.StreamWriter, asyncio.Event] = {}  # set when that worker pushed
 
     def info(self) -> EngineInfo:
         encoder = self.encoder
@@ -111,6 +115,7 @@ class EngineServer:
         if current is not None:
             self._connections.add(current)
         calls: dict[int, asyncio.Task[None]] = {}
+        fresh = self._fresh[writer] = asyncio.Event()
         try:
             while True:
                 try:
@@ -127,9 +132,12 @@ class EngineServer:
                         found.cancel()  # the worker's client left: withdraw its inputs
                 elif isinstance(frame, Push):
                     self.worker_states[frame.pid] = frame.state
+                    fresh.set()
                 elif isinstance(frame, StatsAsk):
                     self.worker_states[frame.pid] = frame.state
-                    write_frame(writer, self._stats(frame.id))
+                    task = asyncio.create_task(self._answer_stats(frame.id, writer))
+                    calls[-frame.id] = task
+                    task.add_done_callback(partial(_forget, calls, -frame.id))
                 elif isinstance(frame, Hello):
                     write_frame(writer, self.info())
         except msgspec.DecodeError:
@@ -138,6 +146,7 @@ class EngineServer:
             for task in calls.values():
                 task.cancel()
             writer.close()
+            self._fresh.pop(writer, None)
             if current is not None:
                 self._connections.discard(current)
 
@@ -166,6 +175,21 @@ class EngineServer:
         write_frame(writer, answer)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
+
+    async def _answer_stats(self, ask_id: int, asker: asyncio.StreamWriter) -> None:
+        """Collect every other worker's counters now (briefly), so /stats is the whole server's."""
+        waiting = []
+        for writer, fresh in self._fresh.items():
+            if writer is not asker and not writer.is_closing():
+                fresh.clear()
+                write_frame(writer, Collect())
+                waiting.append(fresh.wait())
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(COLLECT_TIMEOUT_S):
+                    await asyncio.gather(*waiting)
+        if not asker.is_closing():
+            write_frame(asker, self._stats(ask_id))
 
     def _restarts(self) -> Restarts:
         if self.restarts_path is None:
