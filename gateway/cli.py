@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import cachectl
 
     cachectl.add_parsers(commands, _settings_flags)  # cache stats | purge | warm (issue 13)
+    # EMBED_WORKERS > 1 (issue 12): the processes `serve` starts; settings come from the supervisor.
+    for role, text in (
+        ("engine", "(started by serve) the engine process: model and batcher behind a Unix socket"),
+        ("worker", "(started by serve) one HTTP worker process in front of the engine"),
+    ):
+        sub = commands.add_parser(role, help=text)
+        sub.add_argument("--settings-json", required=True, help="the supervisor's settings, as JSON")
+        sub.add_argument("--socket", type=Path, required=True, help="the engine's Unix socket")
+        sub.add_argument("--restarts-file", type=Path, default=None, help="restart counts the supervisor writes")
     return parser
 
 
@@ -122,6 +131,10 @@ def _serve(settings: Settings) -> int:
     if problem is not None:
         print(f"embedding-gateway: invalid setting: {problem}", file=sys.stderr)
         return 2
+    if settings.workers > 1:
+        from gateway.engine.supervisor import Supervisor
+
+        return Supervisor(settings).run()
     # Load and warm up before the socket opens: the port answers only once the model can.
     encoder = load_model(settings)
     config = uvicorn_config(create_app(settings, encoder=encoder), settings)
@@ -133,6 +146,47 @@ def _serve(settings: Settings) -> int:
         signal.signal(stop, lambda *_: None)
     server.run()
     return 0 if server.started else 1  # uvicorn leaves started False when start-up failed
+
+
+def _engine(settings: Settings, socket_path: Path, restarts_file: Path | None) -> int:
+    from gateway.engine.server import run_engine
+
+    configure_logging(settings)
+    return run_engine(settings, socket_path, restarts_file)
+
+
+def _watch_parent() -> None:
+    """A worker whose supervisor was killed stops (drains) instead of serving on alone."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker(settings: Settings, socket_path: Path) -> int:
+    import uvicorn
+
+    from gateway.engine.supervisor import reuseport_socket
+    from gateway.http.app import create_app
+    from gateway.http.server import uvicorn_config
+
+    configure_logging(settings)
+    listener = reuseport_socket(settings.host, settings.port)
+    listener.listen(2048)
+    config = uvicorn_config(create_app(settings, engine_socket=socket_path), settings)
+    server = uvicorn.Server(config)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: None)  # as in _serve: a drained stop exits 0
+    _watch_parent()
+    server.run(sockets=[listener])
+    return 0 if server.started else 1
 
 
 def masked_url(url: str) -> str:
@@ -211,6 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "cache":
         return _cache(args)
+    if args.command in ("engine", "worker"):
+        import msgspec
+
+        settings = msgspec.json.decode(args.settings_json, type=Settings)
+        if args.command == "engine":
+            return _engine(settings, args.socket, args.restarts_file)
+        return _worker(settings, args.socket)
     overrides = {name: getattr(args, name) for name in Settings.field_names()}
     try:
         settings = Settings.load(overrides=overrides)

@@ -86,6 +86,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_sentinel_master: str = ""  # sentinel mode: the master's name the sentinels know
     redis_max_connections: PositiveInt = 64  # per Redis node; more concurrent calls wait for one
     redis_pool_timeout_ms: PositiveInt = 1000  # how long a call waits for a free connection (then: a miss)
+    # workers (issue 12)
+    workers: PositiveInt = 1  # HTTP worker processes; above 1, one engine process owns the model and the batcher
+    engine_start_timeout_s: PositiveFloat = 600.0  # a (re)started engine must load and warm up within this
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here as a validation error at this struct.

@@ -17,9 +17,10 @@ from typing import Generic, TypeVar
 
 import xxhash
 
-from encoder import Encoder, InputTooLongError
-from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError
+from encoder import InputTooLongError
+from encoder.batcher import InputFailedError, QueueFullError
 from encoder.kinds import HEAD_FILES, Outputs
+from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CacheSkippedError, CacheUnavailableError, cache_key
 from gateway.core.errors import EncoderFailedError, InvalidInputError, OutputNotSupportedError, OverloadedError
 from gateway.core.outputs import DENSE, OutputSpec
@@ -59,8 +60,8 @@ class EmbeddingService:
     def __init__(
         self,
         *,
-        encoder: Encoder,
-        batcher: MicroBatcher,
+        encoder: EncoderInfo,
+        batcher: Batcher,
         cache: BlobCache | None,
         telemetry: Telemetry,
         cache_prefix: str,

@@ -27,7 +27,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from encoder.batcher import BatcherEvent, BatchReport
 
-__all__ = ["PROMETHEUS_CONTENT_TYPE", "GpuStats", "KeyStats", "LiveState", "StatsSnapshot", "Telemetry"]
+__all__ = [
+    "PROMETHEUS_CONTENT_TYPE",
+    "GpuStats",
+    "KeyStats",
+    "LiveState",
+    "StatsSnapshot",
+    "Telemetry",
+    "TelemetryState",
+]
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -137,6 +145,22 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     internals: Internals
     gpu: GpuStats | None = None
     keys: dict[str, KeyStats] = msgspec.field(default_factory=dict)  # by key name (EMBED_API_KEYS_FILE)
+    # EMBED_WORKERS > 1 only (issue 12): the whole server's counters, summed over these processes
+    workers: int = 0  # HTTP worker processes
+    engine_restarts: int = 0  # times the supervisor restarted the engine process
+    worker_restarts: int = 0  # times it restarted a worker process
+
+
+class TelemetryState(msgspec.Struct, array_like=True):
+    """One process's counters, sent to another process to be added up (EMBED_WORKERS > 1)."""
+
+    started_at: float
+    counts: list[int]  # _Counters' integer fields, in _COUNTS order
+    batch_seconds: float
+    events: dict[str, int]
+    by_endpoint: list[tuple[str, int, int]]
+    by_key: dict[str, KeyStats]
+    latencies: list[float]
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -163,6 +187,22 @@ class _Counters:
     events: dict[BatcherEvent, int] = field(default_factory=lambda: dict.fromkeys(BatcherEvent, 0))
     by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
     by_key: dict[str, KeyStats] = field(default_factory=dict)
+
+
+_COUNTS = (
+    "requests",
+    "request_errors",
+    "inputs",
+    "tokens",
+    "cache_hits",
+    "cache_misses",
+    "cache_errors",
+    "cache_writes",
+    "batches",
+    "batch_inputs",
+    "batch_tokens",
+    "batch_padded_tokens",
+)
 
 
 class Telemetry:
@@ -267,6 +307,46 @@ class Telemetry:
 
     def batcher_event(self, event: BatcherEvent, count: int = 1) -> None:
         self.counters.events[event] += count
+
+    # --- across processes (EMBED_WORKERS > 1) ------------------------------------------------
+    def state(self) -> TelemetryState:
+        """This process's counters, to be summed with other processes' by :meth:`combined`."""
+        c = self.counters
+        return TelemetryState(
+            started_at=self.started_at,
+            counts=[getattr(c, name) for name in _COUNTS],
+            batch_seconds=c.batch_seconds,
+            events={str(event): count for event, count in c.events.items()},
+            by_endpoint=[(endpoint, status, count) for (endpoint, status), count in c.by_endpoint.items()],
+            by_key=c.by_key,
+            latencies=list(self._latencies),
+        )
+
+    @classmethod
+    def combined(cls, states: list[TelemetryState]) -> Telemetry:
+        """A telemetry holding the sum of ``states`` (counters; latencies pooled), for one snapshot.
+
+        Its histograms are empty: /metrics in worker mode reports the summed counters and gauges.
+        """
+        total = cls(latency_window=max(2048, sum(len(state.latencies) for state in states)))
+        c = total.counters
+        if states:
+            total.started_at = min(state.started_at for state in states)
+        for state in states:
+            for name, value in zip(_COUNTS, state.counts, strict=False):
+                setattr(c, name, getattr(c, name) + value)
+            c.batch_seconds += state.batch_seconds
+            for event, count in state.events.items():
+                if event in BatcherEvent.__members__.values():
+                    c.events[BatcherEvent(event)] += count
+            for endpoint, status, count in state.by_endpoint:
+                c.by_endpoint[(endpoint, status)] = c.by_endpoint.get((endpoint, status), 0) + count
+            for name, stats in state.by_key.items():
+                found = c.by_key.setdefault(name, KeyStats())
+                for field_name in KeyStats.__struct_fields__:
+                    setattr(found, field_name, getattr(found, field_name) + getattr(stats, field_name))
+            total._latencies.extend(state.latencies)
+        return total
 
     # --- read ------------------------------------------------------------------------------
     def snapshot(self, live: LiveState) -> StatsSnapshot:

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 from litestar import Litestar
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
+from litestar.types import Message, Scope
 
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
+from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, RedisBlobCache
 from gateway.core.history import HistoryRing, run_sampler
 from gateway.core.inputs import TokenIdDecoder
@@ -29,6 +33,7 @@ from gateway.core.ratelimit import RateLimiter
 from gateway.core.schemas import request_schema_components
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import Telemetry
+from gateway.engine.client import EngineLink
 from gateway.http.auth import api_key_guard
 from gateway.http.clients import ClientHooks
 from gateway.http.compression import compression_config
@@ -73,6 +78,14 @@ def _load_and_warm_up(settings: Settings) -> Encoder:
     return encoder
 
 
+async def _add_worker_pid_header(message: Message, scope: Scope) -> None:
+    """``x-worker-pid`` (EMBED_WORKERS > 1): which worker process answered, for operators and tests."""
+    if message["type"] == "http.response.start":
+        headers = list(message.get("headers", []))
+        headers.append((b"x-worker-pid", str(os.getpid()).encode()))
+        message["headers"] = headers
+
+
 def make_cache(settings: Settings) -> BlobCache | None:
     """The configured cache: Redis behind a circuit breaker, an in-process LRU, or none."""
     if not settings.cache:
@@ -100,9 +113,13 @@ def create_app(
     encoder: Encoder | None = None,
     cache: BlobCache | None = None,
     telemetry: Telemetry | None = None,
+    engine_socket: Path | None = None,
 ) -> Litestar:
     """The app for ``settings``. ``encoder``, ``cache`` and ``telemetry`` replace what the lifespan
-    would build (tests share one loaded model, or observe or break the telemetry)."""
+    would build (tests share one loaded model, or observe or break the telemetry).
+
+    ``engine_socket`` makes this an HTTP worker (``EMBED_WORKERS > 1``): no model here; misses go
+    to the engine process listening there, which owns the model and the one micro-batcher."""
     telemetry = telemetry or Telemetry()
     keys = load_keys(settings)  # no keys, no guard: not even a call per request
     limited = any(entry.limited for entry in keys)
@@ -116,16 +133,26 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        model = encoder if encoder is not None else await asyncio.to_thread(load_model, settings)
+        model: EncoderInfo
+        batcher: Batcher
+        link = None
+        if engine_socket is not None:
+            link = EngineLink(engine_socket, truncate=settings.truncate, telemetry=telemetry)
+            await link.start(timeout_s=settings.engine_start_timeout_s)
+            assert link.encoder is not None
+            model, batcher = link.encoder, link
+        else:
+            loaded = encoder if encoder is not None else await asyncio.to_thread(load_model, settings)
+            model = loaded
+            batcher = MicroBatcher(
+                loaded,
+                max_batch_tokens=settings.max_batch_tokens or None,
+                max_batch_size=settings.max_batch_size,
+                max_queue_tokens=settings.max_queue_tokens,
+                observer=telemetry,
+            )
+            await batcher.start()
         vector_cache = cache if cache is not None else make_cache(settings)
-        batcher = MicroBatcher(
-            model,
-            max_batch_tokens=settings.max_batch_tokens or None,
-            max_batch_size=settings.max_batch_size,
-            max_queue_tokens=settings.max_queue_tokens,
-            observer=telemetry,
-        )
-        await batcher.start()
         service = EmbeddingService(
             encoder=model,
             batcher=batcher,
@@ -146,6 +173,7 @@ def create_app(
             token_decoder=TokenIdDecoder(),
         )
         runtime.history = history
+        runtime.engine = link
         app.state.runtime = runtime
         await limiter.connect()
         sampler = asyncio.create_task(run_sampler(history, telemetry, runtime.live_state), name="history-sampler")
@@ -186,7 +214,11 @@ def create_app(
         guards=[api_key_guard(keys, public_metrics=settings.public_metrics), *([clients.guard] if limited else [])]
         if keys
         else [],
-        before_send=[add_request_id_header, clients.before_send],
+        before_send=[
+            add_request_id_header,
+            clients.before_send,
+            *([_add_worker_pid_header] if engine_socket is not None else []),
+        ],
         compression_config=compression_config(settings),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(

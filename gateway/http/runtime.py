@@ -6,14 +6,16 @@ import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
-from encoder import Encoder
-from encoder.batcher import MicroBatcher
+from encoder.batcher import QueueFullError
 from encoder.device import gpu_memory
+from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache
+from gateway.core.errors import OverloadedError
 from gateway.core.history import HistoryRing
 from gateway.core.inputs import TokenIdDecoder
 from gateway.core.service import EmbeddingService
-from gateway.core.telemetry import GpuStats, LiveState, Telemetry
+from gateway.core.telemetry import GpuStats, LiveState, StatsSnapshot, Telemetry
+from gateway.engine.client import EngineLink
 from gateway.settings import Settings
 
 __all__ = ["Runtime"]
@@ -22,14 +24,15 @@ __all__ = ["Runtime"]
 @dataclass(slots=True)
 class Runtime:
     settings: Settings
-    encoder: Encoder
-    batcher: MicroBatcher
+    encoder: EncoderInfo
+    batcher: Batcher
     cache: BlobCache | None
     service: EmbeddingService
     telemetry: Telemetry
     token_decoder: TokenIdDecoder
     draining: bool = False
     history: HistoryRing | None = None  # /stats/history (issue 13)
+    engine: EngineLink | None = None  # EMBED_WORKERS > 1: this worker's link to the engine process
 
     @property
     def ready(self) -> bool:
@@ -75,3 +78,30 @@ class Runtime:
             asyncio_tasks=len(asyncio.all_tasks()),
             gpu=gpu,
         )
+
+    async def whole_server(self) -> tuple[Telemetry, LiveState, StatsSnapshot]:
+        """The telemetry, live state and snapshot of the whole server: this process alone, or with
+        ``EMBED_WORKERS > 1`` the engine's counters plus every worker's (asked of the engine)."""
+        live = self.live_state()
+        if self.engine is None:
+            return self.telemetry, live, self.telemetry.snapshot(live)
+        try:
+            answer = await self.engine.whole_server()
+        except QueueFullError as exc:  # the engine is being restarted: its counters are not reachable
+            raise OverloadedError(str(exc), retry_after=exc.retry_after) from None
+        telemetry = Telemetry.combined([answer.engine, *answer.workers])
+        live.queue_tokens = answer.queue_tokens
+        live.inputs_in_flight = answer.in_flight
+        live.gpu = answer.gpu
+        snapshot = telemetry.snapshot(live)
+        snapshot.workers = answer.worker_count or 1
+        snapshot.engine_restarts = answer.engine_restarts
+        snapshot.worker_restarts = answer.worker_restarts
+        return telemetry, live, snapshot
+
+    async def stats(self) -> StatsSnapshot:
+        return (await self.whole_server())[2]
+
+    async def metrics(self) -> bytes:
+        telemetry, live, _ = await self.whole_server()
+        return telemetry.render_prometheus(live)

@@ -67,8 +67,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Probe]:
 
 @get("/stats", summary="Counters for dashboards", tags=["operations"], responses={401: ERRORS[401]}, opt=OPS)
 async def stats(request: Request[Any, Any, Any]) -> StatsSnapshot:
-    runtime = runtime_of(request)
-    return runtime.telemetry.snapshot(runtime.live_state())
+    return await runtime_of(request).stats()
 
 
 @get(
@@ -94,8 +93,7 @@ async def stats_history(request: Request[Any, Any, Any]) -> History:
     media_type=PROMETHEUS_CONTENT_TYPE,
 )
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-    runtime = runtime_of(request)
-    return Response(runtime.telemetry.render_prometheus(runtime.live_state()), media_type=PROMETHEUS_CONTENT_TYPE)
+    return Response(await runtime_of(request).metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
 
 
 @cache

@@ -1,0 +1,297 @@
+"""A worker's side of the engine link: :class:`EngineLink` stands in for the micro-batcher and
+:class:`RemoteEncoder` for the encoder, so :class:`~gateway.core.service.EmbeddingService` runs
+unchanged in every HTTP worker.
+
+Tokenising happens here, with the model's tokenizer read from its folder (no weights): only token
+ids cross the socket. When the engine is unreachable (it died, the supervisor is restarting it),
+:meth:`EngineLink.embed` fails at once with :class:`EngineUnavailableError`, a
+:class:`~encoder.batcher.QueueFullError`, so clients get 503 with Retry-After, never a hang; the
+link reconnects in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from encoder import Encoder
+from encoder.batcher import DENSE_ONLY, InputFailedError, QueueFullError, WorkerCrashedError
+from encoder.kinds import OutputKind, Outputs
+from encoder.model_files import read_model_spec
+from gateway.core.telemetry import Telemetry
+from gateway.engine.protocol import (
+    Cancel,
+    Collect,
+    EmbedCall,
+    EmbedFailed,
+    EmbedResult,
+    EngineInfo,
+    Frame,
+    Hello,
+    Push,
+    StatsAnswer,
+    StatsAsk,
+    decode_outputs,
+    read_frame,
+    write_frame,
+)
+
+__all__ = ["EngineLink", "EngineUnavailableError", "RemoteEncoder"]
+
+logger = logging.getLogger("gateway.worker")
+
+_INLINE_TOKENIZE_CHARS = 2048
+RECONNECT_INTERVAL_S = 0.05
+PUSH_INTERVAL_S = 1.0
+
+
+class EngineUnavailableError(QueueFullError):
+    """The engine process cannot be reached now (it is being restarted): retry in a second."""
+
+    def __init__(self, reason: str) -> None:
+        self.queued, self.limit, self.retry_after = 0, 0, 1.0
+        RuntimeError.__init__(self, f"the encoder is restarting ({reason}); retry shortly")
+
+
+def load_tokenizer_only(info: EngineInfo, truncate: bool) -> Encoder:
+    """An :class:`~encoder.Encoder` with the engine's tokenizer and limits and no weights: only its
+    :meth:`~encoder.Encoder.tokenize` and :meth:`~encoder.Encoder.token_names` are used."""
+    from transformers import AutoTokenizer
+
+    spec = read_model_spec(Path(info.path))
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
+    return Encoder(
+        model=torch.nn.Module(),
+        tokenizer=tokenizer,
+        spec=spec,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        max_tokens=info.max_tokens,
+        truncate=truncate,
+        threads=1,
+        fingerprint=info.fingerprint,
+    )
+
+
+class RemoteEncoder:
+    """The engine's encoder as the service and routes see it (see :class:`gateway.core.backend.EncoderInfo`)."""
+
+    def __init__(self, info: EngineInfo, tokenizer: Encoder) -> None:
+        self.info = info
+        self.tokenizer = tokenizer
+        self.fingerprint = info.fingerprint
+        self.numerics = info.numerics
+        self.dim = info.dim
+        self.max_tokens = info.max_tokens
+        self.device = info.device
+        self.dtype = info.dtype
+        self.threads = info.threads
+        self.path = Path(info.path)
+        self.torch_device = torch.device("cpu")  # no GPU memory here: the engine reports its own
+        self.outputs = frozenset(OutputKind(kind) for kind in info.widths)
+
+    def output_width(self, kind: OutputKind) -> int:
+        return self.info.widths.get(str(kind), 0)
+
+    def token_names(self, ids: list[int]) -> list[str]:
+        return self.tokenizer.token_names(ids)
+
+
+class EngineLink:
+    """One connection to the engine, shared by every request of this worker (many in flight)."""
+
+    def __init__(self, socket_path: Path, *, truncate: bool, telemetry: Telemetry) -> None:
+        self.socket_path = socket_path
+        self.truncate = truncate
+        self.telemetry = telemetry
+        self.encoder: RemoteEncoder | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._push_task: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[Frame]] = {}
+        self._ids = itertools.count(1)
+        self._queue_tokens = 0
+        self._tokens_per_second = 3000.0
+        self._max_queue_tokens = 0
+        self._stopped = False
+        self.reconnects = 0
+
+    # --- the batcher's face ----------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def queue_tokens(self) -> int:
+        return self._queue_tokens
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self._tokens_per_second
+
+    @property
+    def max_queue_tokens(self) -> int:
+        return self._max_queue_tokens
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Connect (waiting up to ``timeout_s`` for the engine), learn the model, load its tokenizer."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    info = await self._connect()
+                    break
+                except OSError:
+                    await asyncio.sleep(RECONNECT_INTERVAL_S)
+        self.encoder = RemoteEncoder(info, await asyncio.to_thread(load_tokenizer_only, info, self.truncate))
+        self._push_task = asyncio.create_task(self._push_loop(), name="engine-push")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for task in (self._push_task, self._reconnect_task, self._reader_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._drop("the worker is stopping")
+
+    async def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
+        assert self.encoder is not None, "EngineLink.start() was not called"
+        tokenizer = self.encoder.tokenizer
+        if not texts:
+            return []
+        if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
+            return tokenizer.tokenize(texts, truncate=truncate)
+        return await asyncio.to_thread(partial(tokenizer.tokenize, texts, truncate=truncate))
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        token_ids: Sequence[list[int]],
+        *,
+        kinds: frozenset[OutputKind] = DENSE_ONLY,
+        tenant: str = "",
+    ) -> list[Outputs]:
+        call_id = next(self._ids)
+        answer = await self._ask(
+            call_id,
+            EmbedCall(call_id, list(texts), [list(ids) for ids in token_ids], [str(kind) for kind in kinds], tenant),
+        )
+        if isinstance(answer, EmbedFailed):
+            if answer.kind == "queue_full":
+                raise QueueFullError(answer.queued, answer.limit, answer.retry_after)
+            if answer.kind == "crashed":
+                raise WorkerCrashedError(answer.message)
+            raise InputFailedError(answer.message)
+        assert isinstance(answer, EmbedResult)
+        self._queue_tokens, self._tokens_per_second = answer.queue_tokens, answer.tokens_per_second
+        assert self.encoder is not None
+        width = self.encoder.output_width(OutputKind.COLBERT)
+        return [decode_outputs(item, width) for item in answer.outputs]
+
+    async def whole_server(self) -> StatsAnswer:
+        """The engine's counters and every worker's, this worker's sent fresh with the question."""
+        ask_id = next(self._ids)
+        answer = await self._ask(ask_id, StatsAsk(ask_id, os.getpid(), self.telemetry.state()))
+        assert isinstance(answer, StatsAnswer)
+        self._queue_tokens = answer.queue_tokens
+        return answer
+
+    # --- the connection --------------------------------------------------------------------
+    async def _ask(self, call_id: int, frame: Frame) -> Frame:
+        writer = self._writer
+        if writer is None:
+            raise EngineUnavailableError("no connection to the engine process")
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = future
+        try:
+            write_frame(writer, frame)
+            return await future
+        except asyncio.CancelledError:
+            if self._writer is writer and not writer.is_closing():
+                write_frame(writer, Cancel(call_id))  # the client left: the engine withdraws the inputs
+            raise
+        finally:
+            self._waiting.pop(call_id, None)
+
+    async def _connect(self) -> EngineInfo:
+        reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        try:
+            write_frame(writer, Hello(os.getpid()))
+            async with asyncio.timeout(10):
+                info = await read_frame(reader)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+            writer.close()
+            raise ConnectionError(f"the engine did not answer hello: {exc!r}") from None
+        if not isinstance(info, EngineInfo):
+            writer.close()
+            raise ConnectionError(f"the engine answered hello with {type(info).__name__}")
+        if self.encoder is not None and info.fingerprint != self.encoder.fingerprint:
+            logger.warning("the restarted engine serves another model (fingerprint %s)", info.fingerprint)
+        self._max_queue_tokens = info.max_queue_tokens
+        self._writer = writer
+        self._reader_task = asyncio.create_task(self._read(reader, writer), name="engine-reader")
+        return info
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                frame = await read_frame(reader)
+                if isinstance(frame, Collect):
+                    self._push()
+                    continue
+                call_id = getattr(frame, "id", None)
+                future = self._waiting.get(call_id) if isinstance(call_id, int) else None
+                if future is not None and not future.done():
+                    future.set_result(frame)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            if not self._stopped:
+                logger.warning("lost the engine process (%s); answering 503 until it is back", type(exc).__name__)
+        finally:
+            writer.close()
+            if self._writer is writer:
+                self._drop("the engine process went away")
+                if not self._stopped:
+                    self._reconnect_task = asyncio.create_task(self._reconnect(), name="engine-reconnect")
+
+    def _drop(self, reason: str) -> None:
+        self._writer = None
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(EngineUnavailableError(reason))
+
+    async def _reconnect(self) -> None:
+        while not self._stopped:
+            try:
+                await self._connect()
+            except OSError:
+                await asyncio.sleep(RECONNECT_INTERVAL_S)
+                continue
+            self.reconnects += 1
+            logger.info("connected to the engine process again")
+            self._push()
+            return
+
+    def _push(self) -> None:
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            write_frame(writer, Push(os.getpid(), self.telemetry.state()))
+
+    async def _push_loop(self) -> None:
+        """Every second, this worker's counters to the engine (so /stats in any worker sees them)."""
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            self._push()

@@ -1,0 +1,264 @@
+"""The engine process: the model, the one micro-batcher, and a Unix socket the HTTP workers share.
+
+Every worker's misses join the same queue, so they share forward passes and in-flight dedupe
+exactly as one process's requests do. The engine also keeps the whole server's counters: its own
+(batches, queue events) and the latest ones each worker pushed, for /stats and /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import msgspec
+
+from encoder import Encoder
+from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError, WorkerCrashedError
+from encoder.device import gpu_memory
+from encoder.kinds import OutputKind
+from gateway.core.telemetry import GpuStats, Telemetry, TelemetryState
+from gateway.engine.protocol import (
+    Cancel,
+    Collect,
+    EmbedCall,
+    EmbedFailed,
+    EmbedResult,
+    EngineInfo,
+    Hello,
+    Push,
+    StatsAnswer,
+    StatsAsk,
+    encode_outputs,
+    read_frame,
+    write_frame,
+)
+from gateway.settings import Settings
+
+__all__ = ["EngineServer", "Restarts", "run_engine"]
+
+logger = logging.getLogger("gateway.engine")
+
+COLLECT_TIMEOUT_S = 0.25  # a worker too busy to send its counters by then is reported as last pushed
+
+
+class Restarts(msgspec.Struct):
+    """Written by the supervisor next to the socket; read by the engine for /stats."""
+
+    workers: int = 0
+    engine: int = 0
+    worker_restarts: int = 0
+
+
+class EngineServer:
+    def __init__(self, settings: Settings, encoder: Encoder, socket_path: Path, restarts_path: Path | None) -> None:
+        self.settings = settings
+        self.encoder = encoder
+        self.socket_path = socket_path
+        self.restarts_path = restarts_path
+        self.telemetry = Telemetry()
+        self.batcher = MicroBatcher(
+            encoder,
+            max_batch_tokens=settings.max_batch_tokens or None,
+            max_batch_size=settings.max_batch_size,
+            max_queue_tokens=settings.max_queue_tokens,
+            observer=self.telemetry,
+        )
+        self.worker_states: dict[int, TelemetryState] = {}  # worker pid -> its latest counters
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._fresh: dict[asyncio.StreamWriter, asyncio.Event] = {}  # set when that worker pushed
+
+    def info(self) -> EngineInfo:
+        encoder = self.encoder
+        return EngineInfo(
+            pid=os.getpid(),
+            fingerprint=encoder.fingerprint,
+            numerics=encoder.numerics,
+            dim=encoder.dim,
+            max_tokens=encoder.max_tokens,
+            widths={str(kind): encoder.output_width(kind) for kind in encoder.outputs},
+            device=encoder.device,
+            dtype=encoder.dtype,
+            threads=encoder.threads,
+            path=str(encoder.path),
+            max_queue_tokens=self.batcher.max_queue_tokens,
+        )
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        # Bind under a temporary name, then rename: a worker never connects to a half-started engine.
+        staging = self.socket_path.with_name(self.socket_path.name + f".{os.getpid()}")
+        self._server = await asyncio.start_unix_server(self._serve_connection, path=str(staging))
+        staging.chmod(0o600)
+        staging.rename(self.socket_path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.batcher.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        current = asyncio.current_task()
+        if current is not None:
+            self._connections.add(current)
+        calls: dict[int, asyncio.Task[None]] = {}
+        fresh = self._fresh[writer] = asyncio.Event()
+        try:
+            while True:
+                try:
+                    frame = await read_frame(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if isinstance(frame, EmbedCall):
+                    task = asyncio.create_task(self._embed(frame, writer))
+                    calls[frame.id] = task
+                    task.add_done_callback(partial(_forget, calls, frame.id))
+                elif isinstance(frame, Cancel):
+                    found = calls.get(frame.id)
+                    if found is not None:
+                        found.cancel()  # the worker's client left: withdraw its inputs
+                elif isinstance(frame, Push):
+                    self.worker_states[frame.pid] = frame.state
+                    fresh.set()
+                elif isinstance(frame, StatsAsk):
+                    self.worker_states[frame.pid] = frame.state
+                    task = asyncio.create_task(self._answer_stats(frame.id, writer))
+                    calls[-frame.id] = task
+                    task.add_done_callback(partial(_forget, calls, -frame.id))
+                elif isinstance(frame, Hello):
+                    write_frame(writer, self.info())
+        except msgspec.DecodeError:
+            logger.exception("a worker sent a frame the engine cannot read; closing its connection")
+        finally:
+            for task in calls.values():
+                task.cancel()
+            writer.close()
+            self._fresh.pop(writer, None)
+            if current is not None:
+                self._connections.discard(current)
+
+    async def _embed(self, call: EmbedCall, writer: asyncio.StreamWriter) -> None:
+        answer: EmbedResult | EmbedFailed
+        try:
+            kinds = frozenset(OutputKind(kind) for kind in call.kinds)
+            outputs = await self.batcher.embed(call.texts, call.token_ids, kinds=kinds, tenant=call.tenant)
+            answer = EmbedResult(
+                id=call.id,
+                outputs=[encode_outputs(item) for item in outputs],
+                queue_tokens=self.batcher.queue_tokens,
+                tokens_per_second=self.batcher.tokens_per_second,
+            )
+        except QueueFullError as exc:
+            answer = EmbedFailed(call.id, "queue_full", str(exc), exc.retry_after, exc.queued, exc.limit)
+        except WorkerCrashedError as exc:
+            answer = EmbedFailed(call.id, "crashed", str(exc))
+        except InputFailedError as exc:
+            answer = EmbedFailed(call.id, "input_failed", str(exc))
+        except Exception as exc:
+            logger.exception("embedding for a worker failed")
+            answer = EmbedFailed(call.id, "error", f"the engine failed: {type(exc).__name__}")
+        if writer.is_closing():
+            return
+        write_frame(writer, answer)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    async def _answer_stats(self, ask_id: int, asker: asyncio.StreamWriter) -> None:
+        """Collect every other worker's counters now (briefly), so /stats is the whole server's."""
+        waiting = []
+        for writer, fresh in self._fresh.items():
+            if writer is not asker and not writer.is_closing():
+                fresh.clear()
+                write_frame(writer, Collect())
+                waiting.append(fresh.wait())
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(COLLECT_TIMEOUT_S):
+                    await asyncio.gather(*waiting)
+        if not asker.is_closing():
+            write_frame(asker, self._stats(ask_id))
+
+    def _restarts(self) -> Restarts:
+        if self.restarts_path is None:
+            return Restarts()
+        try:
+            return msgspec.json.decode(self.restarts_path.read_bytes(), type=Restarts)
+        except (OSError, msgspec.DecodeError):
+            return Restarts()
+
+    def _stats(self, ask_id: int) -> StatsAnswer:
+        memory = gpu_memory(self.encoder.torch_device)
+        gpu = None
+        if memory is not None:
+            gpu = GpuStats(
+                name=memory.name,
+                memory_allocated_bytes=memory.allocated_bytes,
+                memory_reserved_bytes=memory.reserved_bytes,
+                max_memory_allocated_bytes=memory.max_allocated_bytes,
+                memory_total_bytes=memory.total_bytes,
+            )
+        restarts = self._restarts()
+        return StatsAnswer(
+            id=ask_id,
+            engine=self.telemetry.state(),
+            workers=list(self.worker_states.values()),
+            queue_tokens=self.batcher.queue_tokens,
+            in_flight=self.batcher.in_flight,
+            tokens_per_second=self.batcher.tokens_per_second,
+            gpu=gpu,
+            worker_count=restarts.workers,
+            engine_restarts=restarts.engine,
+            worker_restarts=restarts.worker_restarts,
+        )
+
+
+def _forget(calls: dict[int, asyncio.Task[None]], call_id: int, _: asyncio.Task[None]) -> None:
+    calls.pop(call_id, None)
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """An orphan (the supervisor was killed) stops instead of holding the model forever."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            logger.warning("the supervisor is gone; the engine stops")
+            stop.set()
+            return
+        await asyncio.sleep(0.5)
+
+
+async def _main(server: EngineServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    watcher = asyncio.create_task(_watch_parent(os.getppid(), stop))
+    logger.info("engine ready on %s (pid %d)", server.socket_path, os.getpid())
+    await stop.wait()
+    watcher.cancel()
+    await server.stop()
+    logger.info("engine stopped")
+
+
+def run_engine(settings: Settings, socket_path: Path, restarts_path: Path | None = None) -> int:
+    """Load the model, then serve workers on ``socket_path`` until SIGTERM."""
+    from gateway.http.app import load_model
+
+    started = time.perf_counter()
+    encoder = load_model(settings)
+    logger.info("engine loaded the model in %.1f s", time.perf_counter() - started)
+    asyncio.run(_main(EngineServer(settings, encoder, socket_path, restarts_path)))
+    return 0

@@ -1,0 +1,173 @@
+"""``EMBED_WORKERS > 1``: the ``serve`` process becomes a supervisor of one engine and N workers.
+
+* the engine (``python -m gateway engine``) loads the model and listens on a Unix socket in a
+  private temporary folder; workers start once it answers;
+* each worker (``python -m gateway worker``) binds the HTTP port with ``SO_REUSEPORT``, so the
+  kernel spreads new connections over the workers (no accept lock, no shared socket to hand over);
+* an engine that dies is restarted (workers answer 503 + Retry-After meanwhile and reconnect);
+  a worker that dies is restarted; both are logged and counted for /stats;
+* SIGTERM or SIGINT: workers drain first (uvicorn's graceful shutdown, finishing requests that
+  still need the engine), then the engine stops; exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+
+from gateway.engine.server import Restarts
+from gateway.settings import Settings
+
+__all__ = ["Supervisor", "reuseport_socket"]
+
+logger = logging.getLogger("gateway.supervisor")
+
+POLL_S = 0.05
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound with ``SO_REUSEPORT`` (not yet listening)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.folder = Path(tempfile.mkdtemp(prefix="embedding-gateway-"))
+        self.socket_path = self.folder / "engine.sock"
+        self.restarts_path = self.folder / "restarts.json"
+        self.restarts = Restarts(workers=settings.workers)
+        self.engine: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
+        self.stopping = threading.Event()
+        self._settings_json = ""
+
+    def _command(self, role: str) -> list[str]:
+        args = [sys.executable, "-m", "gateway", role, "--settings-json", self._settings_json]
+        args += ["--socket", str(self.socket_path)]
+        if role == "engine":
+            args += ["--restarts-file", str(self.restarts_path)]
+        return args
+
+    def _write_restarts(self) -> None:
+        staging = self.restarts_path.with_suffix(".tmp")
+        staging.write_bytes(msgspec.json.encode(self.restarts))
+        staging.replace(self.restarts_path)
+
+    def _start_engine(self) -> bool:
+        """Start the engine and wait for its socket; False when it died or never answered."""
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        self.engine = engine = subprocess.Popen(self._command("engine"))
+        deadline = time.monotonic() + self.settings.engine_start_timeout_s
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if engine.poll() is not None:
+                logger.error("the engine exited with %s while starting", engine.returncode)
+                return False
+            if self.socket_path.exists():
+                return True
+            time.sleep(POLL_S)
+        return False
+
+    def _start_worker(self, index: int) -> None:
+        self.workers[index] = subprocess.Popen(self._command("worker"))
+
+    def run(self) -> int:
+        settings = self.settings
+        # Reserve the port (and learn it when 0 was asked): workers join this SO_REUSEPORT group.
+        try:
+            holder = reuseport_socket(settings.host, settings.port)
+        except OSError as exc:
+            print(f"embedding-gateway: cannot bind {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+            return 1
+        port = holder.getsockname()[1]
+        self._settings_json = msgspec.json.encode(msgspec.structs.replace(settings, port=port)).decode()
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, lambda *_: self.stopping.set())
+        try:
+            self._write_restarts()
+            if not self._start_engine():
+                return 1
+            logger.info("engine ready (pid %d); starting %d workers on port %d", self._pid(), settings.workers, port)
+            for index in range(settings.workers):
+                self._start_worker(index)
+            self._watch()
+            return self._drain()
+        finally:
+            self._kill_all()
+            holder.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _pid(self) -> int:
+        return self.engine.pid if self.engine is not None else 0
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(POLL_S):
+            engine = self.engine
+            if engine is not None and engine.poll() is not None:
+                self.restarts.engine += 1
+                self._write_restarts()
+                logger.error(
+                    "the engine process (pid %d) exited with %s; restarting it (restart %d); workers answer 503 "
+                    "meanwhile",
+                    engine.pid,
+                    engine.returncode,
+                    self.restarts.engine,
+                )
+                started = time.monotonic()
+                if self._start_engine():
+                    logger.info("engine back after %.1f s (pid %d)", time.monotonic() - started, self._pid())
+                elif not self.stopping.is_set():
+                    time.sleep(1.0)  # it failed to start: try again, but not in a tight loop
+            for index, worker in enumerate(self.workers):
+                if worker is not None and worker.poll() is not None and not self.stopping.is_set():
+                    self.restarts.worker_restarts += 1
+                    self._write_restarts()
+                    logger.error("worker %d (pid %d) exited with %s; restarting", index, worker.pid, worker.returncode)
+                    self._start_worker(index)
+
+    def _drain(self) -> int:
+        """Workers first (they finish requests that still need the engine), then the engine."""
+        logger.info("stopping: draining %d workers, then the engine", len(self.workers))
+        live = [worker for worker in self.workers if worker is not None and worker.poll() is None]
+        for worker in live:
+            worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s + 10
+        clean = True
+        for worker in live:
+            try:
+                worker.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                clean = False
+        engine = self.engine
+        if engine is not None and engine.poll() is None:
+            engine.send_signal(signal.SIGTERM)
+            try:
+                engine.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                engine.kill()
+                clean = False
+        return 0 if clean else 1
+
+    def _kill_all(self) -> None:
+        for process in [*self.workers, self.engine]:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
