@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-sentence-transformers", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="EMBED_WORKERS of the server (1: one process)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
     args = parser.parse_args()
     if args.bge_m3_shape:
@@ -155,6 +156,7 @@ def main() -> None:
         "EMBED_MAX_INPUTS": str(max(2048, n)),
         "EMBED_MAX_REQUEST_TOKENS": str(max(300_000, tokens + 1)),
         "EMBED_LOG_LEVEL": "warning",
+        "EMBED_WORKERS": str(args.workers),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     stats: dict[str, dict[str, float]] = {}
@@ -190,7 +192,10 @@ def main() -> None:
         row["ratio"] = rate / reference
         row.update(stats.get(name, {}))
         rows.append(row)
-    print(f"\n{n} texts, {tokens} tokens, {args.rounds} rounds, medians; device {encoder.device} {encoder.dtype}")
+    print(
+        f"\n{n} texts, {tokens} tokens, {args.rounds} rounds, medians; device {encoder.device} {encoder.dtype}; "
+        f"server workers {args.workers}"
+    )
     print(f"CPU: {_cpu_flags()}")
     print(f"{'run':36} | texts/s | tokens/s | vs Encoder.embed | inputs/pass")
     for row in rows:
