@@ -67,6 +67,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # access
     api_keys: str = ""  # comma list, or @/path/to/file with one key per line
     public_metrics: bool = False  # true: /stats, /metrics and /dashboard need no key
+    # int8 (issue 15)
+    quantize: Literal["none", "int8"] = "none"  # int8: ONNX Runtime on the CPU, gated against float32
+    onnx_cache_dir: str = ""  # empty: ~/.cache/embedding-gateway/onnx
+    int8_min_cosine: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.98  # worst probe text, int8 vs float32
+    int8_min_mean_cosine: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.995
+    int8_min_top10_overlap: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95  # probe queries' top 10 documents
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here as a validation error at this struct.
@@ -135,6 +141,7 @@ _CHOICES = {
     "dtype": "auto, float32, float16 or bfloat16 (fp32, fp16, half, bf16)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
+    "quantize": "none or int8",
 }
 
 

@@ -55,6 +55,8 @@ class LiveState(msgspec.Struct, kw_only=True):
     pending_cache_writes: int = 0
     asyncio_tasks: int = 0
     gpu: GpuStats | None = None
+    backend: str = "torch"
+    quantization: str = "none"
 
 
 class RequestCounts(msgspec.Struct):
@@ -90,6 +92,8 @@ class EncoderStats(msgspec.Struct):
     failed: int
     oom_splits: int
     worker_restarts: int
+    backend: str = "torch"
+    quantization: str = "none"
 
 
 class LatencyStats(msgspec.Struct):
@@ -270,6 +274,8 @@ class Telemetry:
                 failed=events[BatcherEvent.FAILED],
                 oom_splits=events[BatcherEvent.OOM_SPLIT],
                 worker_restarts=events[BatcherEvent.WORKER_RESTARTED],
+                backend=live.backend,
+                quantization=live.quantization,
             ),
             latency_ms=LatencyStats(
                 p50=round(_percentile(ordered, 0.50) * 1e3, 3),
@@ -326,6 +332,13 @@ class _SnapshotCollector:
             "1 while the cache breaker skips the cache",
             value=int(cache.circuit == "open"),
         )
+        info = GaugeMetricFamily(
+            "embedding_encoder_info",
+            "the encoder's backend and quantisation (always 1)",
+            labels=["backend", "quantization"],
+        )
+        info.add_metric([encoder.backend, encoder.quantization], 1)
+        yield info
         gpu = snapshot.gpu
         if gpu is not None:
             for name, value in (

@@ -20,6 +20,7 @@ from litestar.openapi import OpenAPIConfig
 
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
+from encoder.onnx_int8 import GateFloor
 from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, RedisBlobCache
 from gateway.core.inputs import TokenIdDecoder
 from gateway.core.schemas import request_schema_components
@@ -49,6 +50,13 @@ def load_model(settings: Settings) -> Encoder:
         max_tokens=settings.max_input_tokens or None,
         truncate=settings.truncate,
         revision=settings.revision or None,
+        quantize=settings.quantize,
+        onnx_cache_dir=settings.onnx_cache_dir or None,
+        int8_floor=GateFloor(
+            min_cosine=settings.int8_min_cosine,
+            mean_cosine=settings.int8_min_mean_cosine,
+            top10_overlap=settings.int8_min_top10_overlap,
+        ),
     )
     encoder.warmup()
     return encoder
@@ -115,7 +123,8 @@ def create_app(
         if vector_cache is not None and not await vector_cache.ping():
             logger.warning("cache %s is unreachable at start; serving without it until it answers", backend)
         logger.info(
-            "ready: model=%s served_as=%s fingerprint=%s device=%s dtype=%s threads=%d cache=%s",
+            "ready: model=%s served_as=%s fingerprint=%s device=%s dtype=%s threads=%d cache=%s backend=%s "
+            "quantization=%s numerics=%s",
             settings.model,
             settings.served_model,
             model.fingerprint,
@@ -123,6 +132,9 @@ def create_app(
             model.dtype,
             model.threads,
             backend,
+            model.backend.name,
+            model.quantization,
+            model.numerics,
         )
         try:
             yield

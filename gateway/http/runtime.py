@@ -67,4 +67,6 @@ class Runtime:
             pending_cache_writes=self.service.pending_writes,
             asyncio_tasks=len(asyncio.all_tasks()),
             gpu=gpu,
+            backend=encoder.backend.name,
+            quantization=encoder.quantization,
         )
