@@ -282,7 +282,11 @@ def load_encoder(
     :class:`~encoder.model_files.ModelNotFoundError` for a model that cannot be found and
     :class:`~encoder.device.DeviceNotAvailableError` for a device this machine lacks.
     """
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"quantize must be none or int8, got {quantize!r}")
     torch_device = resolve_device(device)
+    if quantize == "int8" and torch_device.type != "cpu":
+        raise ValueError(f"int8 runs on the CPU only; the device is {torch_device} (set the device to cpu)")
     torch_dtype = resolve_dtype(torch_device, dtype)
     threads = configure_cpu_threads(cpu_threads) if torch_device.type == "cpu" else torch.get_num_threads()
     spec = read_model_spec(resolve_model_dir(model, revision))
@@ -293,10 +297,6 @@ def load_encoder(
         limit = max_tokens
     hf_logging.set_verbosity_error()  # we report over-long inputs ourselves
     hf_logging.disable_progress_bar()
-    if quantize not in ("none", "int8"):
-        raise ValueError(f"quantize must be none or int8, got {quantize!r}")
-    if quantize == "int8" and torch_device.type != "cpu":
-        raise ValueError(f"int8 runs on the CPU only; the device is {torch_device} (set the device to cpu)")
     tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
     network: torch.nn.Module | None = None
     backend: Backend | None = None
