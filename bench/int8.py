@@ -1,10 +1,10 @@
 """int8 on the CPU (issue 15): speed against float32 and sentence-transformers, and quality, in one run.
 
-    .venv/bin/python bench/int8.py                      # all-MiniLM-L6-v2, 400 docstring texts, 5 rounds
-    .venv/bin/python bench/int8.py --scan               # + per-group / per-layer sensitivity scan
-    .venv/bin/python bench/int8.py --arena              # + ONNX Runtime's CPU arena on vs off (peak RSS)
-    .venv/bin/python bench/int8.py --http               # + both through the gateway (32-text requests, concurrency 4)
-    .venv/bin/python bench/int8.py --bge-m3-shape       # + export / quantise / speed of a 24x1024 XLM-R
+    .venv/bin/python -m bench.int8                      # all-MiniLM-L6-v2, 400 docstring texts, 5 rounds
+    .venv/bin/python -m bench.int8 --scan               # + per-group / per-layer sensitivity scan
+    .venv/bin/python -m bench.int8 --arena              # + ONNX Runtime's CPU arena on vs off (peak RSS)
+    .venv/bin/python -m bench.int8 --http               # + both through the gateway (32-text requests, concurrency 4)
+    .venv/bin/python -m bench.int8 --bge-m3-shape       # + export / quantise / speed of a 24x1024 XLM-R
 
 In-process rows alternate (torch float32, int8 recipe r1, int8 plain per-channel, sentence-transformers)
 round after round and report medians, so a busy neighbour skews all of them alike. Quality rows
@@ -129,13 +129,13 @@ def in_process(
             {
                 "recipe": name,
                 "kept float": ", ".join(recipe.keep_float) or "-",
-                "probe worst cos": probe.gate.worst_cosine,
-                "probe mean cos": probe.gate.mean_cosine,
-                "probe top-10": probe.gate.top10_overlap,
+                "probe worst cos": f"{probe.gate.worst_cosine:.4f}",
+                "probe mean cos": f"{probe.gate.mean_cosine:.4f}",
+                "probe top-10": f"{probe.gate.top10_overlap:.3f}",
                 "gate": "pass" if probe.gate.passes(GateFloor()) else "FAIL",
-                "corpus worst cos": corpus["worst"],
-                "corpus mean cos": corpus["mean"],
-                "corpus top-10": corpus["top10"],
+                "corpus worst cos": f"{corpus['worst']:.4f}",
+                "corpus mean cos": f"{corpus['mean']:.4f}",
+                "corpus top-10": f"{corpus['top10']:.3f}",
             }
         )
     return rows, {"quality": quality}
@@ -199,7 +199,7 @@ def scan(model_dir: Path, cache: Path) -> list[dict[str, Any]]:
 
 
 _ARENA_CHILD = """
-import resource, sys, time
+import re, sys, time
 sys.path.insert(0, {root!r})
 from encoder import load_encoder
 from encoder.onnx_int8 import OnnxBackend
@@ -207,11 +207,14 @@ from bench.corpus import build_corpus, subset
 encoder = load_encoder({model!r}, device="cpu", truncate=True, quantize="int8", onnx_cache_dir={cache!r})
 encoder.backend = OnnxBackend(encoder.backend.path, encoder.threads, arena={arena})
 texts = subset(build_corpus(2000), {count})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss():  # resident now, KiB (the load's peak would hide what the arena keeps)
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+encoder.embed(texts[:4])
+before = rss()
 started = time.perf_counter()
 for _ in range(2):
     encoder.embed(texts)
-print(time.perf_counter() - started, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(time.perf_counter() - started, before, rss())
 """
 
 
@@ -226,8 +229,8 @@ def arena(model_dir: Path, cache: Path, count: int) -> list[dict[str, Any]]:
                 {
                     "arena": "on" if on else "off (default)",
                     "seconds": float(seconds),
-                    "peak RSS MiB": int(after) / 1024,
-                    "growth during run MiB": (int(after) - int(before)) / 1024,
+                    "RSS after MiB": int(after) / 1024,
+                    "kept by the run MiB": (int(after) - int(before)) / 1024,
                 }
             )
     return rows
@@ -318,9 +321,7 @@ def main() -> None:
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="int8-bench-"))
     texts = subset(build_corpus(2000), args.texts)
     print(cpu_line())
-    print(
-        f"corpus: {len(texts)} stdlib docstring texts; model {model_dir.name}; cache {cache}\n", flush=True
-    )
+    print(f"corpus: {len(texts)} stdlib docstring texts; model {model_dir.name}; cache {cache}\n", flush=True)
     rows, extra = in_process(model_dir, texts, args.rounds, cache)
     print(f"in-process, {args.rounds} alternating rounds, medians:")
     print(table(rows, ["run", "median s", "texts/s", "vs torch fp32", "vs s-t", "min-max s"]) + "\n")
@@ -335,7 +336,7 @@ def main() -> None:
     if args.arena:
         print("ONNX Runtime CPU arena (int8, 2 passes over the corpus, one process each):")
         print(
-            table(arena(model_dir, cache, args.texts), ["arena", "seconds", "peak RSS MiB", "growth during run MiB"])
+            table(arena(model_dir, cache, args.texts), ["arena", "seconds", "RSS after MiB", "kept by the run MiB"])
             + "\n"
         )
     if args.http:

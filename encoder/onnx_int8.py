@@ -96,7 +96,7 @@ class Recipe:
 
 # The plain recipe from the issue's measurements, for comparison (bench/int8.py prints both).
 PLAIN_RECIPE = Recipe(name="plain-pc1", op_types=("MatMul", "Gather"))
-# Chosen by the sensitivity scan (bench/int8.py --scan, README "int8 on CPU"): quantising either
+# Chosen by the sensitivity scan (python -m bench.int8 --scan, README "int8 on CPU"): quantising either
 # feed-forward MatMul alone costs more than all attention projections together (their inputs, the
 # post-LayerNorm and post-GELU activations, carry outlier channels that one dynamic activation
 # scale per tensor cannot hold), so both stay float; query, key, value and the attention output
@@ -228,11 +228,14 @@ def cpu_int8_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
 def expected_speedup(features: Sequence[str]) -> str:
     """What int8 should give over float32 with these CPU flags, from our measurements."""
     if "amx_int8" in features:
-        return "AMX int8: at least the VNNI figure (~1.7-1.9x over float32); measure with bench/int8.py"
+        return "AMX int8: at least the VNNI figure (~1.5x server, ~2x in-process); measure with python -m bench.int8"
     if "avx512_vnni" in features or "avx_vnni" in features:
-        return "VNNI: ~1.7-1.9x over float32 measured (all-MiniLM-L6-v2, Xeon with AVX-512 VNNI)"
+        return (
+            "VNNI: int8 recipe r1 measured ~1.5x over float32 through the server and ~2x in-process "
+            "(all-MiniLM-L6-v2, AMD EPYC with AVX-512 VNNI)"
+        )
     if "avx2" in features:
-        return "AVX2 without VNNI: little (~1.0-1.3x expected); measure with bench/int8.py before switching"
+        return "AVX2 without VNNI: little (~1.0-1.3x expected); measure with python -m bench.int8 before switching"
     return "no AVX2: int8 is unlikely to help; keep float32"
 
 
