@@ -18,12 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from encoder.backend import Backend, TorchBackend
 from encoder.device import configure_cpu_threads, resolve_device, resolve_dtype
 from encoder.kinds import HEAD_FILES, OutputKind, Outputs, SparseWeights
 from encoder.model_files import ModelSpec, read_model_spec, resolve_model_dir
+from encoder.onnx_int8 import GateFloor
 from encoder.packing import default_max_batch_tokens, plan_batches
 from encoder.pooling import Pooling, normalize, pool
 
@@ -76,7 +79,7 @@ class Encoder:
     def __init__(
         self,
         *,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         tokenizer: Any,
         spec: ModelSpec,
         device: torch.device,
@@ -86,8 +89,18 @@ class Encoder:
         threads: int,
         fingerprint: str,
         heads: dict[OutputKind, torch.nn.Linear] | None = None,
+        backend: Backend | None = None,
+        numerics: str = "",
     ) -> None:
+        if backend is None:
+            if model is None:
+                raise ValueError("an Encoder needs a torch model or a backend")
+            backend = TorchBackend(model, device)
         self.model = model
+        self.backend: Backend = backend
+        # What computes the vectors ("torch:float32", "onnxruntime:int8:r1"): part of the fingerprint
+        # for anything but torch, so int8 vectors never share cache keys with float ones.
+        self.numerics = numerics or f"{backend.name}:{str(dtype).removeprefix('torch.')}"
         self.tokenizer = tokenizer
         self.spec = spec
         self.path: Path = spec.path
@@ -123,6 +136,11 @@ class Encoder:
         return self.dim if kind is OutputKind.DENSE else 0
 
     @property
+    def quantization(self) -> str:
+        """``none``, or ``int8`` when the backend runs int8 weights."""
+        return "int8" if ":int8" in self.numerics else "none"
+
+    @property
     def device(self) -> str:
         return str(self.torch_device)
 
@@ -130,17 +148,11 @@ class Encoder:
     def dtype(self) -> str:
         return str(self.torch_dtype).removeprefix("torch.")
 
-    @property
-    def numerics(self) -> str:
-        """How the vectors are computed, beyond the model's files: runtime and number format.
-        Two encoders of one model with other numerics give (slightly) different vectors."""
-        return f"torch:{self.dtype}"
-
     def __repr__(self) -> str:
         return (
             f"Encoder({str(self.path)!r}, dim={self.dim}, pooling={self.pooling!r}, normalize={self.normalize}, "
             f"max_tokens={self.max_tokens}, device={self.device!r}, dtype={self.dtype!r}, "
-            f"fingerprint={self.fingerprint!r})"
+            f"numerics={self.numerics!r}, fingerprint={self.fingerprint!r})"
         )
 
     def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
@@ -195,11 +207,9 @@ class Encoder:
         for row, tokens in enumerate(token_ids):
             ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
-        input_ids = torch.from_numpy(ids).to(self.torch_device, non_blocking=True)
-        attention_mask = torch.from_numpy(mask).to(self.torch_device, non_blocking=True)
-        with self._forward_lock, torch.inference_mode():
-            output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return output.last_hidden_state, attention_mask
+        with self._forward_lock:
+            hidden = self.backend.forward(ids, mask)
+        return hidden, torch.from_numpy(mask).to(hidden.device, non_blocking=True)
 
     def encode(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Vectors (float32, ``(n, dim)``) for id lists from :meth:`tokenize`, in one forward pass."""
@@ -292,14 +302,24 @@ def load_encoder(
     max_tokens: int | None = None,
     truncate: bool = False,
     revision: str | None = None,
+    quantize: str = "none",
+    onnx_cache_dir: str | Path | None = None,
+    int8_floor: GateFloor | None = None,
 ) -> Encoder:
     """Load ``model`` (a local folder or a Hugging Face hub id) for inference.
 
-    ``max_tokens`` may lower the model's own limit, never raise it. Raises
+    ``max_tokens`` may lower the model's own limit, never raise it. ``quantize="int8"`` serves the
+    transformer through ONNX Runtime with int8 weights on the CPU (:mod:`encoder.onnx_int8`:
+    exported and quantised once into ``onnx_cache_dir``, and refused with
+    :class:`~encoder.onnx_int8.QualityGateError` when the probe set falls below ``int8_floor``). Raises
     :class:`~encoder.model_files.ModelNotFoundError` for a model that cannot be found and
     :class:`~encoder.device.DeviceNotAvailableError` for a device this machine lacks.
     """
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"quantize must be none or int8, got {quantize!r}")
     torch_device = resolve_device(device)
+    if quantize == "int8" and torch_device.type != "cpu":
+        raise ValueError(f"int8 runs on the CPU only; the device is {torch_device} (set the device to cpu)")
     torch_dtype = resolve_dtype(torch_device, dtype)
     threads = configure_cpu_threads(cpu_threads) if torch_device.type == "cpu" else torch.get_num_threads()
     spec = read_model_spec(resolve_model_dir(model, revision))
@@ -311,11 +331,23 @@ def load_encoder(
     hf_logging.set_verbosity_error()  # we report over-long inputs ourselves
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
-    network = AutoModel.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
-    network.eval().to(torch_device)
+    network: torch.nn.Module | None = None
+    backend: Backend | None = None
+    numerics = ""
+    if quantize == "int8":
+        from encoder.onnx_int8 import prepare_int8
+
+        int8 = prepare_int8(spec, tokenizer, cache_dir=onnx_cache_dir, threads=threads, floor=int8_floor)
+        backend, numerics = int8.backend, int8.numerics
+    else:
+        network = AutoModel.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
+        network.eval().to(torch_device)
     heads = _load_heads(spec.path, torch_device, torch_dtype)
-    # The fingerprint covers the model's contents and the limit actually served.
+    # The fingerprint covers the model's contents and the limit actually served; int8 adds its
+    # numerics (float32 keeps the fingerprint it always had, so its cached vectors stay valid).
     fingerprint = replace(spec, max_tokens=limit).fingerprint()
+    if numerics:
+        fingerprint = xxhash.xxh3_128(f"{fingerprint}|{numerics}".encode()).hexdigest()[:16]
     encoder = Encoder(
         model=network,
         tokenizer=tokenizer,
@@ -327,6 +359,8 @@ def load_encoder(
         threads=threads,
         fingerprint=fingerprint,
         heads=heads,
+        backend=backend,
+        numerics=numerics,
     )
     logger.info("loaded %r", encoder)
     return encoder

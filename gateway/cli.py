@@ -112,10 +112,31 @@ def preflight(settings: Settings) -> str | None:
         spec = read_model_spec(resolve_model_dir(settings.model, settings.revision or None))
     except (ModelNotFoundError, ValueError, OSError) as exc:
         return f"{ENV_PREFIX}MODEL (--model): {exc}"
+    if settings.quantize == "int8":
+        problem = _int8_preflight(device.type)
+        if problem is not None:
+            return problem
     if settings.max_input_tokens > spec.max_tokens:
         return (
             f"{ENV_PREFIX}MAX_INPUT_TOKENS (--max-input-tokens): {settings.max_input_tokens} is above the model's "
             f"limit of {spec.max_tokens} tokens; use at most {spec.max_tokens}, or 0 for the model's limit"
+        )
+    return None
+
+
+def _int8_preflight(device_type: str) -> str | None:
+    if device_type != "cpu":
+        return (
+            f"{ENV_PREFIX}QUANTIZE (--quantize): int8 runs on the CPU only, but the device is {device_type}; "
+            f"set {ENV_PREFIX}DEVICE=cpu"
+        )
+    import importlib.util
+
+    missing = [name for name in ("onnxruntime", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        return (
+            f"{ENV_PREFIX}QUANTIZE (--quantize): int8 needs {' and '.join(missing)}, not installed here; "
+            "pip install 'embedding-gateway[int8]'"
         )
     return None
 
@@ -136,7 +157,13 @@ def _serve(settings: Settings) -> int:
 
         return Supervisor(settings).run()
     # Load and warm up before the socket opens: the port answers only once the model can.
-    encoder = load_model(settings)
+    from encoder.onnx_int8 import QualityGateError
+
+    try:
+        encoder = load_model(settings)
+    except QualityGateError as exc:
+        print(f"embedding-gateway: refusing to start: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn_config(create_app(settings, encoder=encoder), settings)
     server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler it found at
@@ -202,6 +229,26 @@ def masked_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{hidden}@{host}"))
 
 
+def _check_int8(settings: Settings) -> bool:
+    """The CPU's int8 instructions, what int8 should give here, and whether it can run."""
+    from encoder import DeviceNotAvailableError, resolve_device
+    from encoder.onnx_int8 import cpu_int8_features, expected_speedup
+
+    features = cpu_int8_features()
+    print(f"int8       CPU flags: {', '.join(features) or 'none of avx2, avx512_vnni, avx_vnni, amx_int8'}")
+    print(f"           expect: {expected_speedup(features)} (EMBED_QUANTIZE={settings.quantize})")
+    if settings.quantize != "int8":
+        return True
+    try:
+        device_type = resolve_device(settings.device).type
+    except DeviceNotAvailableError:
+        device_type = settings.device
+    problem = _int8_preflight(device_type)
+    if problem is not None:
+        print(f"int8       FAIL: {problem}")
+    return problem is None
+
+
 def _check(settings: Settings) -> int:
     """The seed's start script, done right: report what this machine offers and what fails."""
     import torch
@@ -234,6 +281,7 @@ def _check(settings: Settings) -> int:
     except (ModelNotFoundError, ValueError, OSError) as exc:
         print(f"model      FAIL: {exc}")
         ok = False
+    ok = _check_int8(settings) and ok
     if not settings.cache:
         print("cache      off")
     elif not settings.redis_url:

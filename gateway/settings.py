@@ -89,6 +89,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # workers (issue 12)
     workers: PositiveInt = 1  # HTTP worker processes; above 1, one engine process owns the model and the batcher
     engine_start_timeout_s: PositiveFloat = 600.0  # a (re)started engine must load and warm up within this
+    # int8 (issue 15)
+    quantize: Literal["none", "int8"] = "none"  # int8: ONNX Runtime on the CPU, gated against float32
+    onnx_cache_dir: str = ""  # empty: ~/.cache/embedding-gateway/onnx
+    int8_min_cosine: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.98  # worst probe text, int8 vs float32
+    int8_min_mean_cosine: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.995
+    int8_min_top10_overlap: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95  # probe queries' top 10 documents
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here as a validation error at this struct.
@@ -183,6 +189,7 @@ _CHOICES = {
     "log_level": "debug, info, warning or error",
     "log_format": "text or json",
     "redis_mode": "single, cluster or sentinel",
+    "quantize": "none or int8",
 }
 
 

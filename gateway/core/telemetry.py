@@ -65,6 +65,8 @@ class LiveState(msgspec.Struct, kw_only=True):
     asyncio_tasks: int = 0
     gpu: GpuStats | None = None
     cache_namespace: str = ""
+    backend: str = "torch"
+    quantization: str = "none"
 
 
 class RequestCounts(msgspec.Struct):
@@ -101,6 +103,8 @@ class EncoderStats(msgspec.Struct):
     failed: int
     oom_splits: int
     worker_restarts: int
+    backend: str = "torch"
+    quantization: str = "none"
 
 
 class LatencyStats(msgspec.Struct):
@@ -389,6 +393,8 @@ class Telemetry:
                 failed=events[BatcherEvent.FAILED],
                 oom_splits=events[BatcherEvent.OOM_SPLIT],
                 worker_restarts=events[BatcherEvent.WORKER_RESTARTED],
+                backend=live.backend,
+                quantization=live.quantization,
             ),
             latency_ms=LatencyStats(
                 p50=round(_percentile(ordered, 0.50) * 1e3, 3),
@@ -463,6 +469,13 @@ class _SnapshotCollector:
                 for field, family in families.items():
                     family.add_metric([name], getattr(stats, field))
             yield from families.values()
+        info = GaugeMetricFamily(
+            "embedding_encoder_info",
+            "the encoder's backend and quantisation (always 1)",
+            labels=["backend", "quantization"],
+        )
+        info.add_metric([encoder.backend, encoder.quantization], 1)
+        yield info
         gpu = snapshot.gpu
         if gpu is not None:
             for name, value in (

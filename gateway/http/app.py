@@ -24,6 +24,7 @@ from litestar.types import Message, Scope
 
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
+from encoder.onnx_int8 import GateFloor
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, RedisBlobCache
 from gateway.core.history import HistoryRing, run_sampler
@@ -73,6 +74,13 @@ def _load_and_warm_up(settings: Settings) -> Encoder:
         max_tokens=settings.max_input_tokens or None,
         truncate=settings.truncate,
         revision=settings.revision or None,
+        quantize=settings.quantize,
+        onnx_cache_dir=settings.onnx_cache_dir or None,
+        int8_floor=GateFloor(
+            min_cosine=settings.int8_min_cosine,
+            mean_cosine=settings.int8_min_mean_cosine,
+            top10_overlap=settings.int8_min_top10_overlap,
+        ),
     )
     encoder.warmup()
     return encoder
@@ -181,7 +189,8 @@ def create_app(
         if vector_cache is not None and not await vector_cache.ping():
             logger.warning("cache %s is unreachable at start; serving without it until it answers", backend)
         logger.info(
-            "ready: model=%s served_as=%s cache_namespace=%s numerics=%s device=%s dtype=%s threads=%d cache=%s",
+            "ready: model=%s served_as=%s cache_namespace=%s numerics=%s device=%s dtype=%s threads=%d cache=%s "
+            "backend=%s quantization=%s",
             settings.model,
             settings.served_model,
             service.namespace,
@@ -190,6 +199,8 @@ def create_app(
             model.dtype,
             model.threads,
             backend,
+            model.numerics.split(":")[0],
+            "int8" if ":int8" in model.numerics else "none",
         )
         try:
             yield

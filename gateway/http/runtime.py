@@ -77,6 +77,8 @@ class Runtime:
             pending_cache_writes=self.service.pending_writes,
             asyncio_tasks=len(asyncio.all_tasks()),
             gpu=gpu,
+            backend=encoder.numerics.split(":")[0],
+            quantization="int8" if ":int8" in encoder.numerics else "none",
         )
 
     async def whole_server(self) -> tuple[Telemetry, LiveState, StatsSnapshot]:
