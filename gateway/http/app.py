@@ -9,6 +9,7 @@ model across many apps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -207,6 +208,8 @@ def create_app(
         finally:
             runtime.draining = True
             sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             await service.drain(timeout_s=settings.shutdown_timeout_s)
             await batcher.stop()
             await limiter.close()
