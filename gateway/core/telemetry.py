@@ -22,10 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import msgspec
+import torch
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from encoder.batcher import BatcherEvent, BatchReport
+from encoder.device import gpu_memory
 
 __all__ = [
     "PROMETHEUS_CONTENT_TYPE",
@@ -46,6 +48,20 @@ class GpuStats(msgspec.Struct):
     memory_reserved_bytes: int
     max_memory_allocated_bytes: int
     memory_total_bytes: int
+
+
+def gpu_stats(device: torch.device) -> GpuStats | None:
+    """The memory figures of a CUDA ``device`` for /stats; ``None`` for any other device."""
+    memory = gpu_memory(device)
+    if memory is None:
+        return None
+    return GpuStats(
+        name=memory.name,
+        memory_allocated_bytes=memory.allocated_bytes,
+        memory_reserved_bytes=memory.reserved_bytes,
+        max_memory_allocated_bytes=memory.max_allocated_bytes,
+        memory_total_bytes=memory.total_bytes,
+    )
 
 
 class LiveState(msgspec.Struct, kw_only=True):

@@ -20,9 +20,8 @@ import msgspec
 
 from encoder import Encoder
 from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError, WorkerCrashedError
-from encoder.device import gpu_memory
 from encoder.kinds import OutputKind
-from gateway.core.telemetry import GpuStats, Telemetry, TelemetryState
+from gateway.core.telemetry import Telemetry, TelemetryState, gpu_stats
 from gateway.engine.protocol import (
     Cancel,
     Collect,
@@ -200,16 +199,7 @@ class EngineServer:
             return Restarts()
 
     def _stats(self, ask_id: int) -> StatsAnswer:
-        memory = gpu_memory(self.encoder.torch_device)
-        gpu = None
-        if memory is not None:
-            gpu = GpuStats(
-                name=memory.name,
-                memory_allocated_bytes=memory.allocated_bytes,
-                memory_reserved_bytes=memory.reserved_bytes,
-                max_memory_allocated_bytes=memory.max_allocated_bytes,
-                memory_total_bytes=memory.total_bytes,
-            )
+        gpu = gpu_stats(self.encoder.torch_device)
         restarts = self._restarts()
         return StatsAnswer(
             id=ask_id,

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from encoder.batcher import QueueFullError
-from encoder.device import gpu_memory
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache
 from gateway.core.errors import OverloadedError
 from gateway.core.history import HistoryRing
 from gateway.core.inputs import TokenIdDecoder
 from gateway.core.service import EmbeddingService
-from gateway.core.telemetry import GpuStats, LiveState, StatsSnapshot, Telemetry
+from gateway.core.telemetry import LiveState, StatsSnapshot, Telemetry, gpu_stats
 from gateway.engine.client import EngineLink
 from gateway.settings import Settings
 
@@ -52,16 +51,7 @@ class Runtime:
     def live_state(self) -> LiveState:
         encoder, cache = self.encoder, self.cache
         breaker = cache if isinstance(cache, CircuitBreakerCache) else None
-        memory = gpu_memory(encoder.torch_device)
-        gpu = None
-        if memory is not None:
-            gpu = GpuStats(
-                name=memory.name,
-                memory_allocated_bytes=memory.allocated_bytes,
-                memory_reserved_bytes=memory.reserved_bytes,
-                max_memory_allocated_bytes=memory.max_allocated_bytes,
-                memory_total_bytes=memory.total_bytes,
-            )
+        gpu = gpu_stats(encoder.torch_device)
         return LiveState(
             model=self.settings.served_model,
             fingerprint=encoder.fingerprint,
