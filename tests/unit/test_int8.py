@@ -202,7 +202,7 @@ def test_an_int8_gateway_never_reads_float32_vectors_and_says_what_it_runs(
     from gateway.core.cache import MemoryBlobCache
     from tests.servers import ThreadedGateway
 
-    shared = MemoryBlobCache(max_items=1000, ttl_seconds=600)  # one cache, one prefix, two numerics
+    shared = MemoryBlobCache(max_bytes=64 << 20, ttl_seconds=600)  # one cache, one prefix, two numerics
     settings = Settings(model=str(minilm_encoder.path), model_name="m", cache_prefix="shared")
     body = {"input": TEXTS, "model": "m", "encoding_format": "base64"}
 
