@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import httpx
@@ -110,6 +111,10 @@ def test_access_log_has_one_line_per_request_and_no_text(gateway_factory, caplog
             headers={"authorization": "Bearer secret-key-123", "x-request-id": "req-abc"},
         )
         assert response.status_code == 200
+        # The server thread writes the line after the answer is sent: wait for it briefly.
+        deadline = time.monotonic() + 5
+        while not [r for r in caplog.records if r.name == "gateway.access"] and time.monotonic() < deadline:
+            time.sleep(0.01)
     lines = [record.getMessage() for record in caplog.records if record.name == "gateway.access"]
     assert len(lines) == 1
     assert "request_id=req-abc" in lines[0]
