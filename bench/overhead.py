@@ -72,8 +72,8 @@ def _bge_m3_folder(folder: Path, tokenizer_from: Path | None) -> Path:
 
 def _svg(rows: list[dict[str, Any]], title: str) -> str:
     """One horizontal bar per row, its ratio to the in-process encoder printed beside it."""
-    width, bar_h, left, top = 760, 26, 290, 40
-    scale = (width - left - 70) / max([1.0, *(row["ratio"] for row in rows)])
+    width, bar_h, left, top = 860, 26, 290, 40
+    scale = (width - left - 190) / max([1.0, *(row["ratio"] for row in rows)])  # room for the label
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{top + bar_h * len(rows) + 30}" '
         'font-family="sans-serif" font-size="13">',
