@@ -309,13 +309,14 @@ def run(args: argparse.Namespace, redis_url: str = "", prefix: str = "emb") -> i
         if args.json:
             print(json.dumps({"prefix": prefix, "groups": rows}))
         else:
-            print(f"{'fingerprint':<20} {'kind':<8} {'keys':>12} {'bytes (est.)':>14} {'sampled':>8}")
+            width = max([len("namespace"), *(len(str(row["fingerprint"])) for row in rows)])
+            print(f"{'namespace':<{width}} {'kind':<8} {'keys':>12} {'bytes (est.)':>14} {'sampled':>8}")
             for row in rows:
                 print(
-                    f"{row['fingerprint']:<20} {row['kind']:<8} {row['keys']:>12,} {row['bytes']:>14,} "
+                    f"{row['fingerprint']:<{width}} {row['kind']:<8} {row['keys']:>12,} {row['bytes']:>14,} "
                     f"{row['sampled']:>8}"
                 )
-            print(f"{'total':<29} {sum(g.keys for g in groups):>12,} {sum(g.bytes for g in groups):>14,}")
+            print(f"{'total':<{width + 9}} {sum(g.keys for g in groups):>12,} {sum(g.bytes for g in groups):>14,}")
         return 0
     found, removed = purge(client, prefix, args.fingerprint, yes=args.yes, batch=args.batch)
     if args.yes:
