@@ -31,7 +31,9 @@ def _pct(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def _singles(client: httpx.AsyncClient, texts: list[str], until: asyncio.Event | None, count: int) -> list[float]:
+async def _singles(
+    client: httpx.AsyncClient, texts: list[str], until: asyncio.Event | None, count: int, pause_s: float = 0.05
+) -> list[float]:
     latencies = []
     for i in range(count):
         if until is not None and until.is_set():
@@ -41,7 +43,7 @@ async def _singles(client: httpx.AsyncClient, texts: list[str], until: asyncio.E
         assert response.status_code == 200, response.text
         latencies.append(time.perf_counter() - started)
         if until is not None:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause_s)
     return latencies
 
 
@@ -54,7 +56,7 @@ async def _bulk(client: httpx.AsyncClient, texts: list[str], tag: str) -> float:
     return time.perf_counter() - started
 
 
-async def _measure(url: str, long_texts: list[str], short_texts: list[str]) -> dict[str, Any]:
+async def _measure(url: str, long_texts: list[str], short_texts: list[str], pause_s: float) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         idle = await _singles(client, short_texts, None, 60)
         alone = await _bulk(client, long_texts, "alone")
@@ -64,7 +66,7 @@ async def _measure(url: str, long_texts: list[str], short_texts: list[str]) -> d
         bulk = asyncio.create_task(_bulk(client, long_texts, "mixed"))
         bulk.add_done_callback(lambda _: done.set())
         await asyncio.sleep(0.5)  # the bulk request is queued and running
-        during = await _singles(client, short_texts, done, 10_000)
+        during = await _singles(client, short_texts, done, 10_000, pause_s)
         mixed = await bulk
     return {
         "idle_p50_ms": _pct(idle, 0.5) * 1e3,
@@ -82,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--bulk-texts", type=int, default=400)
+    parser.add_argument("--pause", type=float, default=0.05, help="seconds between one query's answer and the next")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fairness.json")
     args = parser.parse_args()
     if args.model is None:
@@ -94,7 +97,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     env = {"EMBED_MODEL": args.model, "EMBED_CACHE": "false", "EMBED_TRUNCATE": "true"}
     with gateway(env, args.out.with_suffix(".gateway.log")) as url:
-        result = asyncio.run(_measure(url, long_texts, short_texts))
+        result = asyncio.run(_measure(url, long_texts, short_texts, args.pause))
     bound = 2 * result["idle_p99_ms"] + result["batch_ms"]
     result["p99_bound_ms"] = bound
     result["p99_vs_bound"] = result["during_p99_ms"] / bound
