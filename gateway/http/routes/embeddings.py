@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from litestar import Request, post
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
@@ -97,11 +97,21 @@ async def _answer(
     return output.respond(Answer(result.values, result.tokens, runtime.settings.served_model), options)
 
 
-def _accepting(request: Request[Any, Any, Any]) -> Runtime:
+class _Body(Protocol):
+    model: str | None
+
+
+B = TypeVar("B", bound=_Body)
+
+
+async def _accept(request: Request[Any, Any, Any], decode: Callable[[bytes], B]) -> tuple[Runtime, B]:
+    """What every embeddings route does first: refuse while draining, decode strictly, check the model."""
     runtime = runtime_of(request)
     if runtime.draining:
         raise ShuttingDownError("the server is shutting down; retry on another replica", retry_after=1)
-    return runtime
+    data = decode(await request.body())
+    check_model(runtime, data.model)
+    return runtime, data
 
 
 _EMBEDDING = {"embedding": True}
@@ -118,9 +128,7 @@ _EMBEDDING = {"embedding": True}
     opt=_EMBEDDING,
 )
 async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingResponse:
-    runtime = _accepting(request)
-    data = decode_embedding_request(await request.body())
-    check_model(runtime, data.model)
+    runtime, data = await _accept(request, decode_embedding_request)
     dim = runtime.encoder.dim
     if data.dimensions is not None and not 1 <= data.dimensions <= dim:
         raise InvalidInputError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
@@ -139,9 +147,7 @@ async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingRespons
     opt=_EMBEDDING,
 )
 async def create_sparse(request: Request[Any, Any, Any]) -> SparseResponse:
-    runtime = _accepting(request)
-    data = decode_outputs_request(await request.body())
-    check_model(runtime, data.model)
+    runtime, data = await _accept(request, decode_outputs_request)
     options = ResponseOptions(return_tokens=data.return_tokens, token_names=runtime.encoder.token_names)
     return await _answer(request, runtime, data.input, SPARSE, options)
 
@@ -157,8 +163,6 @@ async def create_sparse(request: Request[Any, Any, Any]) -> SparseResponse:
     opt=_EMBEDDING,
 )
 async def create_multivector(request: Request[Any, Any, Any]) -> MultiVectorResponse:
-    runtime = _accepting(request)
-    data = decode_outputs_request(await request.body())
-    check_model(runtime, data.model)
+    runtime, data = await _accept(request, decode_outputs_request)
     options = ResponseOptions(encoding_format=data.encoding_format)
     return await _answer(request, runtime, data.input, COLBERT, options)
