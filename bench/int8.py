@@ -6,8 +6,9 @@
     .venv/bin/python -m bench.int8 --http               # + both through the gateway (32-text requests, concurrency 4)
     .venv/bin/python -m bench.int8 --bge-m3-shape       # + export / quantise / speed of a 24x1024 XLM-R
 
-In-process rows alternate (torch float32, int8 recipe r1, int8 plain per-channel, sentence-transformers)
-round after round and report medians, so a busy neighbour skews all of them alike. Quality rows
+In-process rows alternate (torch float32, int8 recipe r2 - the one served -, the earlier r1, the plain
+per-channel recipe, ONNX Runtime float32 with the same fusions as r2, sentence-transformers) round
+after round and report medians, so a busy neighbour skews all of them alike. Quality rows
 compare each recipe with float32 torch on the gate's probe set and on the benchmark corpus. The
 CPU's int8 flags are printed first: record them with every figure.
 """
@@ -33,10 +34,14 @@ from encoder.model_files import read_model_spec
 from encoder.onnx_int8 import (
     DEFAULT_RECIPE,
     PLAIN_RECIPE,
+    R1_RECIPE,
     GateFloor,
+    OnnxBackend,
     Recipe,
+    Shape,
     cpu_int8_features,
     expected_speedup,
+    fuse_transformer,
     measure_gate,
     prepare_int8,
 )
@@ -63,6 +68,10 @@ def with_recipe(base: Encoder, recipe: Recipe, cache: Path) -> Encoder:
     prepared = prepare_int8(
         base.spec, base.tokenizer, cache_dir=cache, threads=base.threads, floor=NO_FLOOR, recipe=recipe
     )
+    return with_backend(base, prepared.backend, prepared.numerics)
+
+
+def with_backend(base: Encoder, backend: Any, numerics: str) -> Encoder:
     return Encoder(
         model=None,
         tokenizer=base.tokenizer,
@@ -74,9 +83,23 @@ def with_recipe(base: Encoder, recipe: Recipe, cache: Path) -> Encoder:
         threads=base.threads,
         fingerprint=base.fingerprint,
         heads=base.heads,
-        backend=prepared.backend,
-        numerics=prepared.numerics,
+        backend=backend,
+        numerics=numerics,
     )
+
+
+def fused_float(base: Encoder) -> Encoder:
+    """ONNX Runtime float32 with r2's fusions: how much of r2's speed is the fusions, not int8."""
+    import onnx
+    from transformers import AutoConfig
+
+    folder = base.backend.path.parent.parent / "fp32-e1"
+    target = folder.parent / "bench-fused-fp32.onnx"
+    config = AutoConfig.from_pretrained(str(base.spec.transformer_path))
+    onnx.save_model(
+        fuse_transformer(folder / "model.onnx", Shape(config.num_attention_heads, config.hidden_size)), str(target)
+    )
+    return with_backend(base, OnnxBackend(target, base.threads), "onnxruntime:float32:fused")
 
 
 def in_process(
@@ -86,12 +109,16 @@ def in_process(
 
     fp32 = load_encoder(str(model_dir), device="cpu", truncate=True)
     int8 = load_encoder(str(model_dir), device="cpu", truncate=True, quantize="int8", onnx_cache_dir=cache)
+    r1 = with_recipe(int8, R1_RECIPE, cache)
     plain = with_recipe(int8, PLAIN_RECIPE, cache)
+    fused = fused_float(int8)
     st = SentenceTransformer(str(model_dir), device="cpu")
     runs: dict[str, Any] = {
         "torch float32 (Encoder.embed)": fp32.embed,
-        f"int8 {DEFAULT_RECIPE.name} (chosen)": int8.embed,
+        f"int8 {DEFAULT_RECIPE.name} (served)": int8.embed,
+        f"int8 {R1_RECIPE.name} (before)": r1.embed,
         f"int8 {PLAIN_RECIPE.name} (plain per-channel)": plain.embed,
+        "onnxruntime float32, r2's fusions": fused.embed,
         "sentence-transformers encode(32)": lambda t: st.encode(t, batch_size=32, normalize_embeddings=True),
     }
     for run in runs.values():
@@ -119,6 +146,7 @@ def in_process(
     quality = []
     for name, encoder, recipe in (
         (DEFAULT_RECIPE.name, int8, DEFAULT_RECIPE),
+        (R1_RECIPE.name, r1, R1_RECIPE),
         (PLAIN_RECIPE.name, plain, PLAIN_RECIPE),
     ):
         probe = prepare_int8(
@@ -129,6 +157,7 @@ def in_process(
             {
                 "recipe": name,
                 "kept float": ", ".join(recipe.keep_float) or "-",
+                "per token": ", ".join(f"{p} {m}" for p, m in recipe.per_row) or "-",
                 "probe worst cos": f"{probe.gate.worst_cosine:.4f}",
                 "probe mean cos": f"{probe.gate.mean_cosine:.4f}",
                 "probe top-10": f"{probe.gate.top10_overlap:.3f}",
@@ -138,7 +167,7 @@ def in_process(
                 "corpus top-10": f"{corpus['top10']:.3f}",
             }
         )
-    return rows, {"quality": quality}
+    return rows, {"quality": quality, "st texts/s": len(texts) / st_time}
 
 
 def _corpus_quality(reference: np.ndarray, candidate: np.ndarray, queries: int = 50) -> dict[str, float]:
@@ -183,6 +212,37 @@ def scan(model_dir: Path, cache: Path) -> list[dict[str, Any]]:
         ("plain, reduce_range", Recipe(name="scan-rr", reduce_range=True)),
     ]
     candidates += [("per-tensor, MatMul only", Recipe(name="scan-pt", per_channel=False))]
+    ffn_in, ffn_out = groups["ffn in"], groups["ffn out"]
+    every = tuple(groups[g] for g in ("query", "key", "value", "attention out", "ffn in", "ffn out"))
+    candidates += [
+        (
+            "per token, symmetric, all MatMuls",
+            Recipe(name="scan-row-sym", per_row=tuple((p, "symmetric") for p in every)),
+        ),
+        (
+            "per token, asymmetric, all MatMuls",
+            Recipe(name="scan-row-asym", per_row=tuple((p, "asymmetric") for p in every)),
+        ),
+        (
+            "fused; ffn per token (sym / asym); attention int8 per tensor",
+            Recipe(
+                name="scan-r2-qattn",
+                fuse=True,
+                op_types=("MatMul", "Attention"),
+                per_row=((ffn_in, "symmetric"), (ffn_out, "asymmetric")),
+            ),
+        ),
+        (
+            "fused; ffn per token, both asymmetric",
+            Recipe(
+                name="scan-r2-asym",
+                fuse=True,
+                keep_float=(r"/attention/self/",),
+                per_row=((ffn_in, "asymmetric"), (ffn_out, "asymmetric")),
+            ),
+        ),
+        ("r2 (served)", DEFAULT_RECIPE),
+    ]
     rows = []
     for label, recipe in candidates:
         gate = prepare_int8(spec, tokenizer, cache_dir=cache, threads=1, floor=NO_FLOOR, recipe=recipe).gate
@@ -236,7 +296,7 @@ def arena(model_dir: Path, cache: Path, count: int) -> list[dict[str, Any]]:
     return rows
 
 
-def over_http(model_dir: Path, texts: list[str], cache: Path) -> list[dict[str, Any]]:
+def over_http(model_dir: Path, texts: list[str], cache: Path, st_rate: float) -> list[dict[str, Any]]:
     from bench.loadgen import run_load
 
     rows = []
@@ -262,6 +322,8 @@ def over_http(model_dir: Path, texts: list[str], cache: Path) -> list[dict[str, 
             }
         )
     rows[1]["vs float32"] = rows[1]["texts/s"] / rows[0]["texts/s"]
+    for row in rows:
+        row["vs in-process s-t"] = row["texts/s"] / st_rate
     return rows
 
 
@@ -326,7 +388,7 @@ def main() -> None:
     print(f"in-process, {args.rounds} alternating rounds, medians:")
     print(table(rows, ["run", "median s", "texts/s", "vs torch fp32", "vs s-t", "min-max s"]) + "\n")
     print("quality against torch float32 (probe set: the start gate's; corpus: 50 queries over 350 documents):")
-    columns = ["recipe", "kept float", "probe worst cos", "probe mean cos", "probe top-10", "gate"]
+    columns = ["recipe", "kept float", "per token", "probe worst cos", "probe mean cos", "probe top-10", "gate"]
     print(
         table(extra["quality"], [*columns, "corpus worst cos", "corpus mean cos", "corpus top-10"]) + "\n", flush=True
     )
@@ -341,7 +403,8 @@ def main() -> None:
         )
     if args.http:
         print("over HTTP (cache off, 32-text requests, concurrency 4):")
-        print(table(over_http(model_dir, texts, cache), ["run", "texts/s", "p50 ms", "p99 ms", "vs float32"]) + "\n")
+        columns = ["run", "texts/s", "p50 ms", "p99 ms", "vs float32", "vs in-process s-t"]
+        print(table(over_http(model_dir, texts, cache, extra["st texts/s"]), columns) + "\n")
     if args.bge_m3_shape:
         rows = bge_m3_shape(model_dir, texts, Path(tempfile.mkdtemp(prefix="int8-bge-")))
         print(table(rows, list(rows[0])))

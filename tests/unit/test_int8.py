@@ -96,6 +96,21 @@ def test_minilm_passes_the_real_gate_and_really_runs_int8(
     assert not np.allclose(ours, theirs, atol=1e-5), "int8 vectors equal float32 ones: int8 is not in use"
 
 
+def test_the_served_graph_is_fused_and_its_feed_forward_is_int8_per_token(int8_minilm: Encoder) -> None:
+    import onnx
+
+    graph = onnx.load(str(int8_minilm.backend.path)).graph
+    ops = [node.op_type for node in graph.node]
+    constants = {tensor.name for tensor in graph.initializer}
+    layers = 6
+    assert ops.count("Attention") == layers, "ONNX Runtime's fused attention kernel, one per layer"
+    assert ops.count("QuantizeLinear") == 2 * layers, "each feed-forward input quantised per token"
+    assert ops.count("MatMulIntegerToFloat") == 2 * layers
+    assert ops.count("MatMulInteger") == layers, "the attention output projection: quantize_dynamic's int8"
+    float_weights = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    assert float_weights == [], f"projections left in float32: {float_weights}"
+
+
 def test_the_gate_measures_what_it_says() -> None:
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(30, 16)).astype(np.float32)
