@@ -111,6 +111,13 @@ def test_the_served_graph_is_fused_and_its_feed_forward_is_int8_per_token(int8_m
     assert float_weights == [], f"projections left in float32: {float_weights}"
 
 
+def test_onnx_runtime_threads_do_not_spin_between_kernels(int8_minilm: Encoder) -> None:
+    # In the server the cores are shared with the event loop and the tokenizer: a spinning
+    # intra-op pool took them (README "int8 on CPU" has the HTTP figures).
+    options = int8_minilm.backend.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_the_gate_measures_what_it_says() -> None:
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(30, 16)).astype(np.float32)
