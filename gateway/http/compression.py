@@ -82,9 +82,7 @@ class SmallFirstCompressionMiddleware(CompressionMiddleware):
                     await send(message)
                     return
                 full = super(SmallFirstCompressionMiddleware, self).create_compression_send_wrapper(
-                    send,
-                    compression_encoding,
-                    scope,  # type: ignore[arg-type]
+                    send, compression_encoding, scope
                 )
                 if start is not None:
                     await full(start)
