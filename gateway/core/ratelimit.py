@@ -9,16 +9,35 @@ below zero; the next request of that key is then refused until the debt has refi
 With Redis, both buckets of a key live in one hash-tagged pair of keys and one Lua script reads,
 refills and takes them atomically with Redis' own clock: two replicas see one bucket. Without
 Redis, or while Redis fails, each process keeps its own buckets (fail open, never a 5xx).
+
+A Redis round trip per request would cost the hit path more than everything else it does, so each
+replica keeps, per key, the levels Redis answered last and what it admitted and charged since:
+
+* **far** from the limit (its view, less its own unsettled usage, keeps more than ``near`` = 20% of
+  both limits, the view is at most ``4 x settle_s`` = 0.2 s old, and its unsettled usage stays within
+  ``unsettled`` = 5% of each limit) it admits locally; a background task settles every key's usage
+  with Redis every ``settle_s`` = 50 ms (one pipeline of script calls) and reads the new levels back;
+* **near** the limit (or with a stale view, or a full unsettled share) it does what it did before:
+  one awaited script call per admission (settling the key's unsettled usage first) and the charge
+  sent at once, so the first request past a limit is refused, whichever replica gets it.
+
+The bound: only the unsettled usage (at most 5% of a limit per replica) is invisible to the other
+replicas, and a replica admits locally only while the key had more than 20% left at its view at most
+0.2 s ago. A key is admitted past its limit only when the other replicas together take more than
+that 20% within those 0.2 s; the excess is then at most 5% of the limit per replica. Usage still
+unsettled is sent on :meth:`RateLimiter.close`; when Redis fails it is dropped with the views and
+the process falls back to its own buckets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -33,8 +52,9 @@ logger = logging.getLogger(__name__)
 WINDOW_S = 60.0  # limits are per minute
 
 # KEYS: requests bucket, tokens bucket. ARGV: requests limit, tokens limit (0: none), requests to take,
-# tokens to take, check (1: refuse when short). Returns {admitted, blocked (0, 1 requests, 2 tokens),
-# requests level, tokens level} with the levels as strings (Lua numbers would be cut to integers).
+# tokens to take, check (1: refuse when short), requests and tokens to settle (usage a replica admitted
+# locally: taken before the check, whatever it says). Returns {admitted, blocked (0, 1 requests, 2
+# tokens), requests level, tokens level} with the levels as strings (Lua numbers would be cut to integers).
 _SCRIPT = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1000000
@@ -47,6 +67,8 @@ local function level(key, limit)
 end
 local rl, tl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rv, tv = level(KEYS[1], rl), level(KEYS[2], tl)
+if rl > 0 then rv = rv - (tonumber(ARGV[6]) or 0) end
+if tl > 0 then tv = tv - (tonumber(ARGV[7]) or 0) end
 local blocked = 0
 if tonumber(ARGV[5]) == 1 then
   if rl > 0 and rv < 1 then blocked = 1 elseif tl > 0 and tv <= 0 then blocked = 2 end
@@ -57,7 +79,7 @@ if blocked == 0 then
 end
 if rl > 0 then
   redis.call('HSET', KEYS[1], 'level', tostring(rv), 'at', tostring(now))
-  redis.call('EXPIRE', KEYS[1], 120)
+  redis.call('EXPIRE', KEYS[1], 120 + math.ceil(math.max(0, -rv) * 60 / rl))
 end
 if tl > 0 then
   redis.call('HSET', KEYS[2], 'level', tostring(tv), 'at', tostring(now))
@@ -158,20 +180,51 @@ class _LocalBuckets:
         return blocked, rv, tv
 
 
+@dataclass(slots=True)
+class _View:
+    """One key's buckets as Redis answered them last, and what this replica took since."""
+
+    requests_limit: int  # 0: none
+    tokens_limit: int
+    requests: float
+    tokens: float
+    at: float  # time.monotonic() of that answer
+    pending_requests: int = 0  # admitted here, not yet sent to Redis
+    pending_tokens: int = 0
+    sending_requests: int = 0  # on their way to Redis in a call that has not answered yet
+    sending_tokens: int = 0
+
+
 class RateLimiter:
     """Buckets for the keys that have limits; ``connect`` (in the app's lifespan) shares them via Redis."""
 
     def __init__(
-        self, *, redis_url: str = "", prefix: str = "emb", timeout_s: float = 0.25, retry_s: float = 5.0
+        self,
+        *,
+        redis_url: str = "",
+        prefix: str = "emb",
+        timeout_s: float = 0.25,
+        retry_s: float = 5.0,
+        settle_s: float = 0.05,
+        near: float = 0.2,
+        unsettled: float = 0.05,
     ) -> None:
         self.redis_url = redis_url
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.retry_s = retry_s  # after a Redis failure, local buckets for this long
+        self.settle_s = settle_s  # how often usage admitted locally is settled with Redis
+        self.near = near  # within this share of a limit, every admission asks Redis
+        self.unsettled = unsettled  # the most of a limit a replica admits without telling Redis
+        self.fresh_s = 4 * settle_s  # an older view is not trusted to admit locally
         self._local = _LocalBuckets()
         self._client: aioredis.Redis | None = None
         self._script: AsyncScript | None = None
         self._down_until = 0.0
+        self._views: dict[str, _View] = {}
+        self._keys_of: dict[str, list[str]] = {}
+        self._settler: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[Any]] = set()
 
     @property
     def shared(self) -> bool:
@@ -183,37 +236,176 @@ class RateLimiter:
                 self.redis_url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
             )
             self._script = self._client.register_script(_SCRIPT)  # EVALSHA, loaded again after NOSCRIPT
+            self._settler = asyncio.create_task(self._settle_forever(), name="ratelimit-settle")
 
     async def close(self) -> None:
+        """Stop settling, send the usage still unsettled (bounded by ``timeout_s``), close the client."""
+        if self._settler is not None:
+            self._settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settler
+            self._settler = None
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=self.timeout_s)
+        await self.settle()
         if self._client is not None:
             await self._client.aclose()
             self._client = self._script = None
 
     def _keys(self, name: str) -> list[str]:
         # One hash tag per key name: both buckets sit in one Redis Cluster slot.
-        return [f"{self.prefix}:ratelimit:{{{name}}}:requests", f"{self.prefix}:ratelimit:{{{name}}}:tokens"]
+        found = self._keys_of.get(name)
+        if found is None:
+            found = self._keys_of[name] = [
+                f"{self.prefix}:ratelimit:{{{name}}}:requests",
+                f"{self.prefix}:ratelimit:{{{name}}}:tokens",
+            ]
+        return found
+
+    def _redis_up(self) -> bool:
+        return self._script is not None and time.monotonic() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + self.retry_s
+        self._views.clear()  # unsettled usage is dropped: this process's own buckets take over
+        logger.warning("rate limits fall back to this process for %.0f s: redis failed: %r", self.retry_s, exc)
+
+    def _far(
+        self, view: _View, rl: int, tl: int, *, requests: int, tokens: int, now: float
+    ) -> tuple[float, float] | None:
+        """The key's levels after taking ``requests`` and ``tokens`` here, or None when Redis must decide."""
+        age = now - view.at
+        if age > self.fresh_s:
+            return None
+        rv = tv = 0.0
+        if rl:
+            pending = view.pending_requests + requests
+            rv = min(rl, view.requests + age * rl / WINDOW_S) - view.sending_requests - pending
+            if rv < self.near * rl or pending > self.unsettled * rl:
+                return None
+        if tl:
+            pending = view.pending_tokens + tokens
+            tv = min(tl, view.tokens + age * tl / WINDOW_S) - view.sending_tokens - pending
+            if tv < self.near * tl or pending > self.unsettled * tl:
+                return None
+        return rv, tv
+
+    async def _call(
+        self, name: str, rl: int, tl: int, take_requests: int, take_tokens: int, *, check: bool
+    ) -> tuple[int, float, float]:
+        """One awaited script call that also settles ``name``'s unsettled usage; raises on failure."""
+        assert self._script is not None
+        view = self._views.get(name)
+        settle_requests = settle_tokens = 0
+        if view is not None:
+            settle_requests, settle_tokens = view.pending_requests, view.pending_tokens
+            view.pending_requests = view.pending_tokens = 0
+            view.sending_requests += settle_requests
+            view.sending_tokens += settle_tokens
+        args = [rl, tl, take_requests, take_tokens, int(check), settle_requests, settle_tokens]
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                raw = await self._script(keys=self._keys(name), args=args)
+        finally:
+            if view is not None:
+                view.sending_requests -= settle_requests
+                view.sending_tokens -= settle_tokens
+        blocked, rv, tv = int(raw[1]), float(raw[2]), float(raw[3])
+        self._seen(name, rl, tl, rv, tv)
+        return blocked, rv, tv
+
+    def _seen(self, name: str, rl: int, tl: int, rv: float, tv: float) -> None:
+        view = self._views.get(name)
+        if view is None or (view.requests_limit, view.tokens_limit) != (rl, tl):
+            self._views[name] = _View(rl, tl, rv, tv, time.monotonic())
+        else:
+            view.requests, view.tokens, view.at = rv, tv, time.monotonic()
 
     async def _run(self, key: ApiKey, take_requests: int, take_tokens: int, check: bool) -> tuple[int, float, float]:
         assert key.name is not None, "only named keys have limits"
         rl, tl = key.requests_per_minute or 0, key.tokens_per_minute or 0
-        script = self._script
-        if script is not None and time.monotonic() >= self._down_until:
+        if self._redis_up():
             try:
-                async with asyncio.timeout(self.timeout_s):
-                    raw = await script(keys=self._keys(key.name), args=[rl, tl, take_requests, take_tokens, int(check)])
-                return int(raw[1]), float(raw[2]), float(raw[3])
+                return await self._call(key.name, rl, tl, take_requests, take_tokens, check=check)
             except (RedisError, OSError, TimeoutError) as exc:
-                self._down_until = time.monotonic() + self.retry_s
-                logger.warning("rate limits fall back to this process for %.0f s: redis failed: %r", self.retry_s, exc)
+                self._failed(exc)
         return self._local.run(key.name, rl, tl, (take_requests, take_tokens), check)
 
     async def admit(self, key: ApiKey) -> Admission:
         """Take one request from ``key``'s buckets, unless one of them is short."""
+        if self._script is not None and key.name is not None:
+            view = self._views.get(key.name)
+            if view is not None:
+                rl, tl = key.requests_per_minute or 0, key.tokens_per_minute or 0
+                now = time.monotonic()
+                far = self._far(view, rl, tl, requests=1, tokens=0, now=now) if now >= self._down_until else None
+                if far is not None:
+                    if rl:
+                        view.pending_requests += 1
+                    return Admission(True, None, Levels(key.requests_per_minute, key.tokens_per_minute, *far))
         blocked, rv, tv = await self._run(key, 1, 0, check=True)
         levels = Levels(key.requests_per_minute, key.tokens_per_minute, rv, tv)
         return Admission(admitted=blocked == 0, blocked=_BLOCKED[blocked], levels=levels)
 
     async def charge(self, key: ApiKey, tokens: int) -> Levels:
-        """Take an answered request's tokens (the bucket may go into debt)."""
+        """Take an answered request's tokens (the bucket may go into debt), at once."""
         _, rv, tv = await self._run(key, 0, tokens, check=False)
         return Levels(key.requests_per_minute, key.tokens_per_minute, rv, tv)
+
+    def charge_later(self, key: ApiKey, tokens: int) -> None:
+        """Take an answered request's tokens without waiting: far from the limit they are settled with
+        the next batch, near it they leave for Redis at once (before this answer's body does, so the
+        key's next request sees them); without Redis this process's buckets take them now."""
+        if not tokens or not key.tokens_per_minute or key.name is None:
+            return
+        if not self._redis_up():
+            self._local.run(key.name, key.requests_per_minute or 0, key.tokens_per_minute, (0, tokens), False)
+            return
+        view = self._views.get(key.name)
+        if (
+            view is not None
+            and self._far(view, 0, key.tokens_per_minute, requests=0, tokens=tokens, now=time.monotonic()) is not None
+        ):
+            view.pending_tokens += tokens
+            return
+        task = asyncio.create_task(self.charge(key, tokens))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def settle(self) -> None:
+        """Send every key's unsettled usage to Redis in one pipeline and read the levels back."""
+        if not self._redis_up() or self._client is None or self._script is None:
+            return
+        batch: list[tuple[str, _View, int, int]] = []  # name, view, requests and tokens sent
+        for name, view in self._views.items():
+            if view.pending_requests or view.pending_tokens:
+                batch.append((name, view, view.pending_requests, view.pending_tokens))
+                view.sending_requests += view.pending_requests
+                view.sending_tokens += view.pending_tokens
+                view.pending_requests = view.pending_tokens = 0
+        if not batch:
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for name, view, requests, tokens in batch:
+                        rl, tl = view.requests_limit, view.tokens_limit
+                        await self._script(keys=self._keys(name), args=[rl, tl, 0, 0, 0, requests, tokens], client=pipe)
+                    answers = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            return
+        finally:
+            for _, view, requests, tokens in batch:
+                view.sending_requests -= requests
+                view.sending_tokens -= tokens
+        for (name, view, _, _), raw in zip(batch, answers, strict=True):
+            self._seen(name, view.requests_limit, view.tokens_limit, float(raw[2]), float(raw[3]))
+
+    async def _settle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settle_s)
+            try:
+                await self.settle()
+            except Exception:  # never let the settler die: the next round tries again
+                logger.exception("settling rate limits with redis failed")

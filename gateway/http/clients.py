@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import math
 from typing import Any
 
@@ -33,16 +31,12 @@ UNLIMITED_REQUESTS = 1_000_000  # x-ratelimit-*-requests of a key without a requ
 _ADMISSION = "gateway.admission"
 
 
-def _is_embedding(scope: Scope) -> bool:
-    handler = scope.get("route_handler")
-    return bool(handler is not None and handler.opt.get("embedding"))
-
-
 class ClientHooks:
     def __init__(self, limiter: RateLimiter, telemetry: Telemetry) -> None:
         self.limiter = limiter
         self.telemetry = telemetry
-        self._charges: set[asyncio.Task[Levels]] = set()
+        self._queue_state: tuple[int, int, float] | None = None
+        self._queue_encoded: list[tuple[bytes, bytes]] = []
 
     async def guard(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
         if not handler.opt.get("embedding"):
@@ -69,57 +63,87 @@ class ClientHooks:
         )
 
     async def before_send(self, message: Message, scope: Scope) -> None:
-        if message["type"] != "http.response.start" or not _is_embedding(scope):
+        if message["type"] != "http.response.start":
             return
-        status: int = message["status"]
+        handler = scope.get("route_handler")
+        if handler is None or not handler.opt.get("embedding"):
+            return
         done = outcome(scope)
         key = client_key(scope)
-        levels: Levels | None = None
-        if key is not None and key.limited:
-            admission = scope["state"].get(_ADMISSION)
-            if isinstance(admission, Admission):
-                levels = admission.levels
-                if admission.admitted and key.tokens_per_minute and done.tokens:
-                    # Not awaited: the charge leaves for Redis before this answer's body does, so the
-                    # key's next request already sees it, and the hit path pays no second round trip.
-                    levels = dataclasses.replace(levels, tokens=levels.tokens - done.tokens)
-                    task = asyncio.create_task(self.limiter.charge(key, done.tokens))
-                    self._charges.add(task)
-                    task.add_done_callback(self._charges.discard)
-        runtime: Runtime | None = getattr(scope["litestar_app"].state, "runtime", None)
-        headers = list(message.get("headers", []))
-        headers += _rate_headers(levels, runtime)
-        if status < 400:
-            headers += [(b"x-cache-hits", str(done.hits).encode()), (b"x-cache-misses", str(done.misses).encode())]
+        headers = list(message.get("headers", ()))
+        admission = scope["state"].get(_ADMISSION) if key is not None and key.limited else None
+        if key is not None and isinstance(admission, Admission):
+            levels = admission.levels
+            if admission.admitted and key.tokens_per_minute and done.tokens:
+                # Far from the limit the tokens are settled with the next batch; near it the charge
+                # leaves for Redis at once (before this answer's body does, so the key's next request
+                # already sees it). Either way the hit path waits for no second round trip.
+                self.limiter.charge_later(key, done.tokens)
+                levels = Levels(
+                    levels.requests_limit, levels.tokens_limit, levels.requests, levels.tokens - done.tokens
+                )
+            headers += _limit_headers(levels, self._queue_headers(scope))
+        else:
+            headers += self._queue_headers(scope)
+        if message["status"] < 400:
+            headers.append((b"x-cache-hits", _count(done.hits)))
+            headers.append((b"x-cache-misses", _count(done.misses)))
         message["headers"] = headers
         if key is not None and key.name is not None:
             self.telemetry.key_request(
-                key.name, status, inputs=done.inputs, tokens=done.tokens, hits=done.hits, misses=done.misses
+                key.name, message["status"], inputs=done.inputs, tokens=done.tokens, hits=done.hits, misses=done.misses
             )
 
-
-def _rate_headers(levels: Levels | None, runtime: Runtime | None) -> list[tuple[bytes, bytes]]:
-    out: list[tuple[bytes, bytes]] = []
-    if levels is not None and levels.requests_limit:
-        requests = (levels.requests_limit, levels.remaining_requests(), format_reset(levels.reset_requests()))
-    else:
-        requests = (UNLIMITED_REQUESTS, UNLIMITED_REQUESTS, "0s")
-    if levels is not None and levels.tokens_limit:
-        tokens = (levels.tokens_limit, levels.remaining_tokens(), format_reset(levels.reset_tokens()))
-    elif runtime is not None:  # the encoder queue: what it still takes, and how long the queued tokens take
+    def _queue_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The six ``x-ratelimit-*`` headers of a key without limits: no requests limit, and the encoder
+        queue's tokens (what it still takes, how long the queued ones take). Encoded once per queue state."""
+        runtime: Runtime | None = getattr(scope["litestar_app"].state, "runtime", None)
+        if runtime is None:
+            return []
         batcher = runtime.batcher
-        queued = batcher.queue_tokens
-        tokens = (
-            batcher.max_queue_tokens,
-            max(0, batcher.max_queue_tokens - queued),
-            format_reset(queued / max(batcher.tokens_per_second, 1e-9)),
+        state = (batcher.max_queue_tokens, batcher.queue_tokens, batcher.tokens_per_second)
+        if state != self._queue_state:
+            limit, queued, speed = state
+            self._queue_state = state
+            self._queue_encoded = _UNLIMITED_REQUEST_HEADERS + _encode(
+                "tokens", limit, max(0, limit - queued), format_reset(queued / max(speed, 1e-9))
+            )
+        return self._queue_encoded
+
+
+_HEADER_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}".encode(),
+        f"x-ratelimit-remaining-{kind}".encode(),
+        f"x-ratelimit-reset-{kind}".encode(),
+    )
+    for kind in ("requests", "tokens")
+}
+_COUNTS = [str(n).encode() for n in range(1024)]
+
+
+def _count(n: int) -> bytes:
+    return _COUNTS[n] if 0 <= n < 1024 else str(n).encode()
+
+
+def _encode(kind: str, limit: int, remaining: int, reset: str) -> list[tuple[bytes, bytes]]:
+    names = _HEADER_NAMES[kind]
+    return [(names[0], str(limit).encode()), (names[1], str(remaining).encode()), (names[2], reset.encode())]
+
+
+_UNLIMITED_REQUEST_HEADERS = _encode("requests", UNLIMITED_REQUESTS, UNLIMITED_REQUESTS, "0s")
+
+
+def _limit_headers(levels: Levels, queue: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A limited key's headers: from its buckets where it has limits, else as for a key without them."""
+    if levels.requests_limit:
+        out = _encode(
+            "requests", levels.requests_limit, levels.remaining_requests(), format_reset(levels.reset_requests())
         )
     else:
-        return out
-    for kind, (limit, remaining, reset) in (("requests", requests), ("tokens", tokens)):
-        out += [
-            (f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()),
-            (f"x-ratelimit-remaining-{kind}".encode(), str(remaining).encode()),
-            (f"x-ratelimit-reset-{kind}".encode(), reset.encode()),
-        ]
+        out = list(_UNLIMITED_REQUEST_HEADERS)
+    if levels.tokens_limit:
+        out += _encode("tokens", levels.tokens_limit, levels.remaining_tokens(), format_reset(levels.reset_tokens()))
+    else:
+        out += queue[3:]
     return out

@@ -140,6 +140,20 @@ async def test_pool_wait_runs_out_as_busy_not_as_a_redis_failure() -> None:
         await cache.close()
 
 
+@pytest.mark.anyio
+async def test_a_crowd_shares_max_connections_without_errors(fresh_redis) -> None:  # type: ignore[no-untyped-def]
+    # The slots bound the connections: redis-py's pool (no waiting of its own) never runs out.
+    cache = RedisBlobCache(fresh_redis.url, ttl_seconds=60, timeout_s=1.0, max_connections=2, pool_timeout_s=5.0)
+    try:
+        await cache.put_blobs([("k", b"v")])
+        found = await asyncio.gather(*(cache.get_blobs(["k", "missing"]) for _ in range(50)))
+        assert found == [[b"v", None]] * 50
+        clients = fresh_redis.client().client_list()
+        assert len(clients) <= 3  # the cache's two and the one asking
+    finally:
+        await cache.close()
+
+
 def test_sentinel_urls() -> None:
     target = parse_sentinel_url("rediss://app:p%40ss@s1:26380,s2,[::1]:26381/2?ssl_cert_reqs=none")
     assert target.sentinels == (("s1", 26380), ("s2", 26379), ("::1", 26381))

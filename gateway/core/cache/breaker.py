@@ -145,7 +145,18 @@ class CircuitBreakerCache:
                 circuit.release()
 
     async def get_blobs(self, keys: Sequence[str]) -> list[bytes | None]:
-        return await self._call((self.circuit,), lambda: self.inner.get_blobs(keys))
+        circuit = self.circuit
+        if circuit.opened_at is not None:  # open or half-open: the general path (skip, or one probe)
+            return await self._call((circuit,), lambda: self.inner.get_blobs(keys))
+        try:  # closed, the hit path: the same bookkeeping as _call without its generic machinery
+            found = await self.inner.get_blobs(keys)
+        except CacheBusyError:
+            raise
+        except CacheUnavailableError as exc:
+            self._failed(circuit, exc)
+            raise
+        circuit.consecutive = 0
+        return found
 
     async def put_blobs(self, items: Sequence[tuple[str, bytes]]) -> None:
         await self._call((self.circuit, self.write_circuit), lambda: self.inner.put_blobs(items))

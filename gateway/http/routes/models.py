@@ -23,8 +23,10 @@ ANY_MODEL = "*"
 
 def check_model(runtime: Runtime, model: str | None) -> None:
     """A request may name the served id, an alias or ``EMBED_MODEL`` itself (or nothing; anything with ``*``)."""
+    if model is None:  # the hit path of clients that name no model: no set built per request
+        return
     accepted = runtime.settings.accepted_models
-    if model is not None and model not in accepted and ANY_MODEL not in accepted:
+    if model not in accepted and ANY_MODEL not in accepted:
         raise ModelNotFoundError(
             f"The model '{model}' does not exist on this server; it serves '{runtime.settings.served_model}'.",
             param="model",
