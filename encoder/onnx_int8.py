@@ -252,14 +252,20 @@ def cpu_int8_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
 def expected_speedup(features: Sequence[str]) -> str:
     """What int8 should give over float32 with these CPU flags, from our measurements."""
     if "amx_int8" in features:
-        return "AMX int8: ONNX Runtime's dynamic int8 kernels use VNNI; expect the VNNI figure (1.0-1.5x with r1)"
+        return (
+            "AMX int8: ONNX Runtime's int8 GEMMs run on AMX or VNNI; expect at least the VNNI figure "
+            "(not measured here); measure with python -m bench.int8"
+        )
     if "avx512_vnni" in features or "avx_vnni" in features:
         return (
-            "VNNI: recipe r1 (the one that passes the gate) measured 1.0-1.5x over float32 on a busy AMD EPYC "
-            "with AVX-512 VNNI (plain per-channel 1.9x, but below the gate); measure with python -m bench.int8"
+            "VNNI: recipe r2 measured 1.82x torch float32 in-process and 1.57x through the server on a quiet "
+            "2-core AMD EPYC with AVX-512 VNNI (all-MiniLM-L6-v2); measure with python -m bench.int8"
         )
     if "avx2" in features:
-        return "AVX2 without VNNI: little (~1.0-1.3x expected); measure with python -m bench.int8 before switching"
+        return (
+            "AVX2 without VNNI: int8 GEMMs lose much of their edge (~1.0-1.3x expected); "
+            "measure with python -m bench.int8 before switching"
+        )
     return "no AVX2: int8 is unlikely to help; keep float32"
 
 

@@ -23,7 +23,7 @@ K, M = 64, 48
 def _graph(weights: dict[str, np.ndarray], chain: bool = False) -> onnx.ModelProto:
     """``x [batch, tokens, K]`` through one MatMul per weight (all reading x, or chained when ``chain``)."""
     nodes, outputs, source = [], [], "x"
-    for name, weight in weights.items():
+    for name in weights:
         nodes.append(helper.make_node("MatMul", [source, name], [f"{name}_out"], name=f"/{name}/MatMul"))
         outputs.append(helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None))
         if chain:
