@@ -34,6 +34,15 @@ def private_redis() -> Iterator[RedisServer]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+SERVER_PIDS: dict[str, int] = {}  # base URL -> pid of the gateway process serving it (while it runs)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far, from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def gateway(env: Mapping[str, str], log: Path, cwd: Path | None = None) -> Iterator[str]:
     """``python -m gateway serve`` with ``env`` (run in ``cwd``: another checkout); yields its base URL."""
@@ -56,8 +65,10 @@ def gateway(env: Mapping[str, str], log: Path, cwd: Path | None = None) -> Itera
                     pass
                 if time.monotonic() > deadline:
                     raise TimeoutError("gateway did not start")
+            SERVER_PIDS[f"http://127.0.0.1:{port}"] = process.pid
             yield f"http://127.0.0.1:{port}"
         finally:
+            SERVER_PIDS.pop(f"http://127.0.0.1:{port}", None)
             process.terminate()
             try:
                 process.wait(timeout=30)

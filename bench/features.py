@@ -37,7 +37,7 @@ import numpy as np
 import orjson
 import zstandard
 
-from bench.common import ROOT, gateway, private_redis, table
+from bench.common import ROOT, SERVER_PIDS, cpu_seconds, gateway, private_redis, table
 from bench.loadgen import run_load
 
 KEY = "bench-key-0123456789"
@@ -182,11 +182,14 @@ def main() -> None:
                 assert response.status_code == 200, response.text
             results: dict[str, list[float]] = {name: [] for name in servers}
             p99: dict[str, list[float]] = {name: [] for name in servers}
+            cpu: dict[str, list[float]] = {name: [] for name in servers}  # server CPU seconds per request
             names = list(servers)
             for round_ in range(args.rounds):
                 for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # each goes first in turn
                     url, headers = servers[name]
+                    cpu_before = cpu_seconds(SERVER_PIDS[url])
                     load = run_load(f"{url}/v1/embeddings", bodies, 1, headers=headers)
+                    cpu[name].append((cpu_seconds(SERVER_PIDS[url]) - cpu_before) / len(bodies))
                     assert set(load.statuses) == {200}, load.statuses
                     results[name].append(len(bodies) / load.seconds)
                     p99[name].append(load.percentile(0.99) * 1e3)
@@ -205,6 +208,8 @@ def main() -> None:
                 "p99 ms (median)": statistics.median(p99[name]),
                 "vs before (best)": best[name] / best["before"],
                 "vs before (median of rounds)": paired[name],
+                "server CPU us/request (median)": statistics.median(cpu[name]) * 1e6,
+                "CPU vs before": statistics.median(cpu[name]) / statistics.median(cpu["before"]),
             }
             for name in servers
         ]
