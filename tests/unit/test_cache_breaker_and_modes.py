@@ -126,6 +126,29 @@ async def test_failures_open_then_one_probe_at_a_time_closes() -> None:
 
 
 @pytest.mark.anyio
+async def test_calls_failing_together_count_once_and_sequential_failures_still_open() -> None:
+    """A pause of the process times out every call in flight at once: that is one failure, not 64
+    (a crowd on a healthy Redis must not open the breaker). A dead Redis still opens it: each new
+    call starts after the last counted failure."""
+    inner = Scripted()
+    inner.reads = [CacheUnavailableError("timed out in a stall")] * 64
+    inner.gate = asyncio.Event()
+    breaker = CircuitBreakerCache(inner, failures=3, cooldown_s=60)
+    crowd = [asyncio.create_task(breaker.get_blobs(["k"])) for _ in range(64)]
+    await asyncio.sleep(0)
+    inner.gate.set()
+    results = await asyncio.gather(*crowd, return_exceptions=True)
+    assert all(isinstance(r, CacheUnavailableError) for r in results)
+    assert breaker.state == "closed" and breaker.opened == 0 and breaker.circuit.consecutive == 1
+    assert await breaker.get_blobs(["k"]) == [None], "the next call goes to Redis, and succeeds"
+    inner.reads = [CacheUnavailableError("down")] * 3
+    for _ in range(3):
+        with pytest.raises(CacheUnavailableError):
+            await breaker.get_blobs(["k"])
+    assert breaker.state == "open" and breaker.opened == 1
+
+
+@pytest.mark.anyio
 async def test_pool_wait_runs_out_as_busy_not_as_a_redis_failure() -> None:
     cache = RedisBlobCache(
         "redis://127.0.0.1:9/0", ttl_seconds=60, timeout_s=0.1, max_connections=1, pool_timeout_s=0.05

@@ -25,7 +25,14 @@ _RANK = {"closed": 0, "half-open": 1, "open": 2}
 
 
 class _Circuit:
-    """Consecutive failures open it for ``cooldown_s``; then one call at a time probes (half-open)."""
+    """Consecutive failures open it for ``cooldown_s``; then one call at a time probes (half-open).
+
+    Calls that were already in flight when a failure was counted fail *with* it, not after it: a
+    pause of this process (a long garbage collection, a starved event loop) times out every call in
+    flight at once, and 64 of them are one event, not 64 reasons to give up on a healthy Redis. So a
+    failure counts only when its call started after the last counted one; a dead Redis still opens
+    the circuit within a few round trips, since the next calls start after that.
+    """
 
     def __init__(self, what: str, failures: int, cooldown_s: float) -> None:
         self.what = what  # "cache" or "cache writes", for the log
@@ -34,6 +41,7 @@ class _Circuit:
         self.consecutive = 0
         self.opened_at: float | None = None
         self.probing = False
+        self.counted_at = float("-inf")  # monotonic time the last counted failure was recorded
 
     @property
     def state(self) -> str:
@@ -60,10 +68,15 @@ class _Circuit:
             logger.info("%s answering again after %d failures: circuit closed", self.what, self.consecutive)
         self.consecutive, self.opened_at = 0, None
 
-    def failed(self, exc: CacheUnavailableError) -> bool:
-        """Record a failure (logged here, once per run and once per opening); True when it opened the circuit."""
-        self.consecutive += 1
+    def failed(self, exc: CacheUnavailableError, started: float) -> bool:
+        """Record the failure of a call that started at ``started`` (logged here, once per run and once per
+        opening); True when it opened the circuit."""
         exc.logged = True
+        if started < self.counted_at and self.opened_at is None:  # in flight with the last counted one
+            logger.debug("%s failed with the calls before it: %s", self.what, exc)
+            return False
+        self.counted_at = time.monotonic()
+        self.consecutive += 1
         if self.opened_at is not None:  # a failed half-open probe: wait again, quietly
             self.opened_at = time.monotonic()
             logger.debug("%s probe failed: %s", self.what, exc)
@@ -111,9 +124,9 @@ class CircuitBreakerCache:
         """The worse of the two circuits: ``closed``, ``half-open`` or ``open``."""
         return max(self.circuit.state, self.write_circuit.state, key=_RANK.__getitem__)
 
-    def _failed(self, circuit: _Circuit, exc: CacheUnavailableError) -> None:
+    def _failed(self, circuit: _Circuit, exc: CacheUnavailableError, started: float) -> None:
         was_closed = self.state == "closed"
-        if circuit.failed(exc) and was_closed:
+        if circuit.failed(exc, started) and was_closed:
             self.opened += 1
 
     async def _call(self, circuits: tuple[_Circuit, ...], call: Callable[[], Awaitable[T]]) -> T:
@@ -125,6 +138,7 @@ class CircuitBreakerCache:
                     raise CacheSkippedError(f"circuit open: {circuit.what} skipped after repeated failures")
                 if admitted == "probe":
                     probes.append(circuit)
+            started = time.monotonic()
             try:
                 result = await call()
             except CacheBusyError:
@@ -132,10 +146,10 @@ class CircuitBreakerCache:
             except CacheRefusedError as exc:
                 if circuits[-1] is self.write_circuit:  # Redis answered, refusing the write
                     self.circuit.succeeded()
-                self._failed(circuits[-1], exc)
+                self._failed(circuits[-1], exc, started)
                 raise
             except CacheUnavailableError as exc:
-                self._failed(self.circuit, exc)
+                self._failed(self.circuit, exc, started)
                 raise
             for circuit in circuits:
                 circuit.succeeded()
@@ -148,12 +162,13 @@ class CircuitBreakerCache:
         circuit = self.circuit
         if circuit.opened_at is not None:  # open or half-open: the general path (skip, or one probe)
             return await self._call((circuit,), lambda: self.inner.get_blobs(keys))
+        started = time.monotonic()
         try:  # closed, the hit path: the same bookkeeping as _call without its generic machinery
             found = await self.inner.get_blobs(keys)
         except CacheBusyError:
             raise
         except CacheUnavailableError as exc:
-            self._failed(circuit, exc)
+            self._failed(circuit, exc, started)
             raise
         circuit.consecutive = 0
         return found
