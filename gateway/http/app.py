@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -187,6 +188,11 @@ def create_app(
         await limiter.connect()
         sampler = asyncio.create_task(run_sampler(history, telemetry, runtime.live_state), name="history-sampler")
         backend = vector_cache.backend if vector_cache else "off"
+        # What exists now (the model, tokenizer, app) lives as long as the process: out of the garbage
+        # collector's reach, so a full collection scans only what requests leave behind. A full one
+        # over a big heap stalls the event loop (0.49 s in the test suite's process, past the 250 ms
+        # Redis deadline of every lookup in flight).
+        gc.freeze()
         if vector_cache is not None and not await vector_cache.ping():
             logger.warning("cache %s is unreachable at start; serving without it until it answers", backend)
         logger.info(
