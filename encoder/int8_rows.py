@@ -11,7 +11,10 @@ did not help at all - the outliers are tokens, not channels (README "int8 on CPU
 ONNX Runtime has no MatMul with a per-row activation scale, so :func:`quantize_rows` builds one from
 standard parts, per MatMul with a constant weight ``W [K, M]``:
 
-* ``W`` becomes int8, symmetric, one scale per output column (``ws``);
+* ``W`` becomes int8, symmetric, one scale per output column (``ws``); 7 bits (-63..63) where the
+  CPU's int8 GEMM has no VNNI (``weight_max=63``, ONNX Runtime's ``reduce_range``): AVX2's
+  ``vpmaddubsw`` adds two uint8 x int8 products in 16 bits, which saturates beyond 255 x 63 x 2
+  and gave rows 14-24% wrong there;
 * the input ``A [..., K]`` is viewed as ``[N, K]``; ``ReduceMin``/``ReduceMax`` give each row's range,
   and one per-axis ``QuantizeLinear`` turns it into uint8 with a scale ``s`` (and, asymmetric, a zero
   point ``z``) per row. Rows of one input are quantised once, however many MatMuls read them;
@@ -39,15 +42,16 @@ RowMode = Literal["symmetric", "asymmetric"]
 _EPS = 1e-12  # a row of zeros (padding) still gets a positive scale
 
 
-def quantize_rows(model: Any, mode_of: Callable[[str], RowMode | None]) -> list[str]:
+def quantize_rows(model: Any, mode_of: Callable[[str], RowMode | None], *, weight_max: int = 127) -> list[str]:
     """Rewrite ``model`` (an ``onnx.ModelProto``, in place): each MatMul with a constant weight for which
-    ``mode_of(node name)`` gives a mode becomes per-row int8. Returns the names of the rewritten nodes.
+    ``mode_of(node name)`` gives a mode becomes per-row int8, its weights in ``-weight_max..weight_max``
+    (127, or 63 for CPUs without VNNI). Returns the names of the rewritten nodes.
     """
     from onnx import helper
 
     graph = model.graph
     weights = {tensor.name: tensor for tensor in graph.initializer}
-    rewriter = _Rewriter()
+    rewriter = _Rewriter(weight_max)
     done: list[str] = []
     for original in graph.node:
         mode = mode_of(original.name) if original.op_type == "MatMul" and original.input[1] in weights else None
@@ -70,7 +74,8 @@ def quantize_rows(model: Any, mode_of: Callable[[str], RowMode | None]) -> list[
 class _Rewriter:
     """Collects the new graph's nodes and constants; one instance per rewrite."""
 
-    def __init__(self) -> None:
+    def __init__(self, weight_max: int) -> None:
+        self.weight_max = weight_max
         self.nodes: list[Any] = []
         self.constants: list[Any] = []
         self._rows: dict[tuple[str, str], str] = {}  # (input, mode) -> prefix of its quantised rows
@@ -104,8 +109,9 @@ class _Rewriter:
         from onnx import numpy_helper
 
         weight = numpy_helper.to_array(weight_tensor).astype(np.float32)
-        column_scale = (np.maximum(np.abs(weight).max(axis=0), _EPS) / 127.0).astype(np.float32)
-        quantised = np.clip(np.round(weight / column_scale), -127, 127).astype(np.int8)
+        top = self.weight_max
+        column_scale = (np.maximum(np.abs(weight).max(axis=0), _EPS) / top).astype(np.float32)
+        quantised = np.clip(np.round(weight / column_scale), -top, top).astype(np.int8)
         w = f"rowq/w{self._weights}"
         self._weights += 1
         wq, ws = self.const(f"{w}/q", quantised), self.const(f"{w}/scale", column_scale)

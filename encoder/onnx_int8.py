@@ -26,12 +26,13 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,10 @@ __all__ = [
     "Recipe",
     "cpu_int8_features",
     "expected_speedup",
+    "for_this_cpu",
     "measure_gate",
     "prepare_int8",
+    "saturates_int8",
 ]
 
 logger = logging.getLogger(__name__)
@@ -249,6 +252,24 @@ def cpu_int8_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     return [flag for flag in _INT8_FLAGS if flag in flags]
 
 
+def saturates_int8(features: Sequence[str], machine: str | None = None) -> bool:
+    """Does this CPU's int8 GEMM saturate on full-range int8 weights? On x86 without VNNI or AMX,
+    ONNX Runtime multiplies uint8 x int8 with ``(v)pmaddubsw``, which adds each pair of products in
+    16 bits: 255 x 127 x 2 overflows it, 255 x 63 x 2 does not (hence ``reduce_range``)."""
+    machine = (machine or platform.machine()).lower()
+    x86 = machine in ("x86_64", "amd64", "i386", "i686")
+    return x86 and not any(flag in features for flag in ("amx_int8", "avx512_vnni", "avx_vnni"))
+
+
+def for_this_cpu(recipe: Recipe, features: Sequence[str] | None = None, machine: str | None = None) -> Recipe:
+    """``recipe`` as this CPU must run it: with 7-bit weights (``reduce_range``, name ``<name>-7bit``:
+    another cache folder and cache namespace) where its int8 GEMM would saturate on 8-bit ones."""
+    features = cpu_int8_features() if features is None else features
+    if recipe.reduce_range or not saturates_int8(features, machine):
+        return recipe
+    return replace(recipe, name=f"{recipe.name}-7bit", reduce_range=True)
+
+
 def expected_speedup(features: Sequence[str]) -> str:
     """What int8 should give over float32 with these CPU flags, from our measurements."""
     if "amx_int8" in features:
@@ -436,7 +457,7 @@ def quantize(source: Path, target: Path, recipe: Recipe, shape: Shape) -> dict[s
     try:
         if recipe.fuse or recipe.per_row:
             proto = fuse_transformer(source, shape) if recipe.fuse else onnx.load(str(source))
-            per_row = quantize_rows(proto, mode_matcher(recipe.per_row))
+            per_row = quantize_rows(proto, mode_matcher(recipe.per_row), weight_max=63 if recipe.reduce_range else 127)
             staged = target.with_name("staged.onnx")
             _save(proto, staged, large)
             del proto
@@ -518,8 +539,10 @@ def prepare_int8(
     """The int8 backend for ``spec``: reused from the cache or built (export, quantise), then gated.
 
     Raises :class:`QualityGateError` when the probe set says int8 is too far from float32.
+    ``recipe`` is adapted to this CPU first (:func:`for_this_cpu`).
     """
     started = time.perf_counter()
+    recipe = for_this_cpu(recipe)
     floor = floor or GateFloor()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     root = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / spec.fingerprint()

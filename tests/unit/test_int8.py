@@ -26,6 +26,7 @@ from encoder.onnx_int8 import (
     artifact_ok,
     cpu_int8_features,
     expected_speedup,
+    for_this_cpu,
     measure_gate,
     prepare_int8,
 )
@@ -88,7 +89,7 @@ def test_minilm_passes_the_real_gate_and_really_runs_int8(
     assert gate.passes(GateFloor())
     assert gate.worst_cosine >= 0.98 and gate.mean_cosine >= 0.995 and gate.top10_overlap >= 0.95
     assert int8_minilm.backend.name == "onnxruntime"
-    assert int8_minilm.numerics == f"onnxruntime:int8:{DEFAULT_RECIPE.name}"
+    assert int8_minilm.numerics == f"onnxruntime:int8:{for_this_cpu(DEFAULT_RECIPE).name}"
     assert int8_minilm.quantization == "int8" and minilm_encoder.quantization == "none"
     ours, theirs = int8_minilm.embed(TEXTS), minilm_encoder.embed(TEXTS)
     cosines = _cosines(ours, theirs)

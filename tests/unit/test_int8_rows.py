@@ -16,8 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from encoder.int8_rows import RowMode, mode_matcher, quantize_rows
+from encoder.onnx_int8 import DEFAULT_RECIPE, cpu_int8_features, for_this_cpu, saturates_int8
 
 K, M = 64, 48
+SATURATES = saturates_int8(cpu_int8_features())
+WEIGHT_MAX = 63 if SATURATES else 127  # as the served recipe quantises on this CPU
 
 
 def _graph(weights: dict[str, np.ndarray], chain: bool = False) -> onnx.ModelProto:
@@ -44,9 +47,11 @@ def _run(model: onnx.ModelProto | Path, x: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(out) for out in session.run(None, {"x": x})]
 
 
-def _rewritten(weights: dict[str, np.ndarray], mode: RowMode, chain: bool = False) -> onnx.ModelProto:
+def _rewritten(
+    weights: dict[str, np.ndarray], mode: RowMode, chain: bool = False, weight_max: int = WEIGHT_MAX
+) -> onnx.ModelProto:
     model = _graph(weights, chain)
-    done = quantize_rows(model, mode_matcher(((r"MatMul$", mode),)))
+    done = quantize_rows(model, mode_matcher(((r"MatMul$", mode),)), weight_max=weight_max)
     assert done == [f"/{name}/MatMul" for name in weights]
     return model
 
@@ -84,8 +89,8 @@ def test_one_outlier_token_spoils_per_tensor_int8_but_not_per_row(tmp_path: Path
 
 def test_lopsided_rows_are_where_asymmetric_wins() -> None:
     rng = np.random.default_rng(3)
-    weight = rng.integers(-127, 128, (K, M)).astype(np.float64)
-    weight[0] = 127  # every column's absmax is 127: int8 holds the weights exactly, the error is A's alone
+    weight = rng.integers(-WEIGHT_MAX, WEIGHT_MAX + 1, (K, M)).astype(np.float64)
+    weight[0] = WEIGHT_MAX  # every column's absmax is the top level: int8 holds W exactly, the error is A's alone
     x = np.abs(rng.standard_normal((2, 8, K))).astype(np.float32) - 0.05  # post-GELU-like: nearly all positive
     want = x @ weight.astype(np.float32)
     (sym,) = _run(_rewritten({"w": weight}, "symmetric"), x)
@@ -109,7 +114,7 @@ def test_shared_inputs_are_quantised_once_and_unmatched_matmuls_stay_float() -> 
     rng = np.random.default_rng(5)
     weights = {name: rng.standard_normal((K, K)) / np.sqrt(K) for name in ("q", "k", "v")}
     model = _graph(weights)
-    done = quantize_rows(model, mode_matcher(((r"/(q|k)/MatMul$", "asymmetric"),)))
+    done = quantize_rows(model, mode_matcher(((r"/(q|k)/MatMul$", "asymmetric"),)), weight_max=WEIGHT_MAX)
     assert done == ["/q/MatMul", "/k/MatMul"]
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("QuantizeLinear") == 1, "q and k read one input: its rows are quantised once"
@@ -131,3 +136,26 @@ def test_a_chain_of_per_row_matmuls_runs_with_dynamic_shapes() -> None:
         got = _run(model, x)[1]
         assert got.shape == want.shape
         assert _relative_row_errors(got, want).max() < 0.03
+
+
+@pytest.mark.skipif(not SATURATES, reason="this CPU's int8 GEMM has VNNI or AMX (or is not x86): nothing saturates")
+@pytest.mark.parametrize("mode", ["symmetric", "asymmetric"])
+def test_full_range_weights_saturate_without_vnni_and_7_bit_ones_do_not(mode: RowMode) -> None:
+    """Why the recipe takes 7-bit weights on x86 without VNNI: (v)pmaddubsw adds products in 16 bits."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((K, M)) / np.sqrt(K)
+    x = rng.standard_normal((3, 5, K)).astype(np.float32)
+    want = x @ weight.astype(np.float32)
+    (full,) = _run(_rewritten({"w": weight}, mode, weight_max=127), x)
+    (seven,) = _run(_rewritten({"w": weight}, mode, weight_max=63), x)
+    assert _relative_row_errors(full, want).max() > 0.05
+    assert _relative_row_errors(seven, want).max() < 0.02
+
+
+def test_the_recipe_takes_7_bit_weights_only_where_the_gemm_saturates() -> None:
+    assert for_this_cpu(DEFAULT_RECIPE, ["avx512_vnni", "avx512f", "avx2"], "x86_64") == DEFAULT_RECIPE
+    assert for_this_cpu(DEFAULT_RECIPE, ["amx_int8", "avx2"], "x86_64") == DEFAULT_RECIPE
+    assert for_this_cpu(DEFAULT_RECIPE, [], "aarch64") == DEFAULT_RECIPE  # NEON/SVE: 32-bit sums
+    seven = for_this_cpu(DEFAULT_RECIPE, ["avx512f", "avx2"], "x86_64")
+    assert seven.reduce_range and seven.name == f"{DEFAULT_RECIPE.name}-7bit"  # its own cache folder and namespace
+    assert for_this_cpu(seven, ["avx2"], "x86_64") == seven
