@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -105,9 +105,13 @@ def format_reset(seconds: float) -> str:
     return text
 
 
-@dataclass(frozen=True, slots=True)
-class Levels:
-    """A key's two buckets after a call (a limit of None: that bucket does not exist)."""
+class Levels(NamedTuple):
+    """A key's two buckets after a call (a limit of None: that bucket does not exist).
+
+    Named tuples, not frozen dataclasses, for this and :class:`Admission`: the hit path builds both
+    per request of a limited key, and a frozen dataclass sets each field through ``object.__setattr__``
+    (2.5 us for the pair against 0.8 us).
+    """
 
     requests_limit: int | None
     tokens_limit: int | None
@@ -130,8 +134,7 @@ class Levels:
         return (limit - self.tokens) * WINDOW_S / limit if limit else 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     admitted: bool
     blocked: Literal["requests", "tokens"] | None
     levels: Levels

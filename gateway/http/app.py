@@ -13,16 +13,16 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.types import Message, Scope
+from litestar.types import BeforeMessageSendHookHandler, ControllerRouterHandler, Message, Scope
 
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
@@ -31,18 +31,19 @@ from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, RedisBlobCache
 from gateway.core.history import HistoryRing, run_sampler
 from gateway.core.inputs import TokenIdDecoder
-from gateway.core.keys import load_keys
+from gateway.core.keys import ApiKey, load_keys
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.schemas import request_schema_components
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import Telemetry
 from gateway.engine.client import EngineLink
-from gateway.http.auth import api_key_guard
+from gateway.http.answers import AnswerBuilder
+from gateway.http.auth import ApiKeyMiddleware
 from gateway.http.clients import ClientHooks
-from gateway.http.compression import compression_config
+from gateway.http.compression import AnswerCompressor, compression_middleware
 from gateway.http.errors import exception_handlers
-from gateway.http.middleware import RequestContextMiddleware, add_request_id_header
-from gateway.http.routes import ROUTES
+from gateway.http.middleware import RequestContextMiddleware, request_id
+from gateway.http.routes import EMBEDDING_ROUTES, OTHER_ROUTES
 from gateway.http.runtime import Runtime
 from gateway.settings import Settings
 
@@ -88,12 +89,60 @@ def _load_and_warm_up(settings: Settings) -> Encoder:
     return encoder
 
 
-async def _add_worker_pid_header(message: Message, scope: Scope) -> None:
-    """``x-worker-pid`` (EMBED_WORKERS > 1): which worker process answered, for operators and tests."""
-    if message["type"] == "http.response.start":
-        headers = list(message.get("headers", []))
-        headers.append((b"x-worker-pid", str(os.getpid()).encode()))
+def _response_headers(clients: ClientHooks, *, worker: bool) -> BeforeMessageSendHookHandler:
+    """The app's one ``before_send`` hook (Litestar wraps ``send`` once for all of them).
+
+    Every answer, unrouted 404s included, gets its ``x-request-id``, and with ``EMBED_WORKERS > 1``
+    an ``x-worker-pid`` (which worker answered, for operators and tests). An embedding route's
+    error answer gets its pacing headers and is counted for its key; a success built those itself
+    (:class:`~gateway.http.answers.AnswerBuilder`).
+    """
+
+    async def before_send(message: Message, scope: Scope) -> None:
+        if message["type"] != "http.response.start":
+            return
+        headers = list(message.get("headers", ()))
+        headers.append((b"x-request-id", request_id(scope).encode()))
+        if worker:
+            headers.append((b"x-worker-pid", str(os.getpid()).encode()))
+        status = message["status"]
+        if status >= 400:
+            handler = scope.get("route_handler")
+            if handler is not None and handler.opt.get("embedding"):
+                headers += clients.answer_headers(scope, status)
         message["headers"] = headers
+
+    return before_send
+
+
+def _answer_builder(settings: Settings, clients: ClientHooks) -> AnswerBuilder:
+    compressor = AnswerCompressor(settings.compression_min_bytes) if settings.compression else None
+    return AnswerBuilder(clients.answer_headers, compressor)
+
+
+def _routes(settings: Settings) -> list[ControllerRouterHandler]:
+    """Embedding routes compress their own answers (answers.py); the rest go through Litestar's middleware."""
+    compression = compression_middleware(settings)
+    return [
+        *EMBEDDING_ROUTES,
+        Router("/", route_handlers=OTHER_ROUTES, middleware=[compression] if compression else []),
+    ]
+
+
+def _middleware(
+    settings: Settings, keys: Sequence[ApiKey], telemetry: Telemetry, clients: ClientHooks
+) -> list[DefineMiddleware]:
+    """Request context outermost (it records every status), then the API keys (none: no check at all)."""
+    middleware = [
+        DefineMiddleware(
+            partial(RequestContextMiddleware, telemetry=telemetry, json_logs=settings.log_format == "json")
+        )
+    ]
+    if keys:
+        middleware.append(
+            DefineMiddleware(ApiKeyMiddleware, keys=keys, public_metrics=settings.public_metrics, admit=clients.admit)
+        )
+    return middleware
 
 
 def make_cache(settings: Settings) -> BlobCache | None:
@@ -131,7 +180,7 @@ def create_app(
     ``engine_socket`` makes this an HTTP worker (``EMBED_WORKERS > 1``): no model here; misses go
     to the engine process listening there, which owns the model and the one micro-batcher."""
     telemetry = telemetry or Telemetry()
-    keys = load_keys(settings)  # no keys, no guard: not even a call per request
+    keys = load_keys(settings)
     limited = any(entry.limited for entry in keys)
     limiter = RateLimiter(
         redis_url=settings.redis_url if limited else "",  # shared buckets: every replica sees one
@@ -139,6 +188,7 @@ def create_app(
         timeout_s=settings.cache_timeout_ms / 1000,
     )
     clients = ClientHooks(limiter, telemetry)
+    answers = _answer_builder(settings, clients)
     history = HistoryRing(interval_s=settings.history_interval_s, capacity=settings.history_samples)
 
     @asynccontextmanager
@@ -181,6 +231,7 @@ def create_app(
             service=service,
             telemetry=telemetry,
             token_decoder=TokenIdDecoder(),
+            answers=answers,
         )
         runtime.history = history
         runtime.engine = link
@@ -223,23 +274,11 @@ def create_app(
                 await vector_cache.close()
 
     app = Litestar(
-        route_handlers=ROUTES,
+        route_handlers=_routes(settings),
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
-        middleware=[
-            DefineMiddleware(
-                partial(RequestContextMiddleware, telemetry=telemetry, json_logs=settings.log_format == "json")
-            )
-        ],
-        guards=[api_key_guard(keys, public_metrics=settings.public_metrics), *([clients.guard] if limited else [])]
-        if keys
-        else [],
-        before_send=[
-            add_request_id_header,
-            clients.before_send,
-            *([_add_worker_pid_header] if engine_socket is not None else []),
-        ],
-        compression_config=compression_config(settings),
+        middleware=_middleware(settings, keys, telemetry, clients),
+        before_send=[_response_headers(clients, worker=engine_socket is not None)],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="embedding-gateway",

@@ -1,24 +1,24 @@
 """Per-client behaviour of the embedding routes: key limits, pacing headers, per-key telemetry.
 
-* :meth:`ClientHooks.guard` (an app guard after the API key guard) admits an embedding request
-  against its key's buckets (:mod:`gateway.core.ratelimit`) or refuses it with 429
-  ``rate_limit_exceeded`` (type ``requests`` or ``tokens``) and ``Retry-After``.
-* :meth:`ClientHooks.before_send` (a ``before_send`` hook) runs as the answer starts: it charges
-  the answered tokens to the key, adds OpenAI's ``x-ratelimit-*`` headers (from the key's buckets
-  when it has limits, else from the encoder queue: tokens it still takes and how long the queued
-  ones take) and ``x-cache-hits`` / ``x-cache-misses``, and counts the request under the key's name.
+* :meth:`ClientHooks.admit` (called by :class:`~gateway.http.auth.ApiKeyMiddleware` once a key
+  with limits is recognised on an embedding route) admits the request against its key's buckets
+  (:mod:`gateway.core.ratelimit`) or refuses it with 429 ``rate_limit_exceeded`` (type
+  ``requests`` or ``tokens``) and ``Retry-After``.
+* :meth:`ClientHooks.answer_headers` runs once per embedding answer (the route calls it for its
+  answer, the app's ``before_send`` hook for an error): it charges the answered tokens to the key,
+  returns OpenAI's ``x-ratelimit-*`` headers (from the key's buckets when it has limits, else from
+  the encoder queue: tokens it still takes and how long the queued ones take) and, on success,
+  ``x-cache-hits`` / ``x-cache-misses``, and counts the request under the key's name.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
-from litestar.types import Message, Scope
+from litestar.types import Scope
 
 from gateway.core.errors import RequestsRateLimitedError, TokensRateLimitedError
+from gateway.core.keys import ApiKey
 from gateway.core.ratelimit import Admission, Levels, RateLimiter, format_reset
 from gateway.core.telemetry import Telemetry
 from gateway.http.auth import client_key
@@ -38,14 +38,10 @@ class ClientHooks:
         self._queue_state: tuple[int, int, float] | None = None
         self._queue_encoded: list[tuple[bytes, bytes]] = []
 
-    async def guard(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-        if not handler.opt.get("embedding"):
-            return
-        key = client_key(connection.scope)
-        if key is None or not key.limited:
-            return
+    async def admit(self, scope: Scope, key: ApiKey) -> None:
+        """Take one request from ``key``'s buckets, or raise the 429 that says which one is empty."""
         admission = await self.limiter.admit(key)
-        connection.scope["state"][_ADMISSION] = admission
+        scope["state"][_ADMISSION] = admission
         if admission.admitted:
             return
         wait = admission.retry_after
@@ -62,15 +58,10 @@ class ClientHooks:
             retry_after=wait,
         )
 
-    async def before_send(self, message: Message, scope: Scope) -> None:
-        if message["type"] != "http.response.start":
-            return
-        handler = scope.get("route_handler")
-        if handler is None or not handler.opt.get("embedding"):
-            return
+    def answer_headers(self, scope: Scope, status: int) -> list[tuple[bytes, bytes]]:
+        """The pacing and cache headers of one embedding answer; charges and counts it for its key."""
         done = outcome(scope)
         key = client_key(scope)
-        headers = list(message.get("headers", ()))
         admission = scope["state"].get(_ADMISSION) if key is not None and key.limited else None
         if key is not None and isinstance(admission, Admission):
             levels = admission.levels
@@ -82,17 +73,17 @@ class ClientHooks:
                 levels = Levels(
                     levels.requests_limit, levels.tokens_limit, levels.requests, levels.tokens - done.tokens
                 )
-            headers += _limit_headers(levels, self._queue_headers(scope))
+            headers = _limit_headers(levels, self._queue_headers(scope))
         else:
-            headers += self._queue_headers(scope)
-        if message["status"] < 400:
+            headers = list(self._queue_headers(scope))
+        if status < 400:
             headers.append((b"x-cache-hits", _count(done.hits)))
             headers.append((b"x-cache-misses", _count(done.misses)))
-        message["headers"] = headers
         if key is not None and key.name is not None:
             self.telemetry.key_request(
-                key.name, message["status"], inputs=done.inputs, tokens=done.tokens, hits=done.hits, misses=done.misses
+                key.name, status, inputs=done.inputs, tokens=done.tokens, hits=done.hits, misses=done.misses
             )
+        return headers
 
     def _queue_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """The six ``x-ratelimit-*`` headers of a key without limits: no requests limit, and the encoder

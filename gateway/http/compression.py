@@ -1,34 +1,42 @@
 """Compressed answers: zstd when the client accepts it, gzip otherwise, never for small bodies.
 
-Litestar's :class:`~litestar.config.compression.CompressionConfig` picks the facade: ours is zstd
-(python clients send ``Accept-Encoding: gzip, deflate, zstd`` once ``zstandard`` is installed; httpx
-and urllib3 decode it), with Litestar's gzip as the fallback. Both run at their fastest levels: on a
-1,000 x 384 float answer gzip level 1 takes a fifth of the time of level 6 for 12% more bytes, and
-zstd level 1 is faster and smaller still. Bodies under ``EMBED_COMPRESSION_MIN_BYTES`` go out as
-they are: a single-vector answer gains a few hundred bytes and would pay more in CPU than the hit
-path's budget (``bench/features.py`` measures it). :class:`SmallFirstCompressionMiddleware` (Litestar's
-middleware, handed in as the config's ``middleware_class``) sends such an answer on before Litestar's
-compressing wrapper (a buffer, a facade, the scope state) is even built: ~5 us of the hit path, ~1 us
-left.
+Two places compress, with the same codecs, levels and threshold:
+
+* embedding answers are compressed by their route (:class:`AnswerCompressor`), which holds the
+  whole body anyway: the hit path builds no middleware layer, send wrapper or buffer for the
+  single-vector answers that stay under the threshold;
+* every other route (``/metrics``, ``/stats``, the dashboard, ``/docs``) goes through Litestar's
+  compression middleware (:func:`compression_middleware`) with our zstd facade and Litestar's gzip
+  as the fallback.
+
+Python clients send ``Accept-Encoding: gzip, deflate, zstd`` once ``zstandard`` is installed; httpx
+and urllib3 decode it. Both codecs run at their fastest levels: on a 1,000 x 384 float answer gzip
+level 1 takes a fifth of the time of level 6 for 12% more bytes, and zstd level 1 is faster and
+smaller still. Bodies under ``EMBED_COMPRESSION_MIN_BYTES`` go out as they are: a single-vector
+answer gains a few hundred bytes and would pay more in CPU than the hit path's budget
+(``bench/features.py`` measures both).
 """
 
 from __future__ import annotations
 
+import gzip
 from io import BytesIO
 from typing import ClassVar
 
 import zstandard
 from litestar.config.compression import CompressionConfig
 from litestar.enums import CompressionEncoding
+from litestar.middleware import DefineMiddleware
 from litestar.middleware.compression import CompressionMiddleware
-from litestar.types import Message, Scope, Send
+from litestar.types import Scope
 
 from gateway.settings import Settings
 
-__all__ = ["GZIP_LEVEL", "ZSTD_LEVEL", "SmallFirstCompressionMiddleware", "ZstdCompression", "compression_config"]
+__all__ = ["GZIP_LEVEL", "ZSTD_LEVEL", "AnswerCompressor", "ZstdCompression", "compression_middleware"]
 
 GZIP_LEVEL = 1
 ZSTD_LEVEL = 1
+_PREFERRED = ("zstd", "gzip")  # the server's order when a client accepts both
 
 
 class ZstdCompression:
@@ -43,7 +51,7 @@ class ZstdCompression:
     ) -> None:
         self.buffer = buffer
         # Made on the first write: the middleware builds a facade for every response whose client
-        # accepts zstd, and most hit-path answers stay under the threshold (a context costs ~18 us).
+        # accepts zstd, and most answers stay under the threshold (a context costs ~18 us).
         self.compressor: zstandard.ZstdCompressionObj | None = None
 
     def write(self, body: bytes) -> None:
@@ -56,49 +64,65 @@ class ZstdCompression:
             self.buffer.write(self.compressor.flush())
 
 
-class SmallFirstCompressionMiddleware(CompressionMiddleware):
-    """Litestar's compression, with its wrapper built only for answers it may compress: one whose
-    whole body comes in one message under ``minimum_size`` goes out as Litestar would send it (as it
-    is), anything else goes through Litestar's own wrapper unchanged."""
-
-    def create_compression_send_wrapper(self, send: Send, compression_encoding: str, scope: Scope) -> Send:
-        minimum = self.config.minimum_size
-        start: Message | None = None
-        full: Send | None = None
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal start, full
-            if full is None:
-                if message["type"] == "http.response.start" and start is None:
-                    start = message
-                    return
-                if (
-                    start is not None
-                    and message["type"] == "http.response.body"
-                    and not message.get("more_body")
-                    and len(message["body"]) < minimum
-                ):
-                    await send(start)
-                    await send(message)
-                    return
-                full = super(SmallFirstCompressionMiddleware, self).create_compression_send_wrapper(
-                    send, compression_encoding, scope
-                )
-                if start is not None:
-                    await full(start)
-            await full(message)
-
-        return send_wrapper
+def accepted_encoding(scope: Scope) -> str | None:
+    """The coding to answer this request in: ``zstd`` or ``gzip`` if its ``Accept-Encoding`` takes
+    it (a ``q=0`` refuses one), zstd first; None for a plain body."""
+    for name, value in scope["headers"]:
+        if name != b"accept-encoding":
+            continue
+        accepted = set()
+        for part in value.decode("latin-1").lower().split(","):
+            coding, _, params = part.partition(";")
+            quality = params.strip().removeprefix("q=")
+            if not quality or _positive(quality):
+                accepted.add(coding.strip())
+        return next((coding for coding in _PREFERRED if coding in accepted), None)
+    return None
 
 
-def compression_config(settings: Settings) -> CompressionConfig | None:
+def _positive(quality: str) -> bool:
+    try:
+        return float(quality) > 0
+    except ValueError:
+        return True  # a malformed weight is a client bug, not a refusal
+
+
+class AnswerCompressor:
+    """Compresses a whole answer body for its request, or leaves it as it is.
+
+    ``compress(scope, body)`` returns the body to send and the headers that go with it:
+    ``Content-Encoding`` and ``Vary: Accept-Encoding`` when compressed, ``Vary`` alone when the
+    body was large enough but the client takes neither coding, nothing for a small body (whose
+    answer does not vary). One zstd context serves every answer: the event loop is one thread.
+    """
+
+    def __init__(self, min_bytes: int) -> None:
+        self.min_bytes = min_bytes
+        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+
+    def compress(self, scope: Scope, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        if len(body) < self.min_bytes:
+            return body, []
+        encoding = accepted_encoding(scope)
+        if encoding == "zstd":
+            return self._zstd.compress(body), [(b"content-encoding", b"zstd"), _VARY]
+        if encoding == "gzip":
+            return gzip.compress(body, GZIP_LEVEL), [(b"content-encoding", b"gzip"), _VARY]
+        return body, [_VARY]
+
+
+_VARY = (b"vary", b"accept-encoding")
+
+
+def compression_middleware(settings: Settings) -> DefineMiddleware | None:
+    """Litestar's compression middleware for the routes that do not compress their own answers."""
     if not settings.compression:
         return None
-    return CompressionConfig(
+    config = CompressionConfig(
         backend="zstd",
         compression_facade=ZstdCompression,
         gzip_fallback=True,
         gzip_compress_level=GZIP_LEVEL,
         minimum_size=settings.compression_min_bytes,
-        middleware_class=SmallFirstCompressionMiddleware,
     )
+    return DefineMiddleware(CompressionMiddleware, config=config)

@@ -30,7 +30,7 @@ from gateway.core.errors import (
     UnauthenticatedError,
 )
 
-__all__ = ["ERROR_TABLE", "ErrorEnvelope", "error_response", "exception_handlers"]
+__all__ = ["ERROR_TABLE", "ErrorEnvelope", "error_response", "exception_handlers", "gateway_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _request_id(request: Request[Any, Any, Any]) -> str:
     return str(request.scope.get("state", {}).get("request_id", "-"))
 
 
-def _gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+def gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
     status, error_type = next(ERROR_TABLE[cls] for cls in type(exc).__mro__ if cls in ERROR_TABLE)
     message = exc.message
     if status >= 500:
@@ -135,4 +135,4 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
 
 def exception_handlers() -> ExceptionHandlersMap:
     """The app's handlers; Litestar picks the most specific along the exception's MRO."""
-    return {GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected}
+    return {GatewayError: gateway_error, HTTPException: _http_error, Exception: _unexpected}

