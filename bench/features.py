@@ -1,6 +1,6 @@
 """Issue 13's cost on the single-text hit path, and the sizes and compression costs of answers.
 
-Three gateways on one private Redis, all warmed with the same texts, measured in alternating rounds
+Four gateways on one private Redis, all warmed with the same texts, measured in alternating rounds
 of single-text base64 requests (what the openai client sends) at concurrency 1:
 
 * ``before``: the code of ``--baseline-ref`` (default: where this branch left ``main``), exported with

@@ -41,6 +41,7 @@ from encoder.onnx_int8 import (
     Shape,
     cpu_int8_features,
     expected_speedup,
+    for_this_cpu,
     fuse_transformer,
     measure_gate,
     prepare_int8,
@@ -115,9 +116,9 @@ def in_process(
     st = SentenceTransformer(str(model_dir), device="cpu")
     runs: dict[str, Any] = {
         "torch float32 (Encoder.embed)": fp32.embed,
-        f"int8 {DEFAULT_RECIPE.name} (served)": int8.embed,
-        f"int8 {R1_RECIPE.name} (before)": r1.embed,
-        f"int8 {PLAIN_RECIPE.name} (plain per-channel)": plain.embed,
+        f"int8 {for_this_cpu(DEFAULT_RECIPE).name} (served)": int8.embed,
+        f"int8 {for_this_cpu(R1_RECIPE).name} (before)": r1.embed,
+        f"int8 {for_this_cpu(PLAIN_RECIPE).name} (plain per-channel)": plain.embed,
         "onnxruntime float32, r2's fusions": fused.embed,
         "sentence-transformers encode(32)": lambda t: st.encode(t, batch_size=32, normalize_embeddings=True),
     }
@@ -145,9 +146,9 @@ def in_process(
     reference = fp32.embed(texts)
     quality = []
     for name, encoder, recipe in (
-        (DEFAULT_RECIPE.name, int8, DEFAULT_RECIPE),
-        (R1_RECIPE.name, r1, R1_RECIPE),
-        (PLAIN_RECIPE.name, plain, PLAIN_RECIPE),
+        (for_this_cpu(DEFAULT_RECIPE).name, int8, DEFAULT_RECIPE),  # 7-bit weights where the CPU needs them
+        (for_this_cpu(R1_RECIPE).name, r1, R1_RECIPE),
+        (for_this_cpu(PLAIN_RECIPE).name, plain, PLAIN_RECIPE),
     ):
         probe = prepare_int8(
             fp32.spec, fp32.tokenizer, cache_dir=cache, threads=fp32.threads, floor=NO_FLOOR, recipe=recipe
