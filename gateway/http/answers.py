@@ -61,9 +61,13 @@ class PreparedAnswer(Response[T]):
         status_code: int | None = None,
         type_encoders: TypeEncodersMap | None = None,
     ) -> ASGIResponse:
-        # The embedding routes set no route-level headers, cookies or background tasks (those
-        # arguments come from the handler's layers, and would be dropped here).
-        return _Sender(self.body, [_JSON, (b"content-length", str(len(self.body)).encode()), *self.raw_headers])
+        sent = [_JSON, (b"content-length", str(len(self.body)).encode()), *self.raw_headers]
+        # What the handler's layers add (none today; empty on the hit path): response headers, cookies.
+        if headers:
+            sent += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        if cookies:
+            sent += [cookie.to_encoded_header() for cookie in cookies if not cookie.documentation_only]
+        return _Sender(self.body, sent, self.background or background)
 
 
 class _Sender(ASGIResponse):
@@ -71,15 +75,19 @@ class _Sender(ASGIResponse):
 
     __slots__ = ("raw_headers",)
 
-    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, body: bytes, headers: list[tuple[bytes, bytes]], background: BackgroundTask | BackgroundTasks | None
+    ) -> None:
         # ASGIResponse.__init__ is not called on purpose: it would rebuild what is already final.
         self.body = body
         self.raw_headers = headers
         self.status_code = 200
+        self.background = background
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body, "more_body": False})
+        await self.after_response()  # the background tasks, if any
 
 
 Headers = list[tuple[bytes, bytes]]
