@@ -3,7 +3,8 @@
 * ``stats``: keys and bytes per model fingerprint and output kind. Every key is counted with SCAN;
   bytes come from ``MEMORY USAGE`` of a sample of each group's keys, scaled to the group.
 * ``purge --fingerprint FP``: counts the fingerprint's keys; with ``--yes`` UNLINKs them in batches
-  (a progress bar on stderr). For the vectors of a model that is no longer served.
+  (a progress bar on stderr). For the vectors of a model that is no longer served. ``FP`` is a
+  namespace as ``stats`` prints it, or the model fingerprint alone (every namespace of that model).
 * ``warm FILE --url URL``: sends a corpus (JSONL with ``{"text": ...}`` per line, or plain text with
   one per line) through a running gateway in token-budgeted requests, so its vectors are cached
   before the traffic comes. Resumable: ``FILE.warm-state`` holds the byte offset of the next line.
@@ -95,10 +96,12 @@ def scan_groups(client: RedisLike, prefix: str, *, sample: int = 200, count: int
 
 
 def _matching(client: RedisLike, prefix: str, fingerprint: str, count: int) -> Iterator[bytes]:
-    for raw in client.scan_iter(match=f"{_escape(prefix)}:{_escape(fingerprint)}:*", count=count):
+    """Keys of the namespace ``fingerprint`` (``stats``' first column), or of every namespace of the
+    model fingerprint ``fingerprint`` (its part before ``-``: all numerics and truncation variants)."""
+    for raw in client.scan_iter(match=f"{_escape(prefix)}:{_escape(fingerprint)}*", count=count):
         key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         parsed = parse_key(key, prefix)
-        if parsed is not None and parsed[0] == fingerprint:
+        if parsed is not None and (parsed[0] == fingerprint or parsed[0].startswith(fingerprint + "-")):
             yield raw
 
 

@@ -78,6 +78,22 @@ def test_stats_and_purge(gateway_factory, fresh_redis, capsys: pytest.CaptureFix
     assert client.exists(f"{PREFIX}:ratelimit:{{ingest}}:requests")
 
 
+def test_purge_by_the_model_fingerprint_takes_each_of_its_namespaces(fresh_redis, capsys) -> None:  # type: ignore[no-untyped-def]
+    client = fresh_redis.client()
+    model, other = "fedcba9876543210", "fedcba98765432ff"
+    digest = "0" * 32
+    for namespace in (f"{model}-aaaa1111", f"{model}-bbbb2222"):
+        client.set(f"{PREFIX}:{namespace}:{digest}", b"v")
+        client.set(f"{PREFIX}:{namespace}:sparse:{digest}", b"v")
+    client.set(f"{PREFIX}:{other}-aaaa1111:{digest}", b"v")
+    argv = ["cache", "purge", "--redis-url", fresh_redis.url, "--cache-prefix", PREFIX, "--fingerprint"]
+    assert main([*argv, f"{model}-aaaa1111", "--yes"]) == 0  # one namespace, as stats prints it
+    assert "unlinked 2 of 2" in capsys.readouterr().out
+    assert main([*argv, model, "--yes"]) == 0  # the model: every namespace left of it
+    assert "unlinked 2 of 2" in capsys.readouterr().out
+    assert client.exists(f"{PREFIX}:{other}-aaaa1111:{digest}"), "another model's keys stay"
+
+
 def test_cache_commands_need_redis(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit, match="EMBED_REDIS_URL"):
         main(["cache", "stats", "--redis-url", ""])
