@@ -120,13 +120,24 @@ def _answer_builder(settings: Settings, clients: ClientHooks) -> AnswerBuilder:
     return AnswerBuilder(clients.answer_headers, compressor)
 
 
+def _compressed(settings: Settings) -> list[DefineMiddleware]:
+    compression = compression_middleware(settings)
+    return [compression] if compression else []
+
+
 def _routes(settings: Settings) -> list[ControllerRouterHandler]:
     """Embedding routes compress their own answers (answers.py); the rest go through Litestar's middleware."""
-    compression = compression_middleware(settings)
-    return [
-        *EMBEDDING_ROUTES,
-        Router("/", route_handlers=OTHER_ROUTES, middleware=[compression] if compression else []),
-    ]
+    return [*EMBEDDING_ROUTES, Router("/", route_handlers=OTHER_ROUTES, middleware=_compressed(settings))]
+
+
+def _openapi(settings: Settings) -> OpenAPIConfig:
+    """The schema and its pages under ``/docs``, compressed like the other routes (a 45 KB document)."""
+    return OpenAPIConfig(
+        title="embedding-gateway",
+        version=VERSION,
+        description="OpenAI-compatible embeddings with a Redis vector cache.",
+        openapi_router=Router("/docs", route_handlers=[], middleware=_compressed(settings), include_in_schema=False),
+    )
 
 
 def _middleware(
@@ -280,12 +291,7 @@ def create_app(
         middleware=_middleware(settings, keys, telemetry, clients),
         before_send=[_response_headers(clients, worker=engine_socket is not None)],
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(
-            title="embedding-gateway",
-            version=VERSION,
-            description="OpenAI-compatible embeddings with a Redis vector cache.",
-            path="/docs",
-        ),
+        openapi_config=_openapi(settings),
         debug=False,
         logging_config=None,
     )

@@ -98,6 +98,8 @@ def test_the_other_routes_are_compressed_by_litestars_middleware(gateway_factory
     metrics = httpx.get(f"{live.url}/metrics", headers={"accept-encoding": "gzip"}, timeout=30)
     assert metrics.status_code == 200 and metrics.headers["content-encoding"] == "gzip"
     assert b"embedding_requests_total" in metrics.content  # httpx decoded it
+    schema = httpx.get(f"{live.url}/docs/openapi.json", headers={"accept-encoding": "gzip"}, timeout=30)
+    assert schema.headers["content-encoding"] == "gzip" and "/v1/embeddings" in schema.json()["paths"]
     health = httpx.get(f"{live.url}/health", headers={"accept-encoding": "gzip"}, timeout=30)
     assert health.headers.get("content-encoding") is None, "a small answer goes out as it is"
     off = gateway_factory(compression=False)
