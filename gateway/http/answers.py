@@ -62,11 +62,14 @@ class PreparedAnswer(Response[T]):
         type_encoders: TypeEncodersMap | None = None,
     ) -> ASGIResponse:
         sent = [_JSON, (b"content-length", str(len(self.body)).encode()), *self.raw_headers]
-        # What the handler's layers add (none today; empty on the hit path): response headers, cookies.
-        if headers:
-            sent += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-        if cookies:
-            sent += [cookie.to_encoded_header() for cookie in cookies if not cookie.documentation_only]
+        # What the handler's layers or an after_request hook add (none today; empty on the hit path).
+        # As in Litestar's own merge, the response's headers win over the layers'.
+        extra = {**headers, **self.headers} if headers else self.headers
+        if extra:
+            sent += [(name.lower().encode("latin-1"), str(value).encode("latin-1")) for name, value in extra.items()]
+        for cookie in [*self.cookies, *(cookies or ())]:
+            if not cookie.documentation_only:
+                sent.append(cookie.to_encoded_header())
         return _Sender(self.body, sent, self.background or background)
 
 
@@ -106,8 +109,8 @@ class AnswerBuilder:
 
     def prepare(self, scope: Scope, content: T) -> PreparedAnswer[T]:
         body = self._encode(content)
-        headers = self.client_headers(scope, 200)
+        coding: Headers = []
         if self.compressor is not None:
             body, coding = self.compressor.compress(scope, body)
-            headers += coding
-        return PreparedAnswer(content, body, headers)
+        # Last: it charges and counts the answer, which nothing after it may fail.
+        return PreparedAnswer(content, body, self.client_headers(scope, 200) + coding)

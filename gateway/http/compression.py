@@ -65,26 +65,35 @@ class ZstdCompression:
 
 
 def accepted_encoding(scope: Scope) -> str | None:
-    """The coding to answer this request in: ``zstd`` or ``gzip`` if its ``Accept-Encoding`` takes
-    it (a ``q=0`` refuses one), zstd first; None for a plain body."""
+    """The coding to answer this request in: ``zstd`` or ``gzip``, whichever its ``Accept-Encoding``
+    (every such header line) weighs higher, zstd on a tie; ``*`` stands for both where they are not
+    named, and ``q=0`` refuses. None: a plain body."""
+    weights: dict[str, float] = {}
     for name, value in scope["headers"]:
         if name != b"accept-encoding":
             continue
-        accepted = set()
         for part in value.decode("latin-1").lower().split(","):
-            coding, _, params = part.partition(";")
-            quality = params.strip().removeprefix("q=")
-            if not quality or _positive(quality):
-                accepted.add(coding.strip())
-        return next((coding for coding in _PREFERRED if coding in accepted), None)
-    return None
+            coding, *params = (piece.strip() for piece in part.split(";"))
+            if not coding:
+                continue
+            weight = 1.0
+            for param in params:
+                key, _, raw = param.partition("=")
+                if key.strip() == "q":
+                    weight = _weight(raw.strip())
+            weights[coding] = weight
+    if not weights:
+        return None
+    anything = weights.get("*", 0.0)
+    best = max(_PREFERRED, key=lambda coding: weights.get(coding, anything))  # the first of equals: zstd
+    return best if weights.get(best, anything) > 0 else None
 
 
-def _positive(quality: str) -> bool:
+def _weight(raw: str) -> float:
     try:
-        return float(quality) > 0
+        return float(raw)
     except ValueError:
-        return True  # a malformed weight is a client bug, not a refusal
+        return 1.0  # a malformed weight is a client bug, not a refusal
 
 
 class AnswerCompressor:
@@ -93,7 +102,8 @@ class AnswerCompressor:
     ``compress(scope, body)`` returns the body to send and the headers that go with it:
     ``Content-Encoding`` and ``Vary: Accept-Encoding`` when compressed, ``Vary`` alone when the
     body was large enough but the client takes neither coding, nothing for a small body (whose
-    answer does not vary). One zstd context serves every answer: the event loop is one thread.
+    answer does not vary). One zstd context serves every answer, which is safe only from one thread:
+    call it on the event loop (the embedding handlers are async), never from a worker thread.
     """
 
     def __init__(self, min_bytes: int) -> None:

@@ -41,6 +41,22 @@ def test_the_body_and_headers_go_out_as_built_with_what_the_layers_add() -> None
     assert ran == ["after"]
 
 
+def test_what_an_after_request_hook_sets_on_the_answer_is_sent() -> None:
+    async def stamp(response: Response[Any]) -> Response[Any]:
+        response.set_header("x-after", "1")
+        response.set_cookie("after", "yes")
+        return response
+
+    @post("/hooked", after_request=stamp, response_headers=[ResponseHeader(name="x-after", value="layer")])
+    async def hooked() -> Response[Body]:
+        return PreparedAnswer(Body([3]), b'{"values":[3]}', [])
+
+    with TestClient(Litestar([hooked])) as client:
+        answer = client.post("/hooked")
+    assert answer.headers["x-after"] == "1", "the response's own header wins over the layer's, as in Litestar"
+    assert answer.cookies["after"] == "yes" and answer.json() == {"values": [3]}
+
+
 def test_the_builder_encodes_compresses_and_adds_the_clients_headers() -> None:
     seen: list[int] = []
 

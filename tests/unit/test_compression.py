@@ -26,11 +26,22 @@ def _scope(accept: bytes | None) -> dict[str, object]:
         (b"identity", None),
         (b"br", None),
         (b"gzip;q=oops", "gzip"),  # a malformed weight is not a refusal
+        (b"gzip;level=1;q=0", None),  # the weight among other parameters
+        (b"gzip ; q = 0", None),
+        (b"gzip;q=1, zstd;q=0.1", "gzip"),  # the client's weights choose
+        (b"*", "zstd"),  # anything: the server's first
+        (b"*, zstd;q=0", "gzip"),
+        (b"*;q=0", None),
         (None, None),
     ],
 )
 def test_the_coding_follows_accept_encoding(accept: bytes | None, expected: str | None) -> None:
     assert accepted_encoding(_scope(accept)) == expected  # type: ignore[arg-type]
+
+
+def test_every_accept_encoding_line_counts() -> None:
+    scope = {"type": "http", "headers": [(b"accept-encoding", b"identity"), (b"accept-encoding", b"gzip")]}
+    assert accepted_encoding(scope) == "gzip"  # type: ignore[arg-type]
 
 
 def test_small_answers_stay_plain_and_large_ones_are_compressed_and_vary() -> None:
