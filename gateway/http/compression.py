@@ -36,7 +36,7 @@ __all__ = ["GZIP_LEVEL", "ZSTD_LEVEL", "AnswerCompressor", "ZstdCompression", "c
 
 GZIP_LEVEL = 1
 ZSTD_LEVEL = 1
-_PREFERRED = ("zstd", "gzip")  # the server's order when a client accepts both
+_PREFERRED = ("zstd", "gzip")  # the tie-break when a client weighs both alike
 
 
 class ZstdCompression:
