@@ -76,11 +76,26 @@ class EmbeddingService:
         self.cache_prefix = cache_prefix
         self.max_request_tokens = max_request_tokens
         self.truncate = truncate
-        self.namespace = cache_namespace(
-            encoder.fingerprint, encoder.numerics, truncate=truncate, share_numerics=share_numerics
-        )
+        self.share_numerics = share_numerics
+        self._namespace = ("", "")  # (fingerprint, namespace): recomputed when the encoder's fingerprint changes
         self._writes: set[asyncio.Task[None]] = set()
         self.writes_failing = False  # the last cache write failed (health reports the cache degraded)
+
+    @property
+    def namespace(self) -> str:
+        """The cache namespace of the model that computes the misses *now*.
+
+        Derived on every use, not fixed at start: with ``EMBED_WORKERS > 1`` the engine may restart
+        with another fingerprint (its folder changed in place), and its new vectors must never be
+        written, or the old ones read, under the old model's keys.
+        """
+        fingerprint = self.encoder.fingerprint
+        if self._namespace[0] != fingerprint:
+            namespace = cache_namespace(
+                fingerprint, self.encoder.numerics, truncate=self.truncate, share_numerics=self.share_numerics
+            )
+            self._namespace = (fingerprint, namespace)
+        return self._namespace[1]
 
     def key(self, text: str, output: OutputSpec[T, R] | None = None) -> str:
         """The cache key of ``text``'s ``output`` (default: dense): the namespace and the kind are in it."""
@@ -98,7 +113,8 @@ class EmbeddingService:
             )
         width = self.encoder.output_width(output.kind)
         unique = list(dict.fromkeys(texts))
-        keys = [self.key(text, output) for text in unique] if self.cache is not None else []
+        space = self.namespace + output.namespace
+        keys = [cache_key(self.cache_prefix, space, text) for text in unique] if self.cache is not None else []
         blobs = await self._lookup(keys) if keys else [None] * len(unique)
         found = [output.unpack(blob, width) for blob in blobs]
         missing = [i for i, value in enumerate(found) if value is None]
@@ -129,7 +145,9 @@ class EmbeddingService:
             computed = await self._compute(miss_texts, token_ids, output, guard, tenant)
             for i, outputs in zip(missing, computed, strict=True):
                 found[i] = (outputs.tokens, output.take(outputs))
-            if self.cache is not None:
+            # An engine that restarted with another model meanwhile computed these: its link adopted
+            # the new fingerprint before any of its results arrived, so a changed namespace shows it.
+            if self.cache is not None and self.namespace + output.namespace == space:
                 self._write_back([(keys[i], output.pack(*pair)) for i in missing if (pair := found[i]) is not None])
 
         values: list[T] = []

@@ -12,6 +12,7 @@ import pytest
 from encoder import Encoder, load_encoder
 from gateway import Settings, create_app
 from gateway.core.cache.formats import pack_dense
+from support.collisions import xxh3_128_collision
 from tests.helpers import embed, fetch_stats, vectors
 from tests.servers import RedisServer, ThreadedGateway
 
@@ -191,3 +192,22 @@ def test_a_truncated_vector_is_never_served_to_a_replica_that_does_not_truncate(
         response = httpx.post(f"{strict.url}/v1/embeddings", json={"input": long_text}, timeout=30)
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_crafted_hash_collision_never_serves_the_other_texts_vector(
+    gateway_factory, redis_server: RedisServer, minilm_encoder: Encoder
+) -> None:  # type: ignore[no-untyped-def]
+    """Two texts with the same XXH3-128 (built from its public secret): one tenant caches ``a``, another
+    asks for ``b`` and must get ``b``'s own vector and token count, not ``a``'s."""
+    a, b = xxh3_128_collision()
+    true_a, true_b = minilm_encoder.embed([a, b])
+    assert float(np.dot(true_a, true_b)) < 0.95, "the pair must differ in meaning for the test to mean anything"
+    live = gateway_factory(redis_url=redis_server.url)
+    first = embed(live.url, [a])
+    _drain(live)
+    second = embed(live.url, [b])
+    np.testing.assert_allclose(vectors(first)[0], true_a, atol=1e-6)
+    np.testing.assert_allclose(vectors(second)[0], true_b, atol=1e-6)
+    assert second.json()["usage"]["prompt_tokens"] == len(minilm_encoder.tokenize([b])[0])
+    runtime = live.server.config.app.state.runtime  # type: ignore[attr-defined]
+    assert runtime.service.key(a) != runtime.service.key(b)

@@ -108,3 +108,60 @@ async def test_the_memory_cache_is_bounded_in_bytes_whatever_the_kind() -> None:
     await cache.put_blobs([("huge", bytes(8 << 20))])  # bigger than the whole cache: not kept
     assert (await cache.get_blobs(["huge"]))[0] is None
     assert (await cache.get_blobs(["dense-999"]))[0] == dense
+
+
+class _SwitchingEncoder:
+    """The encoder as a worker sees it through the engine link: its fingerprint can change under it
+    (the engine restarted on a model folder changed in place)."""
+
+    def __init__(self, real: Encoder) -> None:
+        self._real = real
+        self.fingerprint = real.fingerprint
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+class _RestartingBatcher:
+    """Computes with the real batcher, but the engine 'restarts' with a new model during the pass."""
+
+    def __init__(self, real: MicroBatcher, encoder: _SwitchingEncoder) -> None:
+        self._real, self._encoder = real, encoder
+
+    async def tokenize(self, texts: list[str], *, truncate: bool | None = None) -> list[list[int]]:
+        return await self._real.tokenize(texts, truncate=truncate)
+
+    async def embed(self, texts: list[str], token_ids: list[list[int]], **kwargs: object) -> object:
+        results = await self._real.embed(texts, token_ids, **kwargs)  # type: ignore[arg-type]
+        self._encoder.fingerprint = "0123456789abcdef"
+        return results
+
+
+@pytest.mark.anyio
+async def test_the_namespace_follows_the_engines_fingerprint_and_a_switch_mid_pass_writes_nothing(
+    minilm_encoder: Encoder,
+) -> None:
+    telemetry = Telemetry()
+    real = MicroBatcher(minilm_encoder, observer=telemetry)
+    await real.start()
+    encoder = _SwitchingEncoder(minilm_encoder)
+    cache = MemoryBlobCache(max_bytes=1 << 20, ttl_seconds=60)
+    service = EmbeddingService(
+        encoder=encoder,  # type: ignore[arg-type]
+        batcher=_RestartingBatcher(real, encoder),  # type: ignore[arg-type]
+        cache=cache,
+        telemetry=telemetry,
+        cache_prefix="unit",
+        max_request_tokens=600,
+        truncate=True,
+    )
+    try:
+        before = service.namespace
+        await service.embed(["computed by the old model, answered after the switch"], DENSE)
+        await service.drain(5)
+        assert service.namespace != before, "the namespace follows the fingerprint"
+        assert before.startswith(minilm_encoder.fingerprint)
+        assert service.namespace.startswith("0123456789abcdef")
+        assert len(cache) == 0, "vectors computed across a model switch are cached under neither namespace"
+    finally:
+        await real.stop()
