@@ -46,9 +46,12 @@ class OutputsRequest(msgspec.Struct, kw_only=True):
 
     input: str | list[str | int | list[int]]
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"  # multivector only
+    encoding_format: Literal["float", "base64"] = "float"  # multivector only (sparse: 400 unless float)
     return_tokens: bool = False  # sparse only: also the token strings
     user: str | None = None
+    # Declared so that a client sending it gets a 400, not a silently full-width answer: neither output
+    # has a meaningful truncation (sparse weights are per token; ColBERT rows were not trained nested).
+    dimensions: int | None = None
 
 
 class SparseVector(msgspec.Struct, omit_defaults=True):

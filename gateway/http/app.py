@@ -249,7 +249,7 @@ def create_app(
         app.state.runtime = runtime
         await limiter.connect()
         sampler = asyncio.create_task(run_sampler(history, telemetry, runtime.live_state), name="history-sampler")
-        backend = vector_cache.backend if vector_cache else "off"
+        backend = vector_cache.backend if vector_cache is not None else "off"  # an empty cache is falsy
         # What exists now (the model, tokenizer, app) lives as long as the process: out of the garbage
         # collector's reach, so a full collection scans only what requests leave behind. A full one
         # over a big heap stalls the event loop (0.49 s in the test suite's process, past the 250 ms

@@ -164,3 +164,9 @@ def test_the_startup_heap_is_frozen_out_of_the_garbage_collector(gateway_factory
     assert gc.get_freeze_count() == 0
     gateway_factory()
     assert gc.get_freeze_count() > 10_000, "the model, tokenizer and app are out of the collector's reach"
+
+
+def test_health_names_the_in_process_cache_even_while_it_is_empty(gateway_factory) -> None:  # type: ignore[no-untyped-def]
+    live = gateway_factory()  # no Redis: the in-process cache, empty at start
+    health = httpx.get(f"{live.url}/health").json()
+    assert health["cache"] == {"backend": "memory", "status": "ok"}

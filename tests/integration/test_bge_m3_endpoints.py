@@ -117,3 +117,19 @@ def test_a_model_without_the_heads_says_which_file_is_missing(gateway_factory) -
         error = response.json()["error"]
         assert missing in error["message"]
         assert error["code"] == "output_not_supported"
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/embeddings/sparse", {"dimensions": 8}, "dimensions"),
+        ("/v1/embeddings/sparse", {"encoding_format": "base64"}, "encoding_format"),
+        ("/v1/embeddings/multivector", {"dimensions": 8}, "dimensions"),
+    ],
+)
+def test_options_an_output_cannot_honour_are_refused_not_ignored(live, path: str, extra: dict, param: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+    response = httpx.post(f"{live.url}{path}", json={"model": "bge-m3", "input": TEXTS[:1], **extra}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"

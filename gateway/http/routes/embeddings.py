@@ -21,6 +21,7 @@ from gateway.core.outputs import COLBERT, DENSE, SPARSE, Answer, OutputSpec, Res
 from gateway.core.schemas import (
     EmbeddingResponse,
     MultiVectorResponse,
+    OutputsRequest,
     SparseResponse,
     decode_embedding_request,
     decode_outputs_request,
@@ -118,6 +119,15 @@ async def _accept(request: Request[Any, Any, Any], decode: Callable[[bytes], B])
 _EMBEDDING = {"embedding": True}
 
 
+def _refuse_dimensions(data: OutputsRequest, output: str) -> None:
+    """An option an output cannot honour is an error: a client must never get a full-width answer
+    it believes was shortened."""
+    if data.dimensions is not None:
+        raise InvalidInputError(
+            f"'dimensions' applies to dense embeddings (/v1/embeddings), not to {output} outputs", param="dimensions"
+        )
+
+
 @post(
     ["/v1/embeddings", "/embeddings"],
     status_code=200,
@@ -149,6 +159,12 @@ async def create_embeddings(request: Request[Any, Any, Any]) -> Response[Embeddi
 )
 async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseResponse]:
     runtime, data = await _accept(request, decode_outputs_request)
+    _refuse_dimensions(data, "sparse")
+    if data.encoding_format != "float":
+        raise InvalidInputError(
+            "sparse answers are token ids and weights in JSON; 'encoding_format' must be 'float' here",
+            param="encoding_format",
+        )
     options = ResponseOptions(return_tokens=data.return_tokens, token_names=runtime.encoder.token_names)
     return await _answer(request, runtime, data.input, SPARSE, options)
 
@@ -165,5 +181,6 @@ async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseRespo
 )
 async def create_multivector(request: Request[Any, Any, Any]) -> Response[MultiVectorResponse]:
     runtime, data = await _accept(request, decode_outputs_request)
+    _refuse_dimensions(data, "multivector")
     options = ResponseOptions(encoding_format=data.encoding_format)
     return await _answer(request, runtime, data.input, COLBERT, options)

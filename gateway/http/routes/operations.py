@@ -42,7 +42,7 @@ async def health(request: Request[Any, Any, Any]) -> Health:
         status="ok" if cache_status in ("ok", "off") else "degraded",
         model=runtime.settings.served_model,
         device=runtime.encoder.device,
-        cache=CacheHealth(backend=runtime.cache.backend if runtime.cache else "off", status=cache_status),
+        cache=CacheHealth(backend=runtime.cache.backend if runtime.cache is not None else "off", status=cache_status),
     )
 
 
