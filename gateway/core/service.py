@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -32,6 +33,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# Characters tokenised at a time while a request's token count is checked against its limit: big
+# enough that the batcher's tokeniser hop is rare, small enough that a request far past the limit
+# is refused after about that much work (and memory: ~100 bytes per character while tokenising).
+_TOKENIZE_PIECE_CHARS = 64 * 1024
 
 Guard = Callable[[Awaitable[list[Outputs]]], Awaitable[list[Outputs]]]
 
@@ -122,24 +128,10 @@ class EmbeddingService:
         self.telemetry.looked_up(hits, len(missing))
 
         miss_texts = [unique[i] for i in missing]
-        try:
-            token_ids = await self.batcher.tokenize(miss_texts, truncate=self.truncate)
-        except InputTooLongError as exc:
-            position = texts.index(miss_texts[exc.index])
-            raise InvalidInputError(
-                f"input[{position}] {exc.describe()}; shorten or split it",
-                param="input",
-                code="context_length_exceeded",
-            ) from None
         per_text = {unique[i]: value[0] for i, value in enumerate(found) if value is not None}
+        token_ids = await self._tokenize_within_limit(texts, miss_texts, per_text)
         per_text.update({text: len(ids) for text, ids in zip(miss_texts, token_ids, strict=True)})
         tokens = [per_text[text] for text in texts]
-        if sum(tokens) > self.max_request_tokens:
-            raise InvalidInputError(
-                f"the request holds {sum(tokens)} tokens; this server takes at most "
-                f"{self.max_request_tokens} per request",
-                param="input",
-            )
 
         if miss_texts:
             computed = await self._compute(miss_texts, token_ids, output, guard, tenant)
@@ -158,6 +150,49 @@ class EmbeddingService:
             values.append(pair[1])
         self.telemetry.embedded(len(texts), sum(tokens))
         return EmbedResult(values=values, tokens=tokens, hits=hits, misses=len(missing))
+
+    async def _tokenize_within_limit(
+        self, texts: Sequence[str], miss_texts: list[str], known: dict[str, int]
+    ) -> list[list[int]]:
+        """Token ids of ``miss_texts``, refusing the request as soon as it is sure to pass
+        ``max_request_tokens``: every input is at least one token, so a request of more inputs
+        than that is refused unread, and the misses are tokenised a bounded piece at a time, the
+        running count checked after each. A request far over the limit (2,048 inputs of 8,192
+        characters) so costs about the limit's worth of tokenising, never all of it."""
+        if len(texts) > self.max_request_tokens:
+            self._too_many_tokens(f"at least {len(texts)}")
+        repeats = Counter(texts)
+        counted = sum(tokens * repeats[text] for text, tokens in known.items())
+        token_ids: list[list[int]] = []
+        start = 0
+        while start < len(miss_texts):
+            end, characters = start + 1, len(miss_texts[start])  # one text at least, however long
+            while end < len(miss_texts) and characters + len(miss_texts[end]) <= _TOKENIZE_PIECE_CHARS:
+                characters += len(miss_texts[end])
+                end += 1
+            try:
+                piece = await self.batcher.tokenize(miss_texts[start:end], truncate=self.truncate)
+            except InputTooLongError as exc:
+                position = texts.index(miss_texts[start + exc.index])
+                raise InvalidInputError(
+                    f"input[{position}] {exc.describe()}; shorten or split it",
+                    param="input",
+                    code="context_length_exceeded",
+                ) from None
+            counted += sum(len(ids) * repeats[text] for text, ids in zip(miss_texts[start:end], piece, strict=True))
+            if counted > self.max_request_tokens:
+                self._too_many_tokens(str(counted) if end == len(miss_texts) else f"more than {counted}")
+            token_ids.extend(piece)
+            start = end
+        if counted > self.max_request_tokens:
+            self._too_many_tokens(str(counted))
+        return token_ids
+
+    def _too_many_tokens(self, counted: str) -> None:
+        raise InvalidInputError(
+            f"the request holds {counted} tokens; this server takes at most {self.max_request_tokens} per request",
+            param="input",
+        )
 
     async def _compute(
         self, texts: list[str], token_ids: list[list[int]], output: OutputSpec[T, R], guard: Guard | None, tenant: str

@@ -165,3 +165,49 @@ async def test_the_namespace_follows_the_engines_fingerprint_and_a_switch_mid_pa
         assert len(cache) == 0, "vectors computed across a model switch are cached under neither namespace"
     finally:
         await real.stop()
+
+
+class _CountingBatcher:
+    """The real batcher, counting the characters handed to the tokenizer."""
+
+    def __init__(self, real: MicroBatcher) -> None:
+        self._real = real
+        self.characters = 0
+
+    async def tokenize(self, texts: list[str], *, truncate: bool | None = None) -> list[list[int]]:
+        self.characters += sum(len(text) for text in texts)
+        return await self._real.tokenize(texts, truncate=truncate)
+
+    async def embed(self, *args: object, **kwargs: object) -> object:
+        return await self._real.embed(*args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_request_over_its_token_limit_is_refused_before_all_of_it_is_tokenised(
+    minilm_encoder: Encoder,
+) -> None:
+    telemetry = Telemetry()
+    real = MicroBatcher(minilm_encoder, observer=telemetry)
+    await real.start()
+    counting = _CountingBatcher(real)
+    service = EmbeddingService(
+        encoder=minilm_encoder,
+        batcher=counting,  # type: ignore[arg-type]
+        cache=None,
+        telemetry=telemetry,
+        cache_prefix="unit",
+        max_request_tokens=2_000,
+        truncate=True,
+    )
+    texts = [f"text {i} " + "word " * 1_500 for i in range(500)]  # 256 tokens each after truncation
+    try:
+        with pytest.raises(InvalidInputError, match="at most 2000 per request"):
+            await service.embed(texts, DENSE)
+        whole = sum(len(text) for text in texts)
+        assert counting.characters < whole / 10, (counting.characters, whole)
+        before = counting.characters
+        with pytest.raises(InvalidInputError, match="at most 2000 per request"):
+            await service.embed([f"{i}" for i in range(2_001)], DENSE)  # a token each at least: refused unread
+        assert counting.characters == before
+    finally:
+        await real.stop()
