@@ -27,7 +27,7 @@ from gateway.core.errors import EncoderFailedError, InvalidInputError, OutputNot
 from gateway.core.outputs import DENSE, OutputSpec
 from gateway.core.telemetry import Telemetry
 
-__all__ = ["EmbedResult", "EmbeddingService", "Guard", "cache_namespace"]
+__all__ = ["CACHE_GENERATION", "EmbedResult", "EmbeddingService", "Guard", "cache_namespace"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +42,29 @@ _TOKENIZE_PIECE_CHARS = 64 * 1024
 Guard = Callable[[Awaitable[list[Outputs]]], Awaitable[list[Outputs]]]
 
 
-def cache_namespace(fingerprint: str, numerics: str, *, truncate: bool, share_numerics: bool = False) -> str:
+# Raised whenever a fix changes which vector some text gets: every entry written by an older version
+# is then in another namespace, never read again, and expires with its TTL. 2: texts with few tokens
+# per character were cut before tokenising (a prefix's vector, cached under the whole text's key).
+CACHE_GENERATION = 2
+
+
+def cache_namespace(
+    fingerprint: str,
+    numerics: str,
+    *,
+    truncate: bool,
+    share_numerics: bool = False,
+    generation: int = CACHE_GENERATION,
+) -> str:
     """The part of every cache key that says which vectors these are: ``{fingerprint}-{tag}``.
 
     The fingerprint covers the model's files, pooling, normalisation and max length; the tag covers
-    what else changes a vector: the numerics (runtime, dtype, quantisation) and truncation (a
-    truncated vector is not the vector of the whole text). ``share_numerics`` leaves the numerics
-    out on purpose, for replicas with, say, fp16 GPUs and fp32 CPUs that should share one cache.
+    what else changes a vector: the numerics (runtime, dtype, quantisation), truncation (a
+    truncated vector is not the vector of the whole text) and this code's ``generation``.
+    ``share_numerics`` leaves the numerics out on purpose, for replicas with, say, fp16 GPUs and
+    fp32 CPUs that should share one cache.
     """
-    described = f"{'any' if share_numerics else numerics}|truncate={truncate}"
+    described = f"{'any' if share_numerics else numerics}|truncate={truncate}|generation={generation}"
     return f"{fingerprint}-{xxhash.xxh3_64_hexdigest(described.encode())[:8]}"
 
 

@@ -211,3 +211,14 @@ async def test_a_request_over_its_token_limit_is_refused_before_all_of_it_is_tok
         assert counting.characters == before
     finally:
         await real.stop()
+
+
+def test_vectors_cached_by_an_older_generation_of_this_code_are_never_read(minilm_encoder: Encoder) -> None:
+    from gateway.core.service import CACHE_GENERATION, cache_namespace
+
+    now = cache_namespace(minilm_encoder.fingerprint, minilm_encoder.numerics, truncate=True)
+    older = cache_namespace(
+        minilm_encoder.fingerprint, minilm_encoder.numerics, truncate=True, generation=CACHE_GENERATION - 1
+    )
+    assert now != older
+    assert now.startswith(minilm_encoder.fingerprint) and older.startswith(minilm_encoder.fingerprint)
