@@ -1,46 +1,58 @@
 """``embedding-gateway cache stats | purge | warm``: look after the vector cache from a shell.
 
-* ``stats``: keys and bytes per model fingerprint and output kind. Every key is counted with SCAN;
-  bytes come from ``MEMORY USAGE`` of a sample of each group's keys, scaled to the group.
+* ``stats``: keys and bytes per model fingerprint and output kind. Every key is counted with SCAN
+  (on every primary of a cluster); bytes come from ``MEMORY USAGE`` of a sample of each group's
+  keys, scaled to the group.
 * ``purge --fingerprint FP``: counts the fingerprint's keys; with ``--yes`` UNLINKs them in batches
-  (a progress bar on stderr). For the vectors of a model that is no longer served. ``FP`` is a
-  namespace as ``stats`` prints it, or the model fingerprint alone (every namespace of that model).
+  (a progress bar on stderr) and reports how many Redis really removed. For the vectors of a model
+  that is no longer served. ``FP`` is a namespace as ``stats`` prints it, or the model fingerprint
+  alone (every namespace of that model).
 * ``warm FILE --url URL``: sends a corpus (JSONL with ``{"text": ...}`` per line, or plain text with
   one per line) through a running gateway in token-budgeted requests, so its vectors are cached
   before the traffic comes. Resumable: ``FILE.warm-state`` holds the byte offset of the next line.
 
-Keys look like ``{prefix}:{fingerprint}[:{kind}]:{xxh3_128 hex}``, where "fingerprint" is the whole
-cache namespace (``{model fingerprint}-{numerics tag}``, ``/stats`` ``cache.namespace``) (``gateway.core.cache.base``,
-``gateway.core.outputs``). The Redis code only calls ``scan_iter``, ``pipeline`` and ``unlink``,
-which a ``redis.cluster.RedisCluster`` offers too (it scans every primary and splits UNLINK by slot).
+Keys look like ``{prefix}:{fingerprint}[:{kind}]:{hex digest of the text}``, where "fingerprint" is the
+whole cache namespace (``{model fingerprint}-{numerics tag}``, ``/stats`` ``cache.namespace``)
+(``gateway.core.cache.base``, ``gateway.core.outputs``).
+
+``stats`` and ``purge`` reach Redis as the server does, through the cache's own clients
+(``gateway.core.cache.clients``) for ``EMBED_REDIS_MODE``: one node, the master the sentinels name,
+or a cluster, where every primary is scanned and UNLINK is split by slot (a cluster refuses one
+command over keys of several slots: CROSSSLOT).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-__all__ = ["KeyGroup", "WarmReport", "add_parsers", "parse_key", "purge", "run", "scan_groups", "warm"]
+from gateway.settings import Settings
 
-_HASH = re.compile(r"^[0-9a-f]{32}$")
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    Client: TypeAlias = Redis | RedisCluster
+
+__all__ = ["KeyGroup", "WarmReport", "add_parsers", "connect", "parse_key", "purge", "run", "scan_groups", "warm"]
+
+# The text's digest: 32 hex digits (XXH3-128, as keys were first written) or 64 (BLAKE2b-256). Both
+# count, so entries written before a digest change are still seen, sized and purged until they expire.
+_HASH = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{64})$")
 _GLOB = re.compile(r"([*?\[\]\\])")
-
-
-class RedisLike(Protocol):
-    """What this module needs of a redis-py client (``redis.Redis`` or ``redis.cluster.RedisCluster``)."""
-
-    def scan_iter(self, match: str | None = ..., count: int | None = ...) -> Iterator[bytes]: ...
-
-    def pipeline(self, transaction: bool = ...) -> Any: ...
-
-    def unlink(self, *names: str | bytes) -> Any: ...
+# An operator's command, not a request: a SCAN page or an UNLINK of a big batch may take seconds on a
+# busy node, but a node that does not answer must end the command with a line, not hang it.
+_TIMEOUT_S = 30.0
+_CONNECTIONS = 4  # per node; the commands here make one call at a time
 
 
 def _escape(text: str) -> str:
@@ -52,7 +64,7 @@ class KeyGroup:
     fingerprint: str
     kind: str  # dense, sparse, colbert, ...
     keys: int = 0
-    sampled: list[bytes] = field(default_factory=list)
+    sampled: list[bytes | str] = field(default_factory=list)
     sampled_bytes: int = 0
 
     @property
@@ -73,10 +85,35 @@ def parse_key(key: str, prefix: str) -> tuple[str, str] | None:
     return None
 
 
-def scan_groups(client: RedisLike, prefix: str, *, sample: int = 200, count: int = 1000) -> list[KeyGroup]:
+async def _scan(client: Client, match: str, count: int) -> AsyncIterator[bytes | str]:
+    """Every key matching ``match``: SCAN on the node, or on each primary of a cluster in turn (a
+    cluster node's SCAN sees only the slots it serves). Each page is bounded by :data:`_TIMEOUT_S`."""
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        for node in client.get_primaries():
+            cursor = -1
+            while cursor != 0:
+                async with asyncio.timeout(_TIMEOUT_S):
+                    # A cluster's SCAN answers ({node name: cursor}, keys); redis-py types it as one node's.
+                    reply: Any = await client.scan(cursor=max(cursor, 0), match=match, count=count, target_nodes=node)
+                cursors, keys = reply
+                cursor = int(cursors[node.name])
+                for key in keys:
+                    yield key
+        return
+    cursor = -1
+    while cursor != 0:
+        async with asyncio.timeout(_TIMEOUT_S):
+            cursor, keys = await client.scan(cursor=max(cursor, 0), match=match, count=count)
+        for key in keys:
+            yield key
+
+
+async def scan_groups(client: Client, prefix: str, *, sample: int = 200, count: int = 1000) -> list[KeyGroup]:
     """Count every cached output under ``prefix`` by (fingerprint, kind); size a sample of each group."""
     groups: dict[tuple[str, str], KeyGroup] = {}
-    for raw in client.scan_iter(match=f"{_escape(prefix)}:*", count=count):
+    async for raw in _scan(client, f"{_escape(prefix)}:*", count):
         key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         parsed = parse_key(key, prefix)
         if parsed is None:
@@ -88,43 +125,55 @@ def scan_groups(client: RedisLike, prefix: str, *, sample: int = 200, count: int
         if len(group.sampled) < sample:
             group.sampled.append(raw)
     for group in groups.values():
+        # A cluster pipeline sends each MEMORY USAGE to its key's master (one round trip per node).
         pipe = client.pipeline(transaction=False)
         for sampled_key in group.sampled:
             pipe.memory_usage(sampled_key, samples=0)
-        group.sampled_bytes = sum(int(size or 0) for size in pipe.execute())
+        async with asyncio.timeout(_TIMEOUT_S):
+            sizes = await pipe.execute()
+        group.sampled_bytes = sum(int(size or 0) for size in sizes)
     return sorted(groups.values(), key=lambda g: (-g.keys, g.fingerprint, g.kind))
 
 
-def _matching(client: RedisLike, prefix: str, fingerprint: str, count: int) -> Iterator[bytes]:
+async def _matching(client: Client, prefix: str, fingerprint: str, count: int) -> AsyncIterator[bytes | str]:
     """Keys of the namespace ``fingerprint`` (``stats``' first column), or of every namespace of the
     model fingerprint ``fingerprint`` (its part before ``-``: all numerics and truncation variants)."""
-    for raw in client.scan_iter(match=f"{_escape(prefix)}:{_escape(fingerprint)}*", count=count):
+    async for raw in _scan(client, f"{_escape(prefix)}:{_escape(fingerprint)}*", count):
         key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         parsed = parse_key(key, prefix)
         if parsed is not None and (parsed[0] == fingerprint or parsed[0].startswith(fingerprint + "-")):
             yield raw
 
 
-def purge(
-    client: RedisLike, prefix: str, fingerprint: str, *, yes: bool, batch: int = 500, progress: bool = True
+async def _unlink(client: Client, keys: list[bytes | str]) -> int:
+    """How many of ``keys`` Redis removed. On a cluster redis-py sends one UNLINK per slot (pipelined
+    per node) and sums the replies, so a batch over many slots is never CROSSSLOT."""
+    async with asyncio.timeout(_TIMEOUT_S):
+        return int(await client.unlink(*keys))
+
+
+async def purge(
+    client: Client, prefix: str, fingerprint: str, *, yes: bool, batch: int = 500, progress: bool = True
 ) -> tuple[int, int]:
-    """(keys found, keys unlinked) for ``fingerprint``; without ``yes`` nothing is deleted."""
+    """(keys found, keys Redis unlinked) for ``fingerprint``; without ``yes`` nothing is deleted."""
     from tqdm import tqdm
 
-    found = sum(1 for _ in _matching(client, prefix, fingerprint, batch))
+    found = 0
+    async for _ in _matching(client, prefix, fingerprint, max(batch, 100)):
+        found += 1
     if not yes or not found:
         return found, 0
     removed = 0
     with tqdm(total=found, unit="keys", desc=f"unlink {fingerprint}", disable=not progress, file=sys.stderr) as bar:
-        pending: list[bytes] = []
-        for key in _matching(client, prefix, fingerprint, batch):
+        pending: list[bytes | str] = []
+        async for key in _matching(client, prefix, fingerprint, max(batch, 100)):
             pending.append(key)
             if len(pending) >= batch:
-                removed += int(client.unlink(*pending))
+                removed += await _unlink(client, pending)
                 bar.update(len(pending))
                 pending = []
         if pending:
-            removed += int(client.unlink(*pending))
+            removed += await _unlink(client, pending)
             bar.update(len(pending))
     return found, removed
 
@@ -276,16 +325,80 @@ def add_parsers(commands: Any, settings_flags: Any) -> None:
     warm_.add_argument("--restart", action="store_true", help="ignore the resume file and start at line 1")
 
 
-def _client(redis_url: str) -> RedisLike:
-    import redis
+@contextlib.asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[Client]:
+    """A client of the cache's Redis as ``settings`` name it (``EMBED_REDIS_MODE``), built by the
+    cache's own ``gateway.core.cache.clients``: the node, the master the sentinels name now, or the
+    cluster (its slot map loaded). Closed, with the sentinels' connections, on the way out."""
+    from gateway.core.cache.clients import cluster_client, sentinel_client, single_client
 
-    if not redis_url:
+    url = settings.redis_url.strip()
+    if not url:
         raise SystemExit("embedding-gateway cache: set EMBED_REDIS_URL (or --redis-url): the cache is in Redis")
-    client: RedisLike = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
-    return client
+    if settings.redis_mode == "cluster":
+        cluster = cluster_client(url, timeout_s=_TIMEOUT_S, max_connections=_CONNECTIONS)
+        try:
+            async with asyncio.timeout(_TIMEOUT_S):
+                await cluster.initialize()
+            yield cluster
+        finally:
+            await cluster.aclose()
+        return
+    sentinel = None
+    if settings.redis_mode == "sentinel":
+        sentinel, client = sentinel_client(
+            url, settings.redis_sentinel_master.strip(), timeout_s=_TIMEOUT_S, max_connections=_CONNECTIONS
+        )
+    else:
+        client = single_client(url, timeout_s=_TIMEOUT_S, max_connections=_CONNECTIONS)
+    try:
+        if settings.redis_mode == "single":
+            await _refuse_a_cluster_node(client)
+        yield client
+    finally:
+        await client.aclose()
+        for node in sentinel.sentinels if sentinel is not None else ():
+            await node.aclose()
 
 
-def run(args: argparse.Namespace, redis_url: str = "", prefix: str = "emb") -> int:
+async def _refuse_a_cluster_node(client: Redis) -> None:
+    """A cluster node reached as one node would count only its own slots and refuse a purge batch
+    (CROSSSLOT): say which setting is missing instead of a wrong count."""
+    from redis.exceptions import ResponseError
+
+    try:
+        async with asyncio.timeout(_TIMEOUT_S):
+            info = await client.info("cluster")
+    except ResponseError:  # a hosted Redis may refuse INFO: such a one is not a cluster node we can tell
+        return
+    if int(info.get("cluster_enabled", 0)):
+        raise _CacheCommandError(
+            "EMBED_REDIS_URL names a cluster node: set EMBED_REDIS_MODE=cluster (--redis-mode cluster) "
+            "so every master is counted"
+        )
+
+
+class _CacheCommandError(Exception):
+    """A cache command that cannot go on: one line on stderr, exit 1."""
+
+
+def _settings(args: argparse.Namespace, redis_url: str, prefix: str | None) -> Settings:
+    """The settings ``stats`` and ``purge`` run with: the command's flags over ``EMBED_*`` (as ``serve``
+    reads them, so ``EMBED_REDIS_MODE`` and the sentinel master count), ``redis_url`` and ``prefix``
+    over both when given."""
+    overrides = {name: getattr(args, name, None) for name in Settings.field_names()}
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    if prefix is not None:
+        overrides["cache_prefix"] = prefix
+    return Settings.load(overrides=overrides)
+
+
+def run(
+    args: argparse.Namespace, redis_url: str = "", prefix: str | None = None, *, settings: Settings | None = None
+) -> int:
+    """One ``cache`` command. ``stats`` and ``purge`` reach Redis as ``settings`` say (default: loaded
+    from ``args`` and the environment, with ``redis_url`` and ``prefix`` over them)."""
     if args.cache_command == "warm":
         report = warm(
             args.file,
@@ -302,28 +415,54 @@ def run(args: argparse.Namespace, redis_url: str = "", prefix: str = "emb") -> i
             f"{report.hits} hits, {report.misses} misses, {report.texts_per_second:.1f} texts/s"
         )
         return 0
-    client = _client(redis_url)
-    if args.cache_command == "stats":
-        groups = scan_groups(client, prefix, sample=args.sample)
-        rows = [
-            {"fingerprint": g.fingerprint, "kind": g.kind, "keys": g.keys, "bytes": g.bytes, "sampled": len(g.sampled)}
-            for g in groups
-        ]
-        if args.json:
-            print(json.dumps({"prefix": prefix, "groups": rows}))
+    settings = settings or _settings(args, redis_url, prefix)
+    from redis.asyncio.sentinel import MasterNotFoundError
+    from redis.exceptions import RedisClusterException, RedisError
+
+    try:
+        return asyncio.run(_redis_command(args, settings))
+    except _CacheCommandError as exc:
+        print(f"embedding-gateway cache: {exc}", file=sys.stderr)
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:  # cluster errors are apart
+        # redis-py's messages name the host and port, never the password of the URL.
+        detail = str(exc) or f"no answer within {_TIMEOUT_S:.0f} s"  # asyncio's timeout has no message
+        if isinstance(exc, MasterNotFoundError):  # its message holds the repr of every sentinel's client
+            reasons = [part.rpartition(" - ")[2] for part in detail.split(", <redis") if " - " in part]
+            detail = f"no sentinel names a master {settings.redis_sentinel_master.strip()!r}"
+            detail += f" ({'; '.join(reasons)})" if reasons else ""
+        print(f"embedding-gateway cache: {settings.redis_mode} Redis: {type(exc).__name__}: {detail}", file=sys.stderr)
+    return 1
+
+
+async def _redis_command(args: argparse.Namespace, settings: Settings) -> int:
+    prefix = settings.cache_prefix
+    async with connect(settings) as client:
+        if args.cache_command == "stats":
+            groups = await scan_groups(client, prefix, sample=args.sample)
         else:
-            width = max([len("namespace"), *(len(str(row["fingerprint"])) for row in rows)])
-            print(f"{'namespace':<{width}} {'kind':<8} {'keys':>12} {'bytes (est.)':>14} {'sampled':>8}")
-            for row in rows:
-                print(
-                    f"{row['fingerprint']:<{width}} {row['kind']:<8} {row['keys']:>12,} {row['bytes']:>14,} "
-                    f"{row['sampled']:>8}"
-                )
-            print(f"{'total':<{width + 9}} {sum(g.keys for g in groups):>12,} {sum(g.bytes for g in groups):>14,}")
+            found, removed = await purge(client, prefix, args.fingerprint, yes=args.yes, batch=args.batch)
+    if args.cache_command == "stats":
+        _print_stats(groups, prefix, as_json=args.json)
         return 0
-    found, removed = purge(client, prefix, args.fingerprint, yes=args.yes, batch=args.batch)
     if args.yes:
         print(f"unlinked {removed} of {found} keys of fingerprint {args.fingerprint} (prefix {prefix!r})")
     else:
         print(f"{found} keys of fingerprint {args.fingerprint} (prefix {prefix!r}); pass --yes to delete them")
     return 0
+
+
+def _print_stats(groups: list[KeyGroup], prefix: str, *, as_json: bool) -> None:
+    rows = [
+        {"fingerprint": g.fingerprint, "kind": g.kind, "keys": g.keys, "bytes": g.bytes, "sampled": len(g.sampled)}
+        for g in groups
+    ]
+    if as_json:
+        print(json.dumps({"prefix": prefix, "groups": rows}))
+        return
+    width = max([len("namespace"), *(len(str(row["fingerprint"])) for row in rows)])
+    print(f"{'namespace':<{width}} {'kind':<8} {'keys':>12} {'bytes (est.)':>14} {'sampled':>8}")
+    for row in rows:
+        print(
+            f"{row['fingerprint']:<{width}} {row['kind']:<8} {row['keys']:>12,} {row['bytes']:>14,} {row['sampled']:>8}"
+        )
+    print(f"{'total':<{width + 9}} {sum(g.keys for g in groups):>12,} {sum(g.bytes for g in groups):>14,}")

@@ -120,15 +120,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return frozenset({self.served_model, self.model, *self.model_aliases})
 
     def api_key_set(self) -> frozenset[str]:
-        """The accepted API keys (empty: no auth). ``@path`` reads one key per line from a file."""
+        """The accepted API keys; empty only when ``api_keys`` is unset or blank (no auth).
+
+        ``@path`` reads one key per line from a file. A value that was given but yields no key (an
+        empty file, only commas and blanks) is a :class:`SettingsError`: an empty set means "no
+        auth", so a mistake in the secret would otherwise open the server to anyone, silently."""
+        where = f"{ENV_PREFIX}API_KEYS (--api-keys)"
         source = self.api_keys.strip()
+        if not source:
+            return frozenset()
+        origin = "the comma list"
         if source.startswith("@"):
             path = Path(source[1:]).expanduser()
             try:
                 source = path.read_text(encoding="utf-8").replace("\n", ",")
             except OSError as exc:
-                raise SettingsError(f"EMBED_API_KEYS: cannot read key file {str(path)!r}: {exc.strerror}") from None
-        return frozenset(key.strip() for key in source.split(",") if key.strip())
+                raise SettingsError(f"{where}: cannot read key file {str(path)!r}: {exc.strerror}") from None
+            origin = f"the key file {str(path)!r}"
+        keys = frozenset(key.strip() for key in source.split(",") if key.strip())
+        if not keys:
+            # Never the value itself: it is a secret's place, even when it holds no key.
+            raise SettingsError(
+                f"{where}: {origin} has no key (one per line or comma-separated); unset it to serve without auth"
+            )
+        return keys
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -98,7 +98,10 @@ def read_keys_file(path: Path) -> tuple[ApiKey, ...]:
 
 
 def load_keys(settings: Settings) -> tuple[ApiKey, ...]:
-    """Every accepted key: the named ones from the file, then the plain list (empty: no auth)."""
+    """Every accepted key: the named ones from the file, then the plain list (empty: no auth).
+
+    Empty only when neither setting is given: a given one that names no key is a
+    :class:`SettingsError` (an empty file, ``" , "``), never a server open to anyone."""
     named = read_keys_file(Path(settings.api_keys_file).expanduser()) if settings.api_keys_file.strip() else ()
     taken = {entry.key for entry in named}
     plain = tuple(ApiKey(key=key) for key in sorted(settings.api_key_set()) if key not in taken)

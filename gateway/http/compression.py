@@ -5,9 +5,13 @@ Two places compress, with the same codecs, levels and threshold:
 * embedding answers are compressed by their route (:class:`AnswerCompressor`), which holds the
   whole body anyway: the hit path builds no middleware layer, send wrapper or buffer for the
   single-vector answers that stay under the threshold;
-* every other route (``/metrics``, ``/stats``, the dashboard, ``/docs``) goes through Litestar's
-  compression middleware (:func:`compression_middleware`) with our zstd facade and Litestar's gzip
-  as the fallback.
+* every other route (``/metrics``, ``/stats``, the dashboard, ``/docs``, ``/v1/models``) goes
+  through :class:`NegotiatedCompression`: Litestar's compression middleware (which also compresses
+  streamed bodies), with our zstd facade and Litestar's gzip.
+
+Both choose the coding with one function, :func:`accepted_encoding` (weights, ``q=0`` refusals,
+``*``, every header line). Litestar's own middleware looks for ``gzip`` as a substring of the first
+``Accept-Encoding`` line, so ``gzip;q=0`` (a refusal) got gzip on every route but the embedding ones.
 
 Python clients send ``Accept-Encoding: gzip, deflate, zstd`` once ``zstandard`` is installed; httpx
 and urllib3 decode it. Both codecs run at their fastest levels: on a 1,000 x 384 float answer gzip
@@ -25,14 +29,23 @@ from typing import ClassVar
 
 import zstandard
 from litestar.config.compression import CompressionConfig
+from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import CompressionEncoding
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.compression import CompressionMiddleware
-from litestar.types import Scope
+from litestar.types import HTTPResponseStartEvent, Message, Receive, Scope, Send
 
 from gateway.settings import Settings
 
-__all__ = ["GZIP_LEVEL", "ZSTD_LEVEL", "AnswerCompressor", "ZstdCompression", "compression_middleware"]
+__all__ = [
+    "GZIP_LEVEL",
+    "ZSTD_LEVEL",
+    "AnswerCompressor",
+    "NegotiatedCompression",
+    "ZstdCompression",
+    "accepted_encoding",
+    "compression_middleware",
+]
 
 GZIP_LEVEL = 1
 ZSTD_LEVEL = 1
@@ -124,8 +137,49 @@ class AnswerCompressor:
 _VARY = (b"vary", b"accept-encoding")
 
 
+class NegotiatedCompression(CompressionMiddleware):
+    """Litestar's compression middleware, choosing the coding with :func:`accepted_encoding`.
+
+    What it sends follows :class:`AnswerCompressor`'s rules: compressed (with ``Vary``) in the chosen
+    coding, plain with ``Vary`` when the body was large enough but the client took neither coding,
+    plain without ``Vary`` when it is small.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        encoding = accepted_encoding(scope)
+        if encoding is None:
+            await self.app(scope, receive, self._plain(send))
+            return
+        # "zstd" gets the configured facade (ZstdCompression), "gzip" Litestar's GzipCompression.
+        await self.app(
+            scope, receive, self.create_compression_send_wrapper(send=send, compression_encoding=encoding, scope=scope)
+        )
+
+    def _plain(self, send: Send) -> Send:
+        """``send`` that adds ``Vary: Accept-Encoding`` to an answer large enough to have been compressed:
+        a shared cache must not hand this plain body to a client that asked for gzip, nor the reverse."""
+        minimum = self.config.minimum_size
+        start: HTTPResponseStartEvent | None = None
+
+        async def send_plain(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message  # held until the first body part says how large the answer is
+                return
+            if start is not None:
+                if message["type"] == "http.response.body" and (
+                    message.get("more_body") or len(message.get("body", b"")) >= minimum
+                ):
+                    MutableScopeHeaders(start).extend_header_value("vary", "Accept-Encoding")
+                held, start = start, None
+                await send(held)
+            await send(message)
+
+        return send_plain
+
+
 def compression_middleware(settings: Settings) -> DefineMiddleware | None:
-    """Litestar's compression middleware for the routes that do not compress their own answers."""
+    """The compression middleware for the routes that do not compress their own answers."""
     if not settings.compression:
         return None
     config = CompressionConfig(
@@ -135,4 +189,4 @@ def compression_middleware(settings: Settings) -> DefineMiddleware | None:
         gzip_compress_level=GZIP_LEVEL,
         minimum_size=settings.compression_min_bytes,
     )
-    return DefineMiddleware(CompressionMiddleware, config=config)
+    return DefineMiddleware(NegotiatedCompression, config=config)

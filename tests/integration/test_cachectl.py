@@ -39,6 +39,11 @@ def test_parse_key_knows_the_layout() -> None:
     assert parse_key(f"emb:fp1:colbert:{digest}", "emb") == ("fp1", "colbert")
     assert parse_key("emb:ratelimit:{k}:requests", "emb") is None
     assert parse_key(f"other:fp1:{digest}", "emb") is None
+    # BLAKE2b-256 keys (64 hex digits) count as well as the XXH3-128 ones written before them
+    assert parse_key(f"emb:fp1:{'b' * 64}", "emb") == ("fp1", "dense")
+    assert parse_key(f"emb:fp1:sparse:{'b' * 64}", "emb") == ("fp1", "sparse")
+    assert parse_key(f"emb:fp1:{'b' * 48}", "emb") is None
+    assert parse_key(f"emb:fp1:{'B' * 64}", "emb") is None
 
 
 def test_stats_and_purge(gateway_factory, fresh_redis, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]

@@ -51,3 +51,39 @@ def test_check_masks_the_redis_password(capsys: pytest.CaptureFixture[str], mini
     assert code == 1  # nothing listens on port 1
     assert "s3cret" not in out
     assert "redis://app:***@127.0.0.1:1/0" in out
+
+
+@pytest.mark.parametrize("content", ["", " , \n\n"])
+def test_an_auth_setting_without_a_key_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: str
+) -> None:
+    """Issue 26 item 7: ``--api-keys @empty`` would otherwise serve with no auth at all. The model
+    folder does not exist, so a missing key check shows as the model's line, not as a server that
+    starts (the subprocess test below runs the real folder)."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(content)
+    for value in (f"@{keys}", " , "):
+        code, lines = _serve(capsys, "--model", str(tmp_path / "no-model"), "--api-keys", value)
+        assert code == 2
+        assert len(lines) == 1, lines
+        assert "EMBED_API_KEYS (--api-keys)" in lines[0] and "no key" in lines[0], lines[0]
+
+
+def test_serve_with_an_empty_key_file_exits_2_without_a_traceback(minilm_dir: Path, tmp_path: Path) -> None:
+    """The console script with the variable set, as an operator runs it (the model is real: without
+    the check this would load it and serve, open to anyone, until the timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("\n")
+    env = {**os.environ, "EMBED_API_KEYS": f"@{keys}", "EMBED_MODEL": str(minilm_dir), "EMBED_PORT": "0"}
+    env["HF_HUB_OFFLINE"] = "1"
+    console = Path(sys.executable).parent / "embedding-gateway"  # the installed console script
+    argv = [str(console), "serve"] if console.exists() else [sys.executable, "-m", "gateway", "serve"]
+    done = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=30)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, lines
+    assert "EMBED_API_KEYS (--api-keys)" in lines[0] and str(keys) in lines[0]
