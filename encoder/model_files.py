@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import xxhash
 
 from encoder.pooling import Pooling
 
-__all__ = ["ModelNotFoundError", "ModelSpec", "read_model_spec", "resolve_model_dir"]
+__all__ = ["ModelNotFoundError", "ModelSpec", "pinned_revision", "read_model_spec", "resolve_model_dir"]
 
 # Roberta-style position tables reserve ``pad_token_id + 1`` slots before the first real position.
 _PADDED_POSITION_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer"}
@@ -103,6 +104,25 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
             f"model {model!r} is not a local folder and could not be fetched from the hub ({where}); "
             "set EMBED_MODEL to a local model folder, or allow downloads"
         ) from exc
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def pinned_revision(model: str, revision: str | None = None) -> str | None:
+    """The commit that ``model`` at ``revision`` (a branch, a tag, a commit; None: the default
+    branch) names now, fetching it if need be; None for a local folder.
+
+    Loading that commit later (an engine restart) gives the same files even after the branch has
+    moved on the hub, so a restart never silently changes the model.
+    """
+    if Path(model).expanduser().is_dir():
+        return None
+    folder = resolve_model_dir(model, revision)
+    # The hub's cache keeps each revision as <cache>/models--{org}--{name}/snapshots/{commit hash}.
+    if folder.parent.name == "snapshots" and _COMMIT.fullmatch(folder.name):
+        return folder.name
+    return revision
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -39,13 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import cachectl
 
     cachectl.add_parsers(commands, _settings_flags)  # cache stats | purge | warm (issue 13)
-    # EMBED_WORKERS > 1 (issue 12): the processes `serve` starts; settings come from the supervisor.
+    # EMBED_WORKERS > 1 (issue 12): the processes `serve` starts. Their settings come on stdin, one
+    # JSON line, never on the command line: any local user can read a command line (ps), and the
+    # settings hold the API keys and the Redis password.
     for role, text in (
         ("engine", "(started by serve) the engine process: model and batcher behind a Unix socket"),
         ("worker", "(started by serve) one HTTP worker process in front of the engine"),
     ):
-        sub = commands.add_parser(role, help=text)
-        sub.add_argument("--settings-json", required=True, help="the supervisor's settings, as JSON")
+        sub = commands.add_parser(role, help=f"{text}; reads its settings as one JSON line on stdin")
         sub.add_argument("--socket", type=Path, required=True, help="the engine's Unix socket")
         sub.add_argument("--restarts-file", type=Path, default=None, help="restart counts the supervisor writes")
     return parser
@@ -155,7 +156,9 @@ def _serve(settings: Settings) -> int:
     if settings.workers > 1:
         from gateway.engine.supervisor import Supervisor
 
-        return Supervisor(settings).run()
+        # Every engine (re)start loads the commit resolved now, never whatever the hub's branch
+        # points at by then: a restart must not change the model the workers' cache keys name.
+        return Supervisor(pin_model_revision(settings)).run()
     # Load and warm up before the socket opens: the port answers only once the model can.
     from encoder.onnx_int8 import QualityGateError
 
@@ -175,11 +178,38 @@ def _serve(settings: Settings) -> int:
     return 0 if server.started else 1  # uvicorn leaves started False when start-up failed
 
 
+def pin_model_revision(settings: Settings) -> Settings:
+    """``settings`` with a hub model's revision resolved to the commit it names now (a local folder,
+    or a model that cannot be resolved, as they are: preflight has said why)."""
+    import msgspec
+
+    from encoder.model_files import ModelNotFoundError, pinned_revision
+
+    try:
+        commit = pinned_revision(settings.model, settings.revision or None)
+    except (ModelNotFoundError, ValueError, OSError):
+        return settings
+    if commit is None or commit == settings.revision:
+        return settings
+    logging.getLogger("gateway").info(
+        "model %s: revision %s pinned to commit %s", settings.model, settings.revision or "(default)", commit
+    )
+    return msgspec.structs.replace(settings, revision=commit)
+
+
+def _settings_from_stdin() -> Settings:
+    """The supervisor's settings: the first line on stdin (the rest of stdin is the engine's stop pipe)."""
+    import msgspec
+
+    return msgspec.json.decode(sys.stdin.buffer.readline(), type=Settings)
+
+
 def _engine(settings: Settings, socket_path: Path, restarts_file: Path | None) -> int:
     from gateway.engine.server import run_engine
+    from gateway.http.app import load_model
 
     configure_logging(settings)
-    return run_engine(settings, socket_path, restarts_file)
+    return run_engine(settings, socket_path, load_model, restarts_file, stop_pipe=sys.stdin.buffer)
 
 
 def _watch_parent() -> None:
@@ -314,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cache":
         return _cache(args)
     if args.command in ("engine", "worker"):
-        import msgspec
-
-        settings = msgspec.json.decode(args.settings_json, type=Settings)
+        if args.command == "engine":
+            # First thing, before the slow imports: a Ctrl-C to the group must not stop an engine
+            # that draining workers still need (the supervisor stops it by closing its stdin).
+            for stop in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(stop, signal.SIG_IGN)
+        settings = _settings_from_stdin()
         if args.command == "engine":
             return _engine(settings, args.socket, args.restarts_file)
         return _worker(settings, args.socket)

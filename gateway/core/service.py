@@ -97,7 +97,7 @@ class EmbeddingService:
         self.max_request_tokens = max_request_tokens
         self.truncate = truncate
         self.share_numerics = share_numerics
-        self._namespace = ("", "")  # (fingerprint, namespace): recomputed when the encoder's fingerprint changes
+        self._namespace = ("", "")  # (fingerprint|numerics, namespace): recomputed when the model changes
         self._writes: set[asyncio.Task[None]] = set()
         self.writes_failing = False  # the last cache write failed (health reports the cache degraded)
 
@@ -109,12 +109,15 @@ class EmbeddingService:
         with another fingerprint (its folder changed in place), and its new vectors must never be
         written, or the old ones read, under the old model's keys.
         """
-        fingerprint = self.encoder.fingerprint
-        if self._namespace[0] != fingerprint:
+        model = f"{self.encoder.fingerprint}|{self.encoder.numerics}"  # a restart may change either
+        if self._namespace[0] != model:
             namespace = cache_namespace(
-                fingerprint, self.encoder.numerics, truncate=self.truncate, share_numerics=self.share_numerics
+                self.encoder.fingerprint,
+                self.encoder.numerics,
+                truncate=self.truncate,
+                share_numerics=self.share_numerics,
             )
-            self._namespace = (fingerprint, namespace)
+            self._namespace = (model, namespace)
         return self._namespace[1]
 
     def key(self, text: str, output: OutputSpec[T, R] | None = None) -> str:
@@ -153,7 +156,11 @@ class EmbeddingService:
                 found[i] = (outputs.tokens, output.take(outputs))
             # An engine that restarted with another model meanwhile computed these: its link adopted
             # the new fingerprint before any of its results arrived, so a changed namespace shows it.
-            if self.cache is not None and self.namespace + output.namespace == space:
+            # The answer would mix two models' vectors (hits of one, misses of the other), so nothing
+            # is cached and the client retries, under one model.
+            if self.namespace + output.namespace != space:
+                raise OverloadedError("the model changed while this request was computed; retry it", retry_after=1)
+            if self.cache is not None:
                 self._write_back([(keys[i], output.pack(*pair)) for i in missing if (pair := found[i]) is not None])
 
         values: list[T] = []

@@ -7,6 +7,10 @@ ids cross the socket. When the engine is unreachable (it died, the supervisor is
 :meth:`EngineLink.embed` fails at once with :class:`EngineUnavailableError`, a
 :class:`~encoder.batcher.QueueFullError`, so clients get 503 with Retry-After, never a hang; the
 link reconnects in the background.
+
+A restarted engine may serve another model (its folder changed in place): the link then adopts it
+before it takes a single answer from it, so :class:`RemoteEncoder` (fingerprint, tokenizer, widths)
+and with it the service's cache namespace always describe the model that computes the misses.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from encoder.batcher import DENSE_ONLY, InputFailedError, QueueFullError, Worker
 from encoder.kinds import OutputKind, Outputs
 from encoder.model_files import read_model_spec
 from gateway.core.telemetry import Telemetry
+from gateway.engine import protocol
 from gateway.engine.protocol import (
     Cancel,
     Collect,
@@ -37,8 +42,10 @@ from gateway.engine.protocol import (
     Frame,
     Hello,
     Push,
+    QueueState,
     StatsAnswer,
     StatsAsk,
+    Unreadable,
     decode_outputs,
     read_frame,
     write_frame,
@@ -50,7 +57,7 @@ logger = logging.getLogger("gateway.worker")
 
 _INLINE_TOKENIZE_CHARS = 2048
 RECONNECT_INTERVAL_S = 0.05
-PUSH_INTERVAL_S = 1.0
+PUSH_INTERVAL_S = 1.0  # also how stale the queue figures may get: the engine answers each push with them
 
 
 class EngineUnavailableError(QueueFullError):
@@ -85,6 +92,12 @@ class RemoteEncoder:
     """The engine's encoder as the service and routes see it (see :class:`gateway.core.backend.EncoderInfo`)."""
 
     def __init__(self, info: EngineInfo, tokenizer: Encoder) -> None:
+        self.torch_device = torch.device("cpu")  # no GPU memory here: the engine reports its own
+        self.adopt(info, tokenizer)
+
+    def adopt(self, info: EngineInfo, tokenizer: Encoder) -> None:
+        """Describe the model ``info`` names from now on: the service, routes and /stats hold this
+        object, so they all follow at once."""
         self.info = info
         self.tokenizer = tokenizer
         self.fingerprint = info.fingerprint
@@ -95,7 +108,6 @@ class RemoteEncoder:
         self.dtype = info.dtype
         self.threads = info.threads
         self.path = Path(info.path)
-        self.torch_device = torch.device("cpu")  # no GPU memory here: the engine reports its own
         self.outputs = frozenset(OutputKind(kind) for kind in info.widths)
 
     def output_width(self, kind: OutputKind) -> int:
@@ -105,13 +117,32 @@ class RemoteEncoder:
         return self.tokenizer.token_names(ids)
 
 
-class EngineLink:
-    """One connection to the engine, shared by every request of this worker (many in flight)."""
+class _FirstRow(list[int]):
+    """The first row of ids :meth:`EngineLink.tokenize` returns, marked with the tokenizer that made
+    it (``generation``): the service may cut and join the answers of several calls, but keeps the
+    rows, so :meth:`EngineLink.embed` can tell ids made for a model the engine no longer serves."""
 
-    def __init__(self, socket_path: Path, *, truncate: bool, telemetry: Telemetry) -> None:
+    __slots__ = ("generation",)
+
+    def __init__(self, ids: list[int], generation: int) -> None:
+        super().__init__(ids)
+        self.generation = generation
+
+
+class EngineLink:
+    """One connection to the engine, shared by every request of this worker (many in flight).
+
+    ``max_frame_bytes`` bounds one frame either way (default :data:`~gateway.engine.protocol.MAX_FRAME_BYTES`):
+    longer messages go out in several frames, and a frame over it fails only its own request.
+    """
+
+    def __init__(
+        self, socket_path: Path, *, truncate: bool, telemetry: Telemetry, max_frame_bytes: int | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.truncate = truncate
         self.telemetry = telemetry
+        self.max_frame_bytes = max_frame_bytes or protocol.MAX_FRAME_BYTES
         self.encoder: RemoteEncoder | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -122,6 +153,7 @@ class EngineLink:
         self._queue_tokens = 0
         self._tokens_per_second = 3000.0
         self._max_queue_tokens = 0
+        self._generation = 0  # counts the models adopted: which tokenizer made some ids
         self._stopped = False
         self.reconnects = 0
 
@@ -132,6 +164,8 @@ class EngineLink:
 
     @property
     def queue_tokens(self) -> int:
+        """The engine's queued tokens as last heard: from an answer, or the reply to the push sent
+        every :data:`PUSH_INTERVAL_S`; 0 while the engine is away (a restarted one starts empty)."""
         return self._queue_tokens
 
     @property
@@ -151,11 +185,10 @@ class EngineLink:
         async with asyncio.timeout(timeout_s):
             while True:
                 try:
-                    info = await self._connect()
+                    await self._connect()
                     break
                 except OSError:
                     await asyncio.sleep(RECONNECT_INTERVAL_S)
-        self.encoder = RemoteEncoder(info, await asyncio.to_thread(load_tokenizer_only, info, self.truncate))
         self._push_task = asyncio.create_task(self._push_loop(), name="engine-push")
 
     async def stop(self) -> None:
@@ -169,12 +202,19 @@ class EngineLink:
 
     async def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
         assert self.encoder is not None, "EngineLink.start() was not called"
-        tokenizer = self.encoder.tokenizer
-        if not texts:
-            return []
-        if sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
-            return tokenizer.tokenize(texts, truncate=truncate)
-        return await asyncio.to_thread(partial(tokenizer.tokenize, texts, truncate=truncate))
+        while True:
+            generation, tokenizer = self._generation, self.encoder.tokenizer
+            ids: list[list[int]]
+            if not texts:
+                ids = []
+            elif sum(len(text) for text in texts) <= _INLINE_TOKENIZE_CHARS:
+                ids = tokenizer.tokenize(texts, truncate=truncate)
+            else:
+                ids = await asyncio.to_thread(partial(tokenizer.tokenize, texts, truncate=truncate))
+            if generation == self._generation:  # else the model changed meanwhile: again, with the new tokenizer
+                if ids:
+                    ids[0] = _FirstRow(ids[0], generation)
+                return ids
 
     async def embed(
         self,
@@ -184,6 +224,10 @@ class EngineLink:
         kinds: frozenset[OutputKind] = DENSE_ONLY,
         tenant: str = "",
     ) -> list[Outputs]:
+        generation = self._generation
+        if generation and any(isinstance(row, _FirstRow) and row.generation != generation for row in token_ids):
+            # Tokenised for the model the engine served before it restarted: retry under the new one.
+            raise EngineUnavailableError("it now serves another model")
         call_id = next(self._ids)
         answer = await self._ask(
             call_id,
@@ -191,6 +235,7 @@ class EngineLink:
         )
         if isinstance(answer, EmbedFailed):
             if answer.kind == "queue_full":
+                self._queue_tokens = answer.queued
                 raise QueueFullError(answer.queued, answer.limit, answer.retry_after)
             if answer.kind == "crashed":
                 raise WorkerCrashedError(answer.message)
@@ -205,7 +250,8 @@ class EngineLink:
         """The engine's counters and every worker's, this worker's sent fresh with the question."""
         ask_id = next(self._ids)
         answer = await self._ask(ask_id, StatsAsk(ask_id, os.getpid(), self.telemetry.state()))
-        assert isinstance(answer, StatsAnswer)
+        if not isinstance(answer, StatsAnswer):
+            raise EngineUnavailableError(f"its counters did not come back ({type(answer).__name__})")
         self._queue_tokens = answer.queue_tokens
         return answer
 
@@ -217,46 +263,77 @@ class EngineLink:
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = future
         try:
-            write_frame(writer, frame)
+            write_frame(writer, frame, self.max_frame_bytes)
             return await future
         except asyncio.CancelledError:
             if self._writer is writer and not writer.is_closing():
-                write_frame(writer, Cancel(call_id))  # the client left: the engine withdraws the inputs
+                # the client left: the engine withdraws the inputs
+                write_frame(writer, Cancel(call_id), self.max_frame_bytes)
             raise
         finally:
             self._waiting.pop(call_id, None)
 
-    async def _connect(self) -> EngineInfo:
+    async def _connect(self) -> None:
         reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
         try:
-            write_frame(writer, Hello(os.getpid()))
+            write_frame(writer, Hello(os.getpid()), self.max_frame_bytes)
             async with asyncio.timeout(10):
-                info = await read_frame(reader)
+                info = await read_frame(reader, self.max_frame_bytes)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
             writer.close()
             raise ConnectionError(f"the engine did not answer hello: {exc!r}") from None
         if not isinstance(info, EngineInfo):
             writer.close()
             raise ConnectionError(f"the engine answered hello with {type(info).__name__}")
-        if self.encoder is not None and info.fingerprint != self.encoder.fingerprint:
-            logger.warning("the restarted engine serves another model (fingerprint %s)", info.fingerprint)
+        try:
+            await self._adopt(info)
+        except BaseException:
+            writer.close()
+            raise
+        # Only now may answers arrive: every one of them is read with this engine's model in place.
         self._max_queue_tokens = info.max_queue_tokens
+        self._queue_tokens, self._tokens_per_second = info.queue_tokens, info.tokens_per_second
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read(reader, writer), name="engine-reader")
-        return info
+
+    async def _adopt(self, info: EngineInfo) -> None:
+        """Take the model ``info`` names (the first one, or a restarted engine's new one)."""
+        encoder = self.encoder
+        if encoder is not None and (info.fingerprint, info.path) == (encoder.fingerprint, str(encoder.path)):
+            encoder.adopt(info, encoder.tokenizer)  # the same model; device, threads... as they are now
+            return
+        tokenizer = await asyncio.to_thread(load_tokenizer_only, info, self.truncate)
+        if encoder is None:
+            self.encoder = RemoteEncoder(info, tokenizer)
+            return
+        logger.warning(
+            "the restarted engine serves another model (fingerprint %s, was %s; %s): this worker adopts it, "
+            "its cache namespace follows",
+            info.fingerprint,
+            encoder.fingerprint,
+            info.path,
+        )
+        self._generation += 1
+        encoder.adopt(info, tokenizer)
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                frame = await read_frame(reader)
+                frame = await read_frame(reader, self.max_frame_bytes)
                 if isinstance(frame, Collect):
                     self._push()
+                    continue
+                if isinstance(frame, QueueState):
+                    self._queue_tokens, self._tokens_per_second = frame.queue_tokens, frame.tokens_per_second
+                    continue
+                if isinstance(frame, Unreadable):
+                    self._unreadable(frame)
                     continue
                 call_id = getattr(frame, "id", None)
                 future = self._waiting.get(call_id) if isinstance(call_id, int) else None
                 if future is not None and not future.done():
                     future.set_result(frame)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
             if not self._stopped:
                 logger.warning("lost the engine process (%s); answering 503 until it is back", type(exc).__name__)
         finally:
@@ -266,8 +343,16 @@ class EngineLink:
                 if not self._stopped:
                     self._reconnect_task = asyncio.create_task(self._reconnect(), name="engine-reconnect")
 
+    def _unreadable(self, frame: Unreadable) -> None:
+        """An answer this side could not take fails its own request; the link and the others go on."""
+        logger.error("an answer from the engine could not be read: %s", frame.reason)
+        future = self._waiting.get(frame.id)
+        if future is not None and not future.done():
+            future.set_exception(InputFailedError(f"the engine's answer could not be read: {frame.reason}"))
+
     def _drop(self, reason: str) -> None:
         self._writer = None
+        self._queue_tokens = 0  # that engine's queue is gone with it; a new one starts empty
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
@@ -280,6 +365,10 @@ class EngineLink:
             except OSError:
                 await asyncio.sleep(RECONNECT_INTERVAL_S)
                 continue
+            except Exception:  # e.g. the new model's tokenizer does not load: keep trying, never give up
+                logger.exception("could not take the restarted engine's model; trying again")
+                await asyncio.sleep(1.0)
+                continue
             self.reconnects += 1
             logger.info("connected to the engine process again")
             self._push()
@@ -288,10 +377,11 @@ class EngineLink:
     def _push(self) -> None:
         writer = self._writer
         if writer is not None and not writer.is_closing():
-            write_frame(writer, Push(os.getpid(), self.telemetry.state()))
+            write_frame(writer, Push(os.getpid(), self.telemetry.state()), self.max_frame_bytes)
 
     async def _push_loop(self) -> None:
-        """Every second, this worker's counters to the engine (so /stats in any worker sees them)."""
+        """Every second, this worker's counters to the engine (so /stats in any worker sees them);
+        the engine answers with its queue, which keeps this worker's queue figures fresh."""
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
             self._push()

@@ -1,12 +1,22 @@
-"""The frames between HTTP workers and the engine: msgpack (msgspec), each behind a 4-byte length.
+"""The messages between HTTP workers and the engine: msgpack (msgspec), cut into frames.
 
 One connection per worker carries many requests at once; every request and its answer share an
 ``id``. Vectors travel as raw little-endian float32 bytes (msgpack ``bin``), never as JSON numbers.
+
+A message goes out as one or more frames, each at most ``max_frame_bytes`` of it behind a header:
+its length (64 bits), the request ``id`` it belongs to (0: none) and a "more follows" flag. So an
+answer of any size the server allows (bge-m3 ColBERT rows for 300k tokens are over 1 GiB) crosses
+the link, and a frame this side refuses (over its limit) or a message it cannot decode costs only
+that request (:class:`Unreadable` names it), never the connection and every request on it.
+A message's frames are written in one synchronous call, so they are never interleaved with
+another message's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
+from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
@@ -26,15 +36,20 @@ __all__ = [
     "Frame",
     "Hello",
     "Push",
+    "QueueState",
     "StatsAnswer",
     "StatsAsk",
+    "Unreadable",
     "decode_outputs",
     "encode_outputs",
     "read_frame",
     "write_frame",
 ]
 
-MAX_FRAME_BYTES = 1 << 30
+MAX_FRAME_BYTES = 1 << 30  # of one frame; a longer message is cut into several
+_HEADER = struct.Struct(">QqB")  # this frame's length, the request id (0: none), flags
+_MORE = 1  # flag: the message goes on in the next frame
+_SKIP_BYTES = 1 << 20  # a refused frame is read past in pieces of this size, never held whole
 
 
 class Hello(msgspec.Struct, tag="hello", array_like=True):
@@ -53,6 +68,9 @@ class EngineInfo(msgspec.Struct, tag="info", array_like=True):
     threads: int
     path: str
     max_queue_tokens: int
+    # The engine's queue as it is now: a worker's figures start from these after every (re)connect.
+    queue_tokens: int = 0
+    tokens_per_second: float = 3000.0
 
 
 class EmbedCall(msgspec.Struct, tag="embed", array_like=True):
@@ -98,6 +116,14 @@ class Push(msgspec.Struct, tag="push", array_like=True):
     state: TelemetryState
 
 
+class QueueState(msgspec.Struct, tag="queue", array_like=True):
+    """The engine's queue now, its answer to every :class:`Push`: a worker's queue figures (its
+    ``x-ratelimit-*`` headers) stay fresh while it gets no answers of its own."""
+
+    queue_tokens: int
+    tokens_per_second: float
+
+
 class Collect(msgspec.Struct, tag="collect", array_like=True):
     """The engine asks a worker for its counters now (another worker answers /stats)."""
 
@@ -121,7 +147,29 @@ class StatsAnswer(msgspec.Struct, tag="stats_answer", array_like=True):
     worker_restarts: int
 
 
-Frame = Hello | EngineInfo | EmbedCall | Cancel | EmbedResult | EmbedFailed | Push | Collect | StatsAsk | StatsAnswer
+Frame = (
+    Hello
+    | EngineInfo
+    | EmbedCall
+    | Cancel
+    | EmbedResult
+    | EmbedFailed
+    | Push
+    | QueueState
+    | Collect
+    | StatsAsk
+    | StatsAnswer
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """What :func:`read_frame` gives for a message it could not take: a frame over its limit, or
+    bytes that do not decode. The stream is still in step; only request ``id`` (0: none) fails."""
+
+    id: int
+    reason: str
+
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
@@ -155,15 +203,49 @@ def decode_outputs(encoded: EncodedOutputs, colbert_width: int) -> Outputs:
     )
 
 
-def write_frame(writer: asyncio.StreamWriter, frame: Frame) -> None:
+def write_frame(writer: asyncio.StreamWriter, frame: Frame, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    """Queue ``frame`` on ``writer``, in as many frames of at most ``max_frame_bytes`` as it takes."""
     payload = _encoder.encode(frame)
-    writer.write(len(payload).to_bytes(4, "big") + payload)
+    call_id = getattr(frame, "id", 0)
+    if len(payload) <= max_frame_bytes:  # the usual case: one write, one send
+        writer.write(_HEADER.pack(len(payload), call_id, 0) + payload)
+        return
+    view = memoryview(payload)
+    for start in range(0, len(view), max_frame_bytes):
+        chunk = view[start : start + max_frame_bytes]
+        more = _MORE if start + max_frame_bytes < len(view) else 0
+        writer.write(_HEADER.pack(len(chunk), call_id, more))
+        writer.write(chunk)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame:
-    """The next frame; ``asyncio.IncompleteReadError`` when the peer has gone."""
-    size = int.from_bytes(await reader.readexactly(4), "big")
-    if size > MAX_FRAME_BYTES:
-        raise ValueError(f"a frame of {size} bytes is larger than {MAX_FRAME_BYTES}")
-    frame: Frame = _decoder.decode(await reader.readexactly(size))
+async def read_frame(reader: asyncio.StreamReader, max_frame_bytes: int = MAX_FRAME_BYTES) -> Frame | Unreadable:
+    """The next message; ``asyncio.IncompleteReadError`` when the peer has gone.
+
+    A frame over ``max_frame_bytes`` is read past (never held) and its message comes back as
+    :class:`Unreadable`, as does one that does not decode: the link lives on.
+    """
+    parts: list[bytes] = []
+    problem = ""
+    while True:
+        size, call_id, flags = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+        if size > max_frame_bytes:
+            problem = problem or f"a frame of {size} bytes is over the link's limit of {max_frame_bytes}"
+            parts.clear()
+        if problem:
+            await _skip(reader, size)
+        else:
+            parts.append(await reader.readexactly(size))
+        if not flags & _MORE:
+            break
+    if problem:
+        return Unreadable(call_id, problem)
+    try:
+        frame: Frame = _decoder.decode(parts[0] if len(parts) == 1 else b"".join(parts))
+    except msgspec.DecodeError as exc:
+        return Unreadable(call_id, f"a message that does not decode ({exc})")
     return frame
+
+
+async def _skip(reader: asyncio.StreamReader, size: int) -> None:
+    while size > 0:
+        size -= len(await reader.readexactly(min(size, _SKIP_BYTES)))

@@ -3,6 +3,10 @@
 Every worker's misses join the same queue, so they share forward passes and in-flight dedupe
 exactly as one process's requests do. The engine also keeps the whole server's counters: its own
 (batches, queue events) and the latest ones each worker pushed, for /stats and /metrics.
+
+It stops only when the supervisor says so, by closing the engine's stdin (its death closes it too),
+never on SIGINT or SIGTERM: a Ctrl-C reaches the whole process group and systemd signals every
+process of the unit, and the workers still need the engine while they drain what they accepted.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
@@ -22,6 +29,7 @@ from encoder import Encoder
 from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError, WorkerCrashedError
 from encoder.kinds import OutputKind
 from gateway.core.telemetry import Telemetry, TelemetryState, gpu_stats
+from gateway.engine import protocol
 from gateway.engine.protocol import (
     Cancel,
     Collect,
@@ -29,17 +37,20 @@ from gateway.engine.protocol import (
     EmbedFailed,
     EmbedResult,
     EngineInfo,
+    Frame,
     Hello,
     Push,
+    QueueState,
     StatsAnswer,
     StatsAsk,
+    Unreadable,
     encode_outputs,
     read_frame,
     write_frame,
 )
 from gateway.settings import Settings
 
-__all__ = ["EngineServer", "Restarts", "run_engine"]
+__all__ = ["EngineServer", "Restarts", "StopPipe", "run_engine"]
 
 logger = logging.getLogger("gateway.engine")
 
@@ -55,8 +66,19 @@ class Restarts(msgspec.Struct):
 
 
 class EngineServer:
-    def __init__(self, settings: Settings, encoder: Encoder, socket_path: Path, restarts_path: Path | None) -> None:
+    """``max_frame_bytes`` bounds one frame either way (default :data:`~gateway.engine.protocol.MAX_FRAME_BYTES`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        encoder: Encoder,
+        socket_path: Path,
+        restarts_path: Path | None,
+        *,
+        max_frame_bytes: int | None = None,
+    ) -> None:
         self.settings = settings
+        self.max_frame_bytes = max_frame_bytes or protocol.MAX_FRAME_BYTES
         self.encoder = encoder
         self.socket_path = socket_path
         self.restarts_path = restarts_path
@@ -70,7 +92,7 @@ class EngineServer:
         )
         self.worker_states: dict[int, TelemetryState] = {}  # worker pid -> its latest counters
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._fresh: dict[asyncio.StreamWriter, asyncio.Event] = {}  # set when that worker pushed
 
     def info(self) -> EngineInfo:
@@ -87,7 +109,12 @@ class EngineServer:
             threads=encoder.threads,
             path=str(encoder.path),
             max_queue_tokens=self.batcher.max_queue_tokens,
+            queue_tokens=self.batcher.queue_tokens,
+            tokens_per_second=self.batcher.tokens_per_second,
         )
+
+    def _write(self, writer: asyncio.StreamWriter, frame: Frame) -> None:
+        write_frame(writer, frame, self.max_frame_bytes)
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -102,8 +129,10 @@ class EngineServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
+        # Closed, not cancelled: each connection's task then ends as when its worker leaves (asyncio
+        # logs a cancelled connection task as an error).
+        for writer in self._connections.values():
+            writer.close()
         await asyncio.gather(*self._connections, return_exceptions=True)
         await self.batcher.stop()
         with contextlib.suppress(FileNotFoundError):
@@ -112,16 +141,22 @@ class EngineServer:
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         current = asyncio.current_task()
         if current is not None:
-            self._connections.add(current)
+            self._connections[current] = writer
         calls: dict[int, asyncio.Task[None]] = {}
         fresh = self._fresh[writer] = asyncio.Event()
         try:
             while True:
                 try:
-                    frame = await read_frame(reader)
+                    frame = await read_frame(reader, self.max_frame_bytes)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                if isinstance(frame, EmbedCall):
+                if isinstance(frame, Unreadable):
+                    # Only that request fails; the worker's other requests go on.
+                    logger.error("a worker's message could not be read: %s", frame.reason)
+                    if frame.id:
+                        failed = EmbedFailed(frame.id, "error", f"the engine could not read it: {frame.reason}")
+                        self._write(writer, failed)
+                elif isinstance(frame, EmbedCall):
                     task = asyncio.create_task(self._embed(frame, writer))
                     calls[frame.id] = task
                     task.add_done_callback(partial(_forget, calls, frame.id))
@@ -132,22 +167,22 @@ class EngineServer:
                 elif isinstance(frame, Push):
                     self.worker_states[frame.pid] = frame.state
                     fresh.set()
+                    # The queue now, so the worker's queue figures never outlive the burst they saw.
+                    self._write(writer, QueueState(self.batcher.queue_tokens, self.batcher.tokens_per_second))
                 elif isinstance(frame, StatsAsk):
                     self.worker_states[frame.pid] = frame.state
                     task = asyncio.create_task(self._answer_stats(frame.id, writer))
                     calls[-frame.id] = task
                     task.add_done_callback(partial(_forget, calls, -frame.id))
                 elif isinstance(frame, Hello):
-                    write_frame(writer, self.info())
-        except msgspec.DecodeError:
-            logger.exception("a worker sent a frame the engine cannot read; closing its connection")
+                    self._write(writer, self.info())
         finally:
             for task in calls.values():
                 task.cancel()
             writer.close()
             self._fresh.pop(writer, None)
             if current is not None:
-                self._connections.discard(current)
+                self._connections.pop(current, None)
 
     async def _embed(self, call: EmbedCall, writer: asyncio.StreamWriter) -> None:
         answer: EmbedResult | EmbedFailed
@@ -160,18 +195,20 @@ class EngineServer:
                 queue_tokens=self.batcher.queue_tokens,
                 tokens_per_second=self.batcher.tokens_per_second,
             )
+            if writer.is_closing():
+                return
+            self._write(writer, answer)
         except QueueFullError as exc:
             answer = EmbedFailed(call.id, "queue_full", str(exc), exc.retry_after, exc.queued, exc.limit)
         except WorkerCrashedError as exc:
             answer = EmbedFailed(call.id, "crashed", str(exc))
         except InputFailedError as exc:
             answer = EmbedFailed(call.id, "input_failed", str(exc))
-        except Exception as exc:
+        except Exception as exc:  # whatever fails, the worker gets an answer: never a request that hangs
             logger.exception("embedding for a worker failed")
             answer = EmbedFailed(call.id, "error", f"the engine failed: {type(exc).__name__}")
-        if writer.is_closing():
-            return
-        write_frame(writer, answer)
+        if isinstance(answer, EmbedFailed) and not writer.is_closing():
+            self._write(writer, answer)
         with contextlib.suppress(ConnectionError):
             await writer.drain()
 
@@ -181,14 +218,14 @@ class EngineServer:
         for writer, fresh in self._fresh.items():
             if writer is not asker and not writer.is_closing():
                 fresh.clear()
-                write_frame(writer, Collect())
+                self._write(writer, Collect())
                 waiting.append(fresh.wait())
         if waiting:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(COLLECT_TIMEOUT_S):
                     await asyncio.gather(*waiting)
         if not asker.is_closing():
-            write_frame(asker, self._stats(ask_id))
+            self._write(asker, self._stats(ask_id))
 
     def _restarts(self) -> Restarts:
         if self.restarts_path is None:
@@ -219,23 +256,38 @@ def _forget(calls: dict[int, asyncio.Task[None]], call_id: int, _: asyncio.Task[
     calls.pop(call_id, None)
 
 
-async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
-    """An orphan (the supervisor was killed) stops instead of holding the model forever."""
+class StopPipe:
+    """The engine's stop signal: the supervisor closes the pipe it holds to the engine's stdin once
+    the workers have drained; if the supervisor dies, the kernel closes it as well."""
+
+    def __init__(self, pipe: BinaryIO) -> None:
+        self.closed = threading.Event()
+        threading.Thread(target=self._wait, args=(pipe,), name="stop-pipe", daemon=True).start()
+
+    def _wait(self, pipe: BinaryIO) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while pipe.read(4096):
+                pass  # the supervisor writes nothing more after the settings: only the end counts
+        self.closed.set()
+
+
+async def _watch(parent: int, stop_pipe: StopPipe | None, stop: asyncio.Event) -> None:
+    """Stop when the supervisor closes the stop pipe, or is gone (an orphan never holds the model)."""
     while not stop.is_set():
-        if os.getppid() != parent:
+        if stop_pipe is not None and stop_pipe.closed.is_set():
+            logger.info("the supervisor stops the engine")
+            stop.set()
+        elif os.getppid() != parent:
             logger.warning("the supervisor is gone; the engine stops")
             stop.set()
-            return
-        await asyncio.sleep(0.5)
+        else:
+            await asyncio.sleep(0.1)
 
 
-async def _main(server: EngineServer) -> None:
+async def _main(server: EngineServer, stop_pipe: StopPipe | None) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await server.start()
-    watcher = asyncio.create_task(_watch_parent(os.getppid(), stop))
+    watcher = asyncio.create_task(_watch(os.getppid(), stop_pipe, stop))
     logger.info("engine ready on %s (pid %d)", server.socket_path, os.getpid())
     await stop.wait()
     watcher.cancel()
@@ -243,12 +295,26 @@ async def _main(server: EngineServer) -> None:
     logger.info("engine stopped")
 
 
-def run_engine(settings: Settings, socket_path: Path, restarts_path: Path | None = None) -> int:
-    """Load the model, then serve workers on ``socket_path`` until SIGTERM."""
-    from gateway.http.app import load_model
+def ignore_stop_signals() -> None:
+    """SIGINT and SIGTERM do not stop the engine (see the module's docstring): the supervisor does."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
+
+def run_engine(
+    settings: Settings,
+    socket_path: Path,
+    load_model: Callable[[Settings], Encoder],
+    restarts_path: Path | None = None,
+    stop_pipe: BinaryIO | None = None,
+) -> int:
+    """Load the model with ``load_model`` (the CLI passes the HTTP server's loader: the engine never
+    imports :mod:`gateway.http`), then serve workers on ``socket_path`` until ``stop_pipe`` closes
+    (or the supervisor is gone)."""
+    ignore_stop_signals()
+    stopper = StopPipe(stop_pipe) if stop_pipe is not None else None
     started = time.perf_counter()
     encoder = load_model(settings)
     logger.info("engine loaded the model in %.1f s", time.perf_counter() - started)
-    asyncio.run(_main(EngineServer(settings, encoder, socket_path, restarts_path)))
+    asyncio.run(_main(EngineServer(settings, encoder, socket_path, restarts_path), stopper))
     return 0

@@ -4,10 +4,15 @@
   private temporary folder; workers start once it answers;
 * each worker (``python -m gateway worker``) binds the HTTP port with ``SO_REUSEPORT``, so the
   kernel spreads new connections over the workers (no accept lock, no shared socket to hand over);
+* each child reads its settings as one JSON line on its stdin, never from its command line (which
+  any local user can read: the settings hold the API keys and the Redis password);
 * an engine that dies is restarted (workers answer 503 + Retry-After meanwhile and reconnect);
   a worker that dies is restarted; both are logged and counted for /stats;
-* SIGTERM or SIGINT: workers drain first (uvicorn's graceful shutdown, finishing requests that
-  still need the engine), then the engine stops; exit 0.
+* SIGTERM or SIGINT, to the supervisor alone or to the whole process group (Ctrl-C in a terminal,
+  systemd): workers drain first (uvicorn's graceful shutdown, finishing requests that still need
+  the engine), then the supervisor closes the engine's stdin, its one stop signal (the engine
+  ignores SIGINT and SIGTERM, so a signal to the group cannot stop it under the draining
+  workers); exit 0.
 """
 
 from __future__ import annotations
@@ -54,16 +59,30 @@ class Supervisor:
         self.restarts_path = self.folder / "restarts.json"
         self.restarts = Restarts(workers=settings.workers)
         self.engine: subprocess.Popen[bytes] | None = None
+        self.engine_ready = False  # the engine of self.engine has opened its socket
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
         self.stopping = threading.Event()
-        self._settings_json = ""
+        self._settings_line = b""
 
     def _command(self, role: str) -> list[str]:
-        args = [sys.executable, "-m", "gateway", role, "--settings-json", self._settings_json]
-        args += ["--socket", str(self.socket_path)]
+        args = [sys.executable, "-m", "gateway", role, "--socket", str(self.socket_path)]
         if role == "engine":
             args += ["--restarts-file", str(self.restarts_path)]
         return args
+
+    def _spawn(self, role: str) -> subprocess.Popen[bytes]:
+        """Start ``role`` and hand it the settings on its stdin. A worker's stdin is closed then; the
+        engine's stays open as its stop pipe (closed by :meth:`_stop_engine`, or by our death)."""
+        process = subprocess.Popen(self._command(role), stdin=subprocess.PIPE)
+        assert process.stdin is not None
+        try:
+            process.stdin.write(self._settings_line)
+            process.stdin.flush()
+        except OSError:
+            pass  # it died at once: the caller sees it exit
+        if role != "engine":
+            _close_stdin(process)
+        return process
 
     def _write_restarts(self) -> None:
         staging = self.restarts_path.with_suffix(".tmp")
@@ -74,19 +93,23 @@ class Supervisor:
         """Start the engine and wait for its socket; False when it died or never answered."""
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        self.engine = engine = subprocess.Popen(self._command("engine"))
+        if self.engine is not None:
+            _close_stdin(self.engine)  # the last engine's stop pipe (it has exited)
+        self.engine_ready = False
+        self.engine = engine = self._spawn("engine")
         deadline = time.monotonic() + self.settings.engine_start_timeout_s
         while time.monotonic() < deadline and not self.stopping.is_set():
             if engine.poll() is not None:
                 logger.error("the engine exited with %s while starting", engine.returncode)
                 return False
             if self.socket_path.exists():
+                self.engine_ready = True
                 return True
             time.sleep(POLL_S)
         return False
 
     def _start_worker(self, index: int) -> None:
-        self.workers[index] = subprocess.Popen(self._command("worker"))
+        self.workers[index] = self._spawn("worker")
 
     def run(self) -> int:
         settings = self.settings
@@ -97,7 +120,8 @@ class Supervisor:
             print(f"embedding-gateway: cannot bind {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
             return 1
         port = holder.getsockname()[1]
-        self._settings_json = msgspec.json.encode(msgspec.structs.replace(settings, port=port)).decode()
+        # msgspec's JSON has no raw newline: the settings are exactly one line.
+        self._settings_line = msgspec.json.encode(msgspec.structs.replace(settings, port=port)) + b"\n"
         for stop in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop, lambda *_: self.stopping.set())
         try:
@@ -156,18 +180,35 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 clean = False
+        return 0 if self._stop_engine() and clean else 1
+
+    def _stop_engine(self) -> bool:
+        """Close the engine's stop pipe and wait for it; False when it had to be killed."""
         engine = self.engine
-        if engine is not None and engine.poll() is None:
-            engine.send_signal(signal.SIGTERM)
-            try:
-                engine.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                engine.kill()
-                clean = False
-        return 0 if clean else 1
+        if engine is None or engine.poll() is not None:
+            return True
+        if not self.engine_ready:
+            engine.kill()  # still loading the model: nothing in it to finish
+            engine.wait(timeout=10)
+            return True
+        _close_stdin(engine)
+        try:
+            engine.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+            return False
+        return True
 
     def _kill_all(self) -> None:
         for process in [*self.workers, self.engine]:
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
+            if process is not None:
+                _close_stdin(process)
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=10)
+
+
+def _close_stdin(process: subprocess.Popen[bytes]) -> None:
+    if process.stdin is not None:
+        with contextlib.suppress(OSError):
+            process.stdin.close()

@@ -11,7 +11,7 @@ import pytest
 from encoder import Encoder
 from encoder.batcher import MicroBatcher
 from gateway.core.cache import MemoryBlobCache
-from gateway.core.errors import InvalidInputError, OutputNotSupportedError
+from gateway.core.errors import InvalidInputError, OutputNotSupportedError, OverloadedError
 from gateway.core.outputs import COLBERT, DENSE, SPARSE, Answer, ResponseOptions
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import LiveState, Telemetry
@@ -138,7 +138,7 @@ class _RestartingBatcher:
 
 
 @pytest.mark.anyio
-async def test_the_namespace_follows_the_engines_fingerprint_and_a_switch_mid_pass_writes_nothing(
+async def test_the_namespace_follows_the_engines_fingerprint_and_a_switch_mid_pass_is_retried_not_cached(
     minilm_encoder: Encoder,
 ) -> None:
     telemetry = Telemetry()
@@ -157,7 +157,8 @@ async def test_the_namespace_follows_the_engines_fingerprint_and_a_switch_mid_pa
     )
     try:
         before = service.namespace
-        await service.embed(["computed by the old model, answered after the switch"], DENSE)
+        with pytest.raises(OverloadedError, match="model changed"):
+            await service.embed(["computed by the old model, answered after the switch"], DENSE)
         await service.drain(5)
         assert service.namespace != before, "the namespace follows the fingerprint"
         assert before.startswith(minilm_encoder.fingerprint)
