@@ -110,6 +110,8 @@ def test_core_knows_no_web_framework_and_encoder_knows_no_gateway() -> None:
     for path, names in _external_imports("encoder").items():
         bad = {n for n in names if n.split(".")[0] in {"gateway", "litestar", "redis", "msgspec", "uvicorn"}}
         assert not bad, f"{path} imports {bad}"
+    for path, names in _external_imports("gateway/engine").items():
+        assert not {n for n in names if n.startswith("gateway.http")}, f"{path} imports the HTTP layer"
     for path, names in _external_imports("bench").items():
         assert not {n for n in names if n.split(".")[0] == "tests"}, f"{path} imports the test suite"
 
