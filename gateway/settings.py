@@ -66,11 +66,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     shutdown_timeout_s: PositiveInt = 30
-    max_connections: PositiveInt = 1000  # open connections (and tasks) before new requests get 503
+    max_connections: PositiveInt = 1000  # requests in flight before new ones get 503 (probes and /metrics never)
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024  # a request head; 431 above
     max_headers: PositiveInt = 100  # header lines per request; 431 above
     header_timeout_s: PositiveFloat = 10.0  # to receive a request head (idle or slow clients are closed)
-    body_timeout_s: PositiveFloat = 60.0  # to receive a request body once its head arrived
+    body_timeout_s: PositiveFloat = 60.0  # a request body that sends nothing for this long gets 408
+    body_min_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 1024  # 408 below it, after body_timeout_s; 0: off
     keepalive_timeout_s: PositiveInt = 5  # an idle keep-alive connection is closed after this
     # access
     api_keys: str = ""  # comma list, or @/path/to/file with one key per line

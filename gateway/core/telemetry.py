@@ -2,7 +2,8 @@
 
 Who feeds what:
 
-* the HTTP layer: :meth:`Telemetry.request_done` once per routed request, and
+* the HTTP layer: :meth:`Telemetry.request_done` once per routed request (and
+  :meth:`Telemetry.refused_at_capacity` once per request refused at the in-flight cap), and
   :meth:`Telemetry.key_request` once per request made with a named API key (never the key itself);
 * the service: :meth:`Telemetry.looked_up`, :meth:`embedded`, :meth:`cache_failed`, :meth:`cache_written`;
 * the micro-batcher: :meth:`batch_done` and :meth:`batcher_event` (it takes ``Telemetry`` as its
@@ -88,6 +89,7 @@ class LiveState(msgspec.Struct, kw_only=True):
 class RequestCounts(msgspec.Struct):
     total: int
     errors: int
+    refused_at_cap: int = 0  # requests of any route answered 503 at EMBED_MAX_CONNECTIONS in flight
 
 
 class CacheStats(msgspec.Struct):
@@ -207,6 +209,7 @@ class _Counters:
     events: dict[BatcherEvent, int] = field(default_factory=lambda: dict.fromkeys(BatcherEvent, 0))
     by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
     by_key: dict[str, KeyStats] = field(default_factory=dict)
+    refused_at_cap: int = 0
 
 
 _COUNTS = (
@@ -222,6 +225,7 @@ _COUNTS = (
     "batch_inputs",
     "batch_tokens",
     "batch_padded_tokens",
+    "refused_at_cap",
 )
 
 
@@ -278,6 +282,11 @@ class Telemetry:
         if child is None:  # .labels() hashes and locks on every call: keep the children
             child = self._durations[endpoint] = self._request_seconds.labels(endpoint)
         child.observe(seconds)
+
+    def refused_at_capacity(self) -> None:
+        """One request refused (503) because the server's in-flight cap was reached; it is also
+        reported to :meth:`request_done` with its status."""
+        self.counters.refused_at_cap += 1
 
     def key_request(self, name: str, status: int, *, inputs: int, tokens: int, hits: int, misses: int) -> None:
         """One embedding request made with the key called ``name``."""
@@ -378,7 +387,7 @@ class Telemetry:
             model=live.model,
             fingerprint=live.fingerprint,
             uptime_seconds=round(time.time() - self.started_at, 3),
-            requests=RequestCounts(total=c.requests, errors=c.request_errors),
+            requests=RequestCounts(total=c.requests, errors=c.request_errors, refused_at_cap=c.refused_at_cap),
             inputs=c.inputs,
             tokens=c.tokens,
             cache=CacheStats(
@@ -450,6 +459,11 @@ class _SnapshotCollector:
         yield requests
         cache, encoder = snapshot.cache, snapshot.encoder
         for name, value, text in (
+            (
+                "embedding_requests_refused_at_cap",
+                snapshot.requests.refused_at_cap,
+                "requests answered 503 because the in-flight cap was reached (probes and /metrics never are)",
+            ),
             ("embedding_inputs", snapshot.inputs, "inputs embedded (hits and misses)"),
             ("embedding_tokens", snapshot.tokens, "tokens embedded, as the model's tokenizer counts"),
             ("embedding_cache_hits", cache.hits, "distinct texts served from the cache"),

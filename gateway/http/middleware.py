@@ -1,4 +1,10 @@
-"""Request context: an ``x-request-id`` on every response, timing, telemetry and one log line per request."""
+"""Request context: an ``x-request-id`` on every response, timing, telemetry and one log line per request.
+
+Two marks in a request's ``scope["state"]`` come from the server protocol (:mod:`gateway.http.server`),
+which sees the connection but not the routes: :data:`OVER_CAPACITY` (the in-flight cap was reached
+when the request's head arrived: refused here unless the route is a probe or ``/metrics``), and
+:data:`CUT_STATUS` (the protocol answered the request itself, 408 or 431, and cut it off).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,63 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import msgspec
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Message,
+    Receive,
+    ReceiveMessage,
+    Scope,
+    Send,
+)
 
 from gateway.core.telemetry import Telemetry
+from gateway.http.errors import ErrorBody, ErrorEnvelope
 
-__all__ = ["RequestContextMiddleware", "RequestOutcome", "outcome", "request_id"]
+__all__ = ["CUT_STATUS", "OVER_CAPACITY", "RequestContextMiddleware", "RequestOutcome", "outcome", "request_id"]
 
 logger = logging.getLogger("gateway.access")
+
+OVER_CAPACITY = "gateway.over_capacity"
+CUT_STATUS = "gateway.cut_status"
+
+# Served even at the cap: the kubelet restarts a pod whose liveness probe fails for long, a busy
+# replica must not look dead or unready for being busy, and the scraper must see the overload.
+_NEVER_REFUSED = frozenset({"/livez", "/readyz", "/health", "/metrics"})
+
+# The client left before its answer: nginx's status. Whatever the app made of the disconnect
+# (Litestar turns a body cut short into a 500), it is no server error and must not page anyone.
+_CLIENT_LEFT = 499
+
+_OVER_CAPACITY_BODY = msgspec.json.encode(
+    ErrorEnvelope(
+        ErrorBody(
+            message="The server has as many requests in flight as it takes; retry shortly.",
+            type="server_error",
+            code="overloaded",
+        )
+    )
+)
+_OVER_CAPACITY_HEADERS = (
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_OVER_CAPACITY_BODY)).encode()),
+    (b"retry-after", b"1"),
+)
+
+
+async def _refuse_over_capacity(send: Send) -> None:
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 503,
+        "headers": list(_OVER_CAPACITY_HEADERS),
+    }
+    body: HTTPResponseBodyEvent = {"type": "http.response.body", "body": _OVER_CAPACITY_BODY, "more_body": False}
+    await send(start)
+    await send(body)
+
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")
@@ -69,7 +124,10 @@ class RequestContextMiddleware:
     """Times each routed request, reports it to telemetry, and logs one line without any input text.
 
     The endpoint label is the matched route's path template, so labels stay bounded whatever
-    paths clients send; routes with ``opt={"embedding": True}`` count as embedding requests.
+    paths clients send; routes with ``opt={"embedding": True}`` count as embedding requests. A
+    request whose client left before its answer started is a 499 (or the 408/431 the protocol
+    sent before cutting it off); one marked :data:`OVER_CAPACITY` is answered 503 here, unless
+    its route is a probe or ``/metrics``, and counted as refused at the cap.
     """
 
     def __init__(self, app: ASGIApp, telemetry: Telemetry, json_logs: bool = False) -> None:
@@ -84,16 +142,32 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         rid = request_id(scope)
         status = 500
+        answering = False
+        client_left = False
 
         async def send_with_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answering
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answering = message["status"], True
             await send(message)
 
+        async def receive_watching() -> ReceiveMessage:
+            nonlocal client_left
+            message = await receive()
+            client_left = client_left or (message["type"] == "http.disconnect" and not answering)
+            return message
+
+        state: dict[str, Any] = scope["state"]  # request_id() made sure of it
+        refused = bool(state.get(OVER_CAPACITY)) and scope.get("path_template") not in _NEVER_REFUSED
         try:
-            await self.app(scope, receive, send_with_status)
+            if refused:
+                self.telemetry.refused_at_capacity()
+                await _refuse_over_capacity(send_with_status)
+            else:
+                await self.app(scope, receive_watching, send_with_status)
         finally:
+            if client_left:
+                status = state.get(CUT_STATUS, _CLIENT_LEFT)
             seconds = time.perf_counter() - started
             handler = scope.get("route_handler")
             embedding = bool(handler is not None and handler.opt.get("embedding"))

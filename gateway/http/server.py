@@ -1,22 +1,39 @@
 """Run the app under uvicorn with the limits a public server needs.
 
-uvicorn gives us keep-alive timeouts (``timeout_keep_alive``), a connection and task cap that
-answers 503 past it (``limit_concurrency``), and a bounded graceful shutdown
-(``timeout_graceful_shutdown``); we use those as they are. What its httptools protocol lacks, a
-small subclass adds, each measured as an attack first (README, Reliability):
+uvicorn gives us keep-alive timeouts (``timeout_keep_alive``) and a bounded graceful shutdown
+(``timeout_graceful_shutdown``); we use those as they are. Its ``limit_concurrency`` we do not use:
+it counts open connections, idle keep-alive ones included, and answers 503 before any route runs,
+so a handful of idle sockets (a proxy's keep-alive pool) made ``/livez`` and ``/readyz`` fail, the
+kubelet restarted busy pods, and no counter saw the refusals (issue 27). Idle connections cost a
+few KB and their deadlines close them; what needs a cap is the work in flight. So the cap counts
+requests in flight (uvicorn's tasks): a request whose head arrives at the cap is marked, and the
+request middleware, which sees the route, refuses it with 503 (counted) unless it is a probe or
+``/metrics``.
 
-* header size and count limits: a 100 MB header used to be read whole (14.9 s, stalling every
-  other request); now the connection gets ``431`` as soon as the limit is passed;
+What uvicorn's httptools protocol lacks, a small subclass adds, each measured as an attack first
+(README, Reliability):
+
+* header size and count limits over every header byte: a request's head, a pipelined head that
+  arrives while an earlier request is served, and chunked trailers (issue 28). httptools grows a
+  header value by concatenation, quadratic in its size, and tells nobody how many bytes it has
+  taken, so the subclass cuts the byte stream itself where heads, bodies, chunk framing and
+  trailers begin and end and feeds the parser one region at a time: the parser's callbacks then
+  fire exactly at a cut, every region is counted before httptools sees it, and a head past the
+  limit is never fed. A head gets ``431`` (after the answers owed before it, in order); trailers
+  get ``431`` while the request's answer has not started, else the connection is closed;
 * a deadline for the request head: a connection that opens and sends nothing, or trickles its
-  headers (slowloris), is closed after ``header_timeout_s``;
-* a deadline for the body: a client that stops sending its body mid-way is cut off after
-  ``body_timeout_s`` instead of holding a task (and SIGTERM) forever.
+  headers (slowloris), is closed after ``header_timeout_s``; it never cuts a request in flight;
+* an idle deadline for the body: a body that sends nothing for ``body_timeout_s``, or that
+  averages under ``body_min_bytes_per_s`` once its first ``body_timeout_s`` are over (Apache's
+  ``RequestReadTimeout ... MinRate``), gets ``408`` and is cut off, instead of holding a task (and
+  SIGTERM) for ever; time while the server itself stopped reading does not count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,6 +42,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.http.errors import ErrorBody, ErrorEnvelope
+from gateway.http.middleware import CUT_STATUS, OVER_CAPACITY
 from gateway.settings import Settings
 
 __all__ = ["ConnectionLimits", "guarded_protocol", "uvicorn_config"]
@@ -32,38 +50,72 @@ __all__ = ["ConnectionLimits", "guarded_protocol", "uvicorn_config"]
 logger = logging.getLogger("gateway.server")
 
 _HEAD_END = b"\r\n\r\n"
+_REQUEST_LINE = re.compile(rb"[^\r\n]")  # llhttp skips empty lines before a request line
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
+_SIZE_LINE = 18  # a chunk size needs at most 16 hex digits and CRLF: the rest is extensions, metadata
+
+# Where the next byte of the connection falls.
+_HEAD = 0  # a request head (with the empty lines allowed before it)
+_BODY = 1  # a Content-Length body
+_CHUNK_LINE = 2  # a chunk-size line, extensions included
+_CHUNK_DATA = 3
+_CHUNK_END = 4  # the CRLF after a chunk's data
+_TRAILERS = 5  # the trailer section after the last, empty chunk
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
-    max_header_bytes: int
-    max_headers: int
+    max_header_bytes: int  # a request's head plus its trailers and chunk extensions
+    max_headers: int  # header fields, trailer fields included
     header_timeout_s: float
-    body_timeout_s: float
+    body_timeout_s: float  # idle: any byte of the body restarts it
+    body_min_bytes_per_s: int = 0  # 0: no minimum rate
+    max_requests_in_flight: int | None = None
 
 
-def _refusal(status: bytes, message: str) -> bytes:
-    body = msgspec.json.encode(ErrorEnvelope(ErrorBody(message=message, type="invalid_request_error")))
+def _refusal(status: bytes, code: str, message: str) -> bytes:
+    body = msgspec.json.encode(ErrorEnvelope(ErrorBody(message=message, type="invalid_request_error", code=code)))
     head = b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\nconnection: close\r\n"
     return head + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
 
 
 _TOO_LARGE = _refusal(
-    b"431 Request Header Fields Too Large", "The request headers are larger than this server accepts."
+    b"431 Request Header Fields Too Large",
+    "request_header_fields_too_large",
+    "The request's header fields are larger than this server accepts.",
 )
-_TOO_MANY = _refusal(b"431 Request Header Fields Too Large", "The request has more headers than this server accepts.")
+_TOO_MANY = _refusal(
+    b"431 Request Header Fields Too Large",
+    "request_header_fields_too_large",
+    "The request has more header fields than this server accepts.",
+)
+_TIMED_OUT = _refusal(
+    b"408 Request Timeout", "request_timeout", "The request body stopped arriving, or arrived too slowly."
+)
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, with header limits and header/body deadlines."""
+    """uvicorn's httptools protocol, with header limits, head and body deadlines and the in-flight mark."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        _in_head = True  # reading a request head (true from the first byte of a connection)
-        _head_bytes = 0
-        _head_tail = b""  # the last bytes seen, to find a head end split across reads
+        # Where the stream is, and what is known of the region it is in.
+        _region = _HEAD
+        _line_begun = False  # _HEAD: the request line has started
+        _tail = b""  # _HEAD, _TRAILERS: the last bytes seen, to find an end split across reads
+        _left = 0  # _BODY, _CHUNK_DATA, _CHUNK_END: bytes the region still has
+        _size_line = b""  # _CHUNK_LINE: the line so far (bounded by the limit)
+        _meta_bytes = 0  # this message's head, trailer and chunk-extension bytes
         _headers_seen = 0
-        _in_body = False
+        _head_done = False  # header fields after the head are trailers
+        _content_length = 0
+        _chunked = False
+        _refusal: bytes | None = None  # a 431 owed once the answers before it are out; nothing more is read
+        # Deadlines: one timer, for the head or (while a body is expected) for the body.
         _deadline: asyncio.TimerHandle | None = None
+        _in_body = False
+        _body_since = 0.0
+        _body_last = 0.0
+        _body_bytes = 0
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(cast(asyncio.Transport, transport))
@@ -73,41 +125,132 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._disarm()
             super().connection_lost(exc)
 
+        # --- the byte stream, cut into regions ----------------------------------------------
         def data_received(self, data: bytes) -> None:
-            if self._in_head:
-                window = self._head_tail + data
-                end = window.find(_HEAD_END)
-                counted = len(data) if end < 0 else end + len(_HEAD_END) - len(self._head_tail)
-                self._head_bytes += max(counted, 0)
-                if self._head_bytes > limits.max_header_bytes:
-                    self._refuse(_TOO_LARGE)
+            if self._refusal is not None:
+                return  # the connection ends with a refusal: nothing more of it is parsed
+            if self._in_body:
+                self._body_last = self.loop.time()
+                self._body_bytes += len(data)
+            view = memoryview(data)  # slices of it copy nothing; httptools reads any buffer
+            start, end = 0, len(data)
+            while start < end:
+                size = self._measure(data, start)
+                if size is None:
                     return
-                self._head_tail = window[-3:]
-            super().data_received(data)
+                super().data_received(cast(bytes, view[start : start + size]))
+                if self._refusal is not None or self.transport.is_closing():
+                    return  # a 400 or a refusal ends the connection
+                if self.transport.get_protocol() is not self:
+                    return  # upgraded to WebSocket: uvicorn passed the head on, as it does without us
+                start += size
 
+        def _measure(self, data: bytes, start: int) -> int | None:
+            """How many bytes from ``start`` belong to the current region, counted against the
+            limits; ``None`` when they pass one (the refusal is under way)."""
+            end = len(data)
+            region = self._region
+            if region in (_BODY, _CHUNK_DATA, _CHUNK_END) and self._left > 0:
+                size = min(self._left, end - start)
+                self._left -= size
+                if region == _CHUNK_DATA and self._left == 0:
+                    self._region, self._left = _CHUNK_END, 2  # no callback marks the end of a chunk's data
+                return size
+            if region == _CHUNK_LINE:
+                newline = data.find(b"\n", start)
+                size = end - start if newline < 0 else newline + 1 - start
+                before = len(self._size_line)
+                self._size_line += data[start : start + size]
+                extensions = max(0, len(self._size_line) - _SIZE_LINE) - max(0, before - _SIZE_LINE)
+                return self._count(extensions, size)
+            # A head or a trailer section (or, as a fallback, any byte the regions above did not expect).
+            if not self._line_begun and region != _TRAILERS:
+                first = _REQUEST_LINE.search(data, start)
+                if first is None or first.start() > start:
+                    size = (end if first is None else first.start()) - start
+                    return self._count(size, size)
+                self._line_begun = True
+            seam = (self._tail + data[start : start + 3]).find(_HEAD_END)
+            if seam >= 0:
+                size = seam + len(_HEAD_END) - len(self._tail)
+            else:
+                found = data.find(_HEAD_END, start)
+                size = end - start if found < 0 else found + len(_HEAD_END) - start
+                self._tail = (self._tail + data[max(start, end - 3) : end])[-3:]
+            return self._count(size, size)
+
+        def _count(self, meta: int, size: int) -> int | None:
+            self._meta_bytes += meta
+            if self._meta_bytes > limits.max_header_bytes:
+                self._over_limit(_TOO_LARGE)
+                return None
+            return size
+
+        # --- parser callbacks ---------------------------------------------------------------
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._headers_seen = 0
+            self._headers_seen, self._head_done, self._content_length, self._chunked = 0, False, 0, False
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._headers_seen += 1
             if self._headers_seen > limits.max_headers:
-                self._refuse(_TOO_MANY)
+                self._over_limit(_TOO_MANY)
                 return
+            if not self._head_done:  # llhttp has checked both, and refuses a request with both
+                lowered = name.lower()
+                if lowered == b"content-length":
+                    self._content_length = int(value)
+                elif lowered == b"transfer-encoding":
+                    self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
-            if self.transport.is_closing():
+            if self._refusal is not None or self.transport.is_closing():
                 return
-            self._in_head, self._head_bytes, self._head_tail = False, 0, b""
-            self._in_body = True
-            self._arm(limits.body_timeout_s)
+            self._head_done = True
+            self._disarm()  # the head deadline
+            if self._chunked:
+                self._region, self._size_line = _CHUNK_LINE, b""
+            else:
+                self._region, self._left = _BODY, self._content_length
+            if self._chunked or self._content_length:
+                self._in_body = True
+                self._body_since = self._body_last = self.loop.time()
+                self._body_bytes = 0
+                self._arm(limits.body_timeout_s)
+            cap = limits.max_requests_in_flight
+            if cap is not None and len(self.tasks) >= cap:
+                self.scope["state"][OVER_CAPACITY] = True
             super().on_headers_complete()
 
+        def on_chunk_header(self) -> None:
+            digits = _CHUNK_SIZE.match(self._size_line)
+            size = int(digits.group(), 16) if digits else 0
+            self._size_line = b""
+            if size:
+                self._region, self._left = _CHUNK_DATA, size
+            else:
+                self._region, self._tail = _TRAILERS, b"\r\n"  # an empty trailer section is one more CRLF
+
+        def on_chunk_complete(self) -> None:
+            if self._region == _CHUNK_END:
+                self._region = _CHUNK_LINE
+
         def on_message_complete(self) -> None:
-            self._in_body = False
-            self._disarm()
+            # What follows is the next request's head, whether or not the parser has seen its first byte.
+            self._region, self._line_begun, self._tail, self._meta_bytes = _HEAD, False, b"", 0
+            self._head_done = False
+            if self._in_body:
+                self._in_body = False
+                self._disarm()
+                self._await_next_head()  # the answer may have gone out before the body ended (a 413)
+            if self._refusal is not None or self.transport.is_closing():
+                return
             super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._await_next_head()
 
         def shutdown(self) -> None:
             # SIGTERM: a request whose body is still arriving cannot be answered in time; cut it
@@ -116,11 +259,21 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 self.transport.close()
             super().shutdown()
 
-        def on_response_complete(self) -> None:
-            self._in_head = True  # the next bytes on this keep-alive connection start a new head
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm(limits.header_timeout_s + self.timeout_keep_alive)
+        # --- deadlines ----------------------------------------------------------------------
+        def _await_next_head(self) -> None:
+            """Once nothing is in flight: send the refusal owed, or give the next head its deadline."""
+            if self.transport.is_closing():
+                return
+            if self._in_body or (self.cycle is not None and not self.cycle.response_complete):
+                # uvicorn has started the next pipelined request, or a body is still arriving (on
+                # the body's own deadline): no head deadline may cut them.
+                return
+            if self._refusal is not None:
+                self._send_refusal()
+                return
+            # The next request's head must start within the keep-alive timeout (uvicorn closes the
+            # connection otherwise) and end within the head timeout.
+            self._arm(limits.header_timeout_s + self.timeout_keep_alive)
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -133,16 +286,64 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def _expired(self) -> None:
             self._deadline = None
-            if not self.transport.is_closing():
-                # No response: the client is not reading one. A request still being served
-                # sees a disconnect and is withdrawn from the encoder queue.
+            if self.transport.is_closing():
+                return
+            if not self._in_body:
+                if self.cycle is None or self.cycle.response_complete:
+                    self.transport.close()  # no whole head in time, and no request in flight
+                return
+            now = self.loop.time()
+            if self.flow.read_paused:
+                # The server stopped reading (a pipelined request waits its turn, or the app has
+                # not taken what came): no stall of the client's. Measure afresh from here.
+                self._body_since = self._body_last = now
+                self._body_bytes = 0
+                self._arm(limits.body_timeout_s)
+                return
+            due = self._body_last + limits.body_timeout_s
+            if limits.body_min_bytes_per_s:
+                # Apache's MinRate: the first body_timeout_s are free, then each second needs its bytes.
+                paid = self._body_bytes / limits.body_min_bytes_per_s
+                due = min(due, self._body_since + limits.body_timeout_s + paid)
+            if now < due:
+                self._arm(due - now)  # data came since the timer was set: one timer, re-armed lazily
+                return
+            self._cut(_TIMED_OUT, 408)
+
+        # --- refusals -----------------------------------------------------------------------
+        def _over_limit(self, response: bytes) -> None:
+            if self._head_done:
+                self._cut(response, 431)  # trailers or chunk extensions of a request already passed on
+                return
+            # A head: its answer comes after those of the requests before it (HTTP/1.1 answers in
+            # order), so it may be owed for a while; nothing more of the connection is read.
+            self._refusal = response
+            self._disarm()
+            if self.cycle is None or self.cycle.response_complete:
+                self._send_refusal()
+
+        def _send_refusal(self) -> None:
+            self._disarm()
+            if self._refusal is not None and not self.transport.is_closing():
+                self.transport.write(self._refusal)
                 self.transport.close()
 
-        def _refuse(self, response: bytes) -> None:
+        def _cut(self, response: bytes, status: int) -> None:
+            """End the request whose body or trailers are arriving: with ``response`` while its own
+            answer has not begun and none is owed before it, else by closing the connection."""
             self._disarm()
-            if not self.transport.is_closing():
+            self._in_body = False
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started and not self.pipeline:
+                # The app sees a disconnect and its answer, if any, is dropped: this one replaces it.
+                # The request middleware counts ``status`` for it, not the 499 of a client that left.
+                cycle.scope["state"][CUT_STATUS] = status
+                cycle.disconnected = True
+                cycle.message_event.set()
                 self.transport.write(response)
-                self.transport.close()
+            self.transport.close()
 
     return GuardedHttpToolsProtocol
 
@@ -165,7 +366,7 @@ class _CancelledAtShutdown(logging.Filter):
 
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
-    """uvicorn's settings for ``app``: its own limits and timeouts, plus :func:`guarded_protocol`."""
+    """uvicorn's settings for ``app``: its own timeouts, plus :func:`guarded_protocol`."""
     uvicorn_errors = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _CancelledAtShutdown) for f in uvicorn_errors.filters):
         uvicorn_errors.addFilter(_CancelledAtShutdown())
@@ -174,6 +375,8 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         max_headers=settings.max_headers,
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
+        body_min_bytes_per_s=settings.body_min_bytes_per_s,
+        max_requests_in_flight=settings.max_connections,
     )
     return uvicorn.Config(
         app,
@@ -184,6 +387,6 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         access_log=False,  # our middleware logs one richer line per request
         lifespan="on",
         timeout_keep_alive=settings.keepalive_timeout_s,
-        limit_concurrency=settings.max_connections,
+        # no limit_concurrency: it counts idle connections and refuses probes (module docstring)
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
