@@ -222,43 +222,62 @@ class Encoder:
                 vectors = normalize(vectors)
             return vectors.cpu().numpy().astype(np.float32, copy=False)
 
-    def encode_outputs(self, token_ids: Sequence[Sequence[int]], kinds: frozenset[OutputKind]) -> list[Outputs]:
+    def encode_outputs(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        kinds: frozenset[OutputKind] | Sequence[frozenset[OutputKind]],
+    ) -> list[Outputs]:
         """Dense, sparse and/or ColBERT outputs from one forward pass, as FlagEmbedding's BGEM3 computes them.
+
+        ``kinds`` is one set for every row, or one set per row (the micro-batcher's batches mix
+        callers who asked for different kinds). The transformer runs once over all rows; each head
+        runs only over the rows that asked for it, cut to their own longest, and each row's
+        :class:`Outputs` holds only its own kinds, so a dense-only caller never pays for, or
+        carries, a ColBERT matrix computed for its batch-mate.
 
         * sparse: ``relu(sparse_linear(H))`` per token; CLS, EOS, PAD and UNK ids dropped, zero
           weights dropped, the largest weight kept per token id; ids ascending.
         * colbert: ``colbert_linear(H[:, 1:])`` over the real tokens after CLS, L2-normalised per row.
         """
-        missing = kinds - self.outputs
+        per_row = [kinds] * len(token_ids) if isinstance(kinds, frozenset | set) else list(kinds)
+        if len(per_row) != len(token_ids):
+            raise ValueError(f"{len(per_row)} sets of kinds for {len(token_ids)} inputs")
+        missing = frozenset[OutputKind]().union(*per_row) - self.outputs
         if missing:
             raise ValueError(f"this model has no {sorted(missing)} head ({[HEAD_FILES[k] for k in sorted(missing)]})")
+        if not token_ids:
+            return []
         hidden, mask = self.forward(token_ids)
+        lengths = [len(ids) for ids in token_ids]
+        dense: list[np.ndarray | None] = [None] * len(token_ids)
+        sparse: list[SparseWeights | None] = [None] * len(token_ids)
+        colbert: list[np.ndarray | None] = [None] * len(token_ids)
         with torch.inference_mode():
-            dense = None
-            if DENSE in kinds:
-                pooled = pool(hidden, mask, self.pooling)
-                dense = (normalize(pooled) if self.normalize else pooled).cpu().numpy().astype(np.float32, copy=False)
-            weights = None
-            if SPARSE in kinds:
-                weights = torch.relu(self.heads[SPARSE](hidden)).squeeze(-1).float().cpu().numpy()
-            colbert = None
-            if COLBERT in kinds:
-                vectors = self.heads[COLBERT](hidden[:, 1:]) * mask[:, 1:, None].to(hidden.dtype)
-                colbert = normalize(vectors.float()).cpu().numpy()
-        results = []
-        for row, ids in enumerate(token_ids):
-            sparse = None
-            if weights is not None:
-                sparse = self._sparse_row(np.asarray(ids, dtype=np.int64), weights[row, : len(ids)])
-            results.append(
-                Outputs(
-                    tokens=len(ids),
-                    dense=None if dense is None else dense[row],
-                    sparse=sparse,
-                    colbert=None if colbert is None else np.ascontiguousarray(colbert[row, : len(ids) - 1]),
-                )
-            )
-        return results
+            rows = [row for row, asked in enumerate(per_row) if DENSE in asked]
+            if rows:
+                part, part_mask = _rows(hidden, mask, rows, lengths)
+                pooled = pool(part, part_mask, self.pooling)
+                vectors = (normalize(pooled) if self.normalize else pooled).cpu().numpy().astype(np.float32, copy=False)
+                for at, row in enumerate(rows):
+                    dense[row] = vectors[at]
+            rows = [row for row, asked in enumerate(per_row) if SPARSE in asked]
+            if rows:
+                part, _ = _rows(hidden, mask, rows, lengths)
+                weights = torch.relu(self.heads[SPARSE](part)).squeeze(-1).float().cpu().numpy()
+                for at, row in enumerate(rows):
+                    ids = np.asarray(token_ids[row], dtype=np.int64)
+                    sparse[row] = self._sparse_row(ids, weights[at, : lengths[row]])
+            rows = [row for row, asked in enumerate(per_row) if COLBERT in asked]
+            if rows:
+                part, part_mask = _rows(hidden, mask, rows, lengths)
+                matrices = self.heads[COLBERT](part[:, 1:]) * part_mask[:, 1:, None].to(part.dtype)
+                matrices = normalize(matrices.float()).cpu().numpy()
+                for at, row in enumerate(rows):
+                    colbert[row] = np.ascontiguousarray(matrices[at, : lengths[row] - 1])
+        return [
+            Outputs(tokens=lengths[row], dense=dense[row], sparse=sparse[row], colbert=colbert[row])
+            for row in range(len(token_ids))
+        ]
 
     def _sparse_row(self, ids: np.ndarray, weights: np.ndarray) -> SparseWeights:
         keep = ~np.isin(ids, self._unused_ids) & (weights > 0)
@@ -379,3 +398,14 @@ def _load_heads(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[
         head.load_state_dict(state)
         heads[kind] = head.eval().to(device=device, dtype=dtype)
     return heads
+
+
+def _rows(
+    hidden: torch.Tensor, mask: torch.Tensor, rows: list[int], lengths: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` of a padded batch, cut to the longest of them (every row, uncut, without a copy)."""
+    if len(rows) == len(lengths):
+        return hidden, mask
+    longest = max(lengths[row] for row in rows)
+    index = torch.tensor(rows, device=hidden.device)
+    return hidden[:, :longest].index_select(0, index), mask[:, :longest].index_select(0, index)
