@@ -96,11 +96,15 @@ def preflight(settings: Settings) -> str | None:
     from encoder import DeviceNotAvailableError, ModelNotFoundError, resolve_device, resolve_dtype
     from encoder.model_files import read_model_spec, resolve_model_dir
     from gateway.core.keys import KeysFileError, load_keys
+    from gateway.core.ratelimit import unshared_limits_problem
 
     try:
-        load_keys(settings)  # a bad EMBED_API_KEYS_FILE: one line naming the [[keys]] table and field
+        keys = load_keys(settings)  # a bad EMBED_API_KEYS_FILE: one line naming the [[keys]] table and field
     except KeysFileError as exc:
         return str(exc)
+    problem = unshared_limits_problem(settings, keys)  # EMBED_WORKERS > 1 without Redis: every limit x workers
+    if problem is not None:
+        return problem
     try:
         device = resolve_device(settings.device)
     except DeviceNotAvailableError as exc:

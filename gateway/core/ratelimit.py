@@ -1,32 +1,51 @@
 """Per-key token buckets for requests and tokens per minute, shared by every replica through Redis.
 
-A bucket holds up to ``limit`` units and refills at ``limit / 60`` per second. A request is admitted
-while its key's requests bucket holds one whole request and its tokens bucket is not in debt; the
-request takes one request at once and, once answered, its real token count (the model's tokenizer,
-cache hits included, so only known after the lookup). A request may therefore push the tokens bucket
-below zero; the next request of that key is then refused until the debt has refilled.
+A bucket holds up to ``limit`` units and refills at ``limit / 60`` per second. A request of a key
+with limits is admitted in two steps:
 
-With Redis, both buckets of a key live in one hash-tagged pair of keys and one Lua script reads,
-refills and takes them atomically with Redis' own clock: two replicas see one bucket. Without
-Redis, or while Redis fails, each process keeps its own buckets (fail open, never a 5xx).
+1. **admission** (the API-key middleware, before the body is read): it takes one request from the
+   requests bucket, and is refused while that bucket holds less than one request or the tokens
+   bucket less than one token (a key in debt waits for the debt to refill: no work is done for it);
+2. **reservation** (:meth:`RateLimiter.reserve`, once the request's token count is known: the
+   cached inputs' counts come with the cache lookup, the others from the tokenizer, so before the
+   encoder does any work): it takes the request's tokens only if the tokens bucket holds them all,
+   else the request is refused (429, with the wait until the bucket holds them). A request of more
+   tokens than the key's whole limit could never pass, so it is refused with a plain 400 by the
+   caller instead of a 429 that no wait cures. Reserved tokens stay taken when the client hangs up
+   (the work was queued for it); the caller gives them back only when the server failed the request.
+
+So concurrent requests of one key cannot all pass on an empty ledger: each one's tokens are taken
+before the next one is checked, atomically in Redis or in this process.
+
+With Redis (the cache's mode: one node, Sentinel's master, or a Cluster, where both buckets of a
+key sit in one slot through a hash tag), one Lua script reads, refills, checks and takes a key's
+buckets atomically with Redis' own clock: two replicas see one bucket. Without Redis each process
+keeps its own buckets, so ``EMBED_WORKERS > 1`` without Redis is refused at start
+(:func:`unshared_limits_problem`): every worker would multiply each limit.
 
 A Redis round trip per request would cost the hit path more than everything else it does, so each
-replica keeps, per key, the levels Redis answered last and what it admitted and charged since:
+replica keeps, per key, the levels Redis answered last (its *view*) and what it took since:
 
-* **far** from the limit (its view, less its own unsettled usage, keeps more than ``near`` = 20% of
-  both limits, the view is at most ``4 x settle_s`` = 0.2 s old, and its unsettled usage stays within
-  ``unsettled`` = 5% of each limit) it admits locally; a background task settles every key's usage
-  with Redis every ``settle_s`` = 50 ms (one pipeline of script calls) and reads the new levels back;
-* **near** the limit (or with a stale view, or a full unsettled share) it does what it did before:
-  one awaited script call per admission (settling the key's unsettled usage first) and the charge
-  sent at once, so the first request past a limit is refused, whichever replica gets it.
+* **far** from the limits (the view, less this replica's own unsettled usage and this request, keeps
+  more than ``near`` = 20% of both limits, the view is at most ``4 x settle_s`` = 0.2 s old, and
+  the unsettled usage, this request included, stays within ``unsettled`` = 5% of each limit) it
+  admits and reserves locally; a background task settles every key's usage with Redis every
+  ``settle_s`` = 50 ms (one pipeline of script calls) and reads the new levels back;
+* **near** a limit (or with a stale view, or a full unsettled share) every admission and
+  reservation is one awaited script call that settles the key's unsettled usage first, so the
+  first request past a limit is refused, whichever replica gets it.
 
-The bound: only the unsettled usage (at most 5% of a limit per replica) is invisible to the other
-replicas, and a replica admits locally only while the key had more than 20% left at its view at most
-0.2 s ago. A key is admitted past its limit only when the other replicas together take more than
-that 20% within those 0.2 s; the excess is then at most 5% of the limit per replica. Usage still
-unsettled is sent on :meth:`RateLimiter.close`; when Redis fails it is dropped with the views and
-the process falls back to its own buckets.
+The bound: Redis checks exactly, so what the replicas serve exceeds a key's limit (plus what
+refilled) only by usage that was unsettled somewhere when Redis said yes: at most the unsettled
+share of each replica, which never holds a request larger than 5% of the limit. With requests of
+at least 5% of the limit that is at most one request per replica; with smaller ones it is at most
+5% of the limit per replica, and only when the other replicas took more than the 20% margin within
+the 0.2 s a view lives. (Each process is a replica here: ``EMBED_WORKERS`` workers count one each.)
+
+When Redis fails (an error, or no answer within ``timeout_s``) this process falls back to its own
+buckets for ``retry_s``, and they start from the views: each key's last known levels, refilled since,
+less what this replica took without Redis' word (unsettled, or in a call that failed). A key in debt
+stays in debt through a Redis hiccup. Usage taken locally meanwhile is not sent to Redis later.
 """
 
 from __future__ import annotations
@@ -36,25 +55,37 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-import redis.asyncio as aioredis
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from gateway.core.cache.clients import cluster_client, sentinel_client, single_client
 from gateway.core.keys import ApiKey
+from gateway.settings import ENV_PREFIX, Settings
 
-__all__ = ["Admission", "Levels", "RateLimiter", "format_reset"]
+__all__ = ["Admission", "Levels", "RateLimiter", "format_reset", "unshared_limits_problem"]
 
 logger = logging.getLogger(__name__)
 
 WINDOW_S = 60.0  # limits are per minute
 
-# KEYS: requests bucket, tokens bucket. ARGV: requests limit, tokens limit (0: none), requests to take,
-# tokens to take, check (1: refuse when short), requests and tokens to settle (usage a replica admitted
-# locally: taken before the check, whatever it says). Returns {admitted, blocked (0, 1 requests, 2
-# tokens), requests level, tokens level} with the levels as strings (Lua numbers would be cut to integers).
+RedisMode = Literal["single", "cluster", "sentinel"]
+
+# What a failing Redis raises: a cluster's own errors (no node reachable) are not RedisErrors.
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+# KEYS: requests bucket, tokens bucket. ARGV: 1-2 requests and tokens limits (0: none); 3-4 requests
+# and tokens to take; 5-6 requests and tokens the buckets must hold for the take (0: no check);
+# 7-8 requests and tokens to settle (usage a replica took locally: taken before the check, whatever
+# it says). A negative take or settle gives back, never above the limit. Returns {admitted, blocked
+# (0, 1 requests, 2 tokens), requests level, tokens level}, the levels as strings (Lua numbers would
+# be cut to integers).
 _SCRIPT = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1000000
@@ -67,15 +98,15 @@ local function level(key, limit)
 end
 local rl, tl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rv, tv = level(KEYS[1], rl), level(KEYS[2], tl)
-if rl > 0 then rv = rv - (tonumber(ARGV[6]) or 0) end
-if tl > 0 then tv = tv - (tonumber(ARGV[7]) or 0) end
+if rl > 0 then rv = math.min(rl, rv - tonumber(ARGV[7])) end
+if tl > 0 then tv = math.min(tl, tv - tonumber(ARGV[8])) end
+local need_r, need_t = tonumber(ARGV[5]), tonumber(ARGV[6])
 local blocked = 0
-if tonumber(ARGV[5]) == 1 then
-  if rl > 0 and rv < 1 then blocked = 1 elseif tl > 0 and tv <= 0 then blocked = 2 end
-end
+if rl > 0 and need_r > 0 and rv < need_r then blocked = 1
+elseif tl > 0 and need_t > 0 and tv < need_t then blocked = 2 end
 if blocked == 0 then
-  if rl > 0 then rv = rv - tonumber(ARGV[3]) end
-  if tl > 0 then tv = tv - tonumber(ARGV[4]) end
+  if rl > 0 then rv = math.min(rl, rv - tonumber(ARGV[3])) end
+  if tl > 0 then tv = math.min(tl, tv - tonumber(ARGV[4])) end
 end
 if rl > 0 then
   redis.call('HSET', KEYS[1], 'level', tostring(rv), 'at', tostring(now))
@@ -103,6 +134,22 @@ def format_reset(seconds: float) -> str:
     if minutes >= 1:
         return f"{int(minutes)}m{text}"
     return text
+
+
+def unshared_limits_problem(settings: Settings, keys: Sequence[ApiKey]) -> str | None:
+    """Why these settings cannot enforce the keys' limits, as one line, or None.
+
+    ``EMBED_WORKERS > 1`` runs that many HTTP worker processes; without Redis each would keep its
+    own buckets and admit a key's whole limit, so every limit would be multiplied by the workers.
+    """
+    if settings.workers <= 1 or settings.redis_url.strip() or not any(key.limited for key in keys):
+        return None
+    return (
+        f"{ENV_PREFIX}WORKERS (--workers): {settings.workers} workers without {ENV_PREFIX}REDIS_URL would each "
+        f"keep their own rate-limit buckets, so every key's limits in {ENV_PREFIX}API_KEYS_FILE would be "
+        f"multiplied by {settings.workers}; set {ENV_PREFIX}REDIS_URL (the workers then share the buckets) "
+        f"or {ENV_PREFIX}WORKERS=1"
+    )
 
 
 class Levels(NamedTuple):
@@ -138,15 +185,16 @@ class Admission(NamedTuple):
     admitted: bool
     blocked: Literal["requests", "tokens"] | None
     levels: Levels
+    need: float = 1.0  # tokens the tokens bucket had to hold: 1 at admission, the request's count at reservation
 
     @property
     def retry_after(self) -> float:
-        """Seconds until the blocking bucket admits a request again."""
+        """Seconds until the blocking bucket holds what was asked of it."""
         levels = self.levels
         if self.blocked == "requests" and levels.requests_limit:
-            return (1 - levels.requests) * WINDOW_S / levels.requests_limit
+            return max(0.0, 1 - levels.requests) * WINDOW_S / levels.requests_limit
         if self.blocked == "tokens" and levels.tokens_limit:
-            return (max(0.0, -levels.tokens) * WINDOW_S / levels.tokens_limit) + 0.001
+            return max(0.0, self.need - levels.tokens) * WINDOW_S / levels.tokens_limit + 0.001
         return 0.0
 
 
@@ -163,24 +211,33 @@ class _LocalBuckets:
         value, at = self._state.get(bucket, (float(limit), now))
         return min(float(limit), value + max(0.0, now - at) * limit / WINDOW_S)
 
-    def run(self, name: str, rl: int, tl: int, take: tuple[int, int], check: bool) -> tuple[int, float, float]:
+    def run(
+        self, name: str, rl: int, tl: int, take: tuple[int, int], need: tuple[float, float]
+    ) -> tuple[int, float, float]:
         now = time.monotonic()
         rv = self._level(f"{name}:r", rl, now) if rl else 0.0
         tv = self._level(f"{name}:t", tl, now) if tl else 0.0
         blocked = 0
-        if check:
-            if rl and rv < 1:
-                blocked = 1
-            elif tl and tv <= 0:
-                blocked = 2
+        if rl and need[0] and rv < need[0]:
+            blocked = 1
+        elif tl and need[1] and tv < need[1]:
+            blocked = 2
         if not blocked:
-            rv -= take[0] if rl else 0
-            tv -= take[1] if tl else 0
+            rv = min(float(rl), rv - take[0]) if rl else 0.0
+            tv = min(float(tl), tv - take[1]) if tl else 0.0
         if rl:
             self._state[f"{name}:r"] = (rv, now)
         if tl:
             self._state[f"{name}:t"] = (tv, now)
         return blocked, rv, tv
+
+    def seed(self, name: str, limits: tuple[int, int], levels: tuple[float, float], now: float) -> None:
+        """Set a key's levels (what Redis said last) before this process decides alone."""
+        (rl, tl), (rv, tv) = limits, levels
+        if rl:
+            self._state[f"{name}:r"] = (rv, now)
+        if tl:
+            self._state[f"{name}:t"] = (tv, now)
 
 
 @dataclass(slots=True)
@@ -192,19 +249,23 @@ class _View:
     requests: float
     tokens: float
     at: float  # time.monotonic() of that answer
-    pending_requests: int = 0  # admitted here, not yet sent to Redis
+    pending_requests: int = 0  # taken here, not yet sent to Redis
     pending_tokens: int = 0
     sending_requests: int = 0  # on their way to Redis in a call that has not answered yet
     sending_tokens: int = 0
 
 
 class RateLimiter:
-    """Buckets for the keys that have limits; ``connect`` (in the app's lifespan) shares them via Redis."""
+    """Buckets for the keys that have limits; ``connect`` (in the app's lifespan) shares them via Redis,
+    with a client of the same ``mode`` as the cache's."""
 
     def __init__(
         self,
         *,
         redis_url: str = "",
+        mode: RedisMode = "single",
+        sentinel_master: str = "",
+        max_connections: int = 64,
         prefix: str = "emb",
         timeout_s: float = 0.25,
         retry_s: float = 5.0,
@@ -212,17 +273,27 @@ class RateLimiter:
         near: float = 0.2,
         unsettled: float = 0.05,
     ) -> None:
+        if redis_url and mode == "sentinel" and not sentinel_master:
+            raise ValueError("sentinel mode needs the master's name")
         self.redis_url = redis_url
+        self.mode = mode
+        self.sentinel_master = sentinel_master
+        self.max_connections = max_connections
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.retry_s = retry_s  # after a Redis failure, local buckets for this long
-        self.settle_s = settle_s  # how often usage admitted locally is settled with Redis
-        self.near = near  # within this share of a limit, every admission asks Redis
-        self.unsettled = unsettled  # the most of a limit a replica admits without telling Redis
+        self.settle_s = settle_s  # how often usage taken locally is settled with Redis
+        self.near = near  # within this share of a limit, every admission and reservation asks Redis
+        self.unsettled = unsettled  # the most of a limit a replica takes without telling Redis
         self.fresh_s = 4 * settle_s  # an older view is not trusted to admit locally
         self._local = _LocalBuckets()
-        self._client: aioredis.Redis | None = None
+        self._client: Redis | RedisCluster | None = None
+        self._sentinel: Sentinel | None = None
         self._script: AsyncScript | None = None
+        # The client's pools refuse a call past max_connections (per node) at once instead of waiting:
+        # a burst of calls near a limit waits here for a connection (within the call's deadline), so
+        # a busy moment is not taken for a failed Redis.
+        self._gate = asyncio.Semaphore(max_connections)
         self._down_until = 0.0
         self._views: dict[str, _View] = {}
         self._keys_of: dict[str, list[str]] = {}
@@ -234,12 +305,21 @@ class RateLimiter:
         return self._client is not None
 
     async def connect(self) -> None:
-        if self.redis_url and self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self.redis_url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+        if not self.redis_url or self._client is not None:
+            return
+        client: Redis | RedisCluster
+        url, timeout_s, most = self.redis_url, self.timeout_s, self.max_connections
+        if self.mode == "cluster":
+            client = cluster_client(url, timeout_s=timeout_s, max_connections=most)
+        elif self.mode == "sentinel":
+            self._sentinel, client = sentinel_client(
+                url, self.sentinel_master, timeout_s=timeout_s, max_connections=most
             )
-            self._script = self._client.register_script(_SCRIPT)  # EVALSHA, loaded again after NOSCRIPT
-            self._settler = asyncio.create_task(self._settle_forever(), name="ratelimit-settle")
+        else:
+            client = single_client(url, timeout_s=timeout_s, max_connections=most)
+        self._client = client
+        self._script = client.register_script(_SCRIPT)  # EVALSHA, loaded again after NOSCRIPT
+        self._settler = asyncio.create_task(self._settle_forever(), name="ratelimit-settle")
 
     async def close(self) -> None:
         """Stop settling, send the usage still unsettled (bounded by ``timeout_s``), close the client."""
@@ -254,9 +334,13 @@ class RateLimiter:
         if self._client is not None:
             await self._client.aclose()
             self._client = self._script = None
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                await sentinel.aclose()
+            self._sentinel = None
 
     def _keys(self, name: str) -> list[str]:
-        # One hash tag per key name: both buckets sit in one Redis Cluster slot.
+        # One hash tag per key name: both buckets sit in one Redis Cluster slot (one script, one slot).
         found = self._keys_of.get(name)
         if found is None:
             found = self._keys_of[name] = [
@@ -269,9 +353,20 @@ class RateLimiter:
         return self._script is not None and time.monotonic() >= self._down_until
 
     def _failed(self, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + self.retry_s
-        self._views.clear()  # unsettled usage is dropped: this process's own buckets take over
-        logger.warning("rate limits fall back to this process for %.0f s: redis failed: %r", self.retry_s, exc)
+        """Decide alone for ``retry_s``, starting from what Redis said last: a key in debt stays in debt."""
+        now = time.monotonic()
+        already = now < self._down_until  # another call in flight failed first: say it once
+        self._down_until = now + self.retry_s
+        for name, view in self._views.items():
+            rl, tl = view.requests_limit, view.tokens_limit
+            age = max(0.0, now - view.at)
+            # Usage on its way in a call that failed may or may not have reached Redis: count it.
+            rv = min(rl, view.requests + age * rl / WINDOW_S) - view.sending_requests - view.pending_requests
+            tv = min(tl, view.tokens + age * tl / WINDOW_S) - view.sending_tokens - view.pending_tokens
+            self._local.seed(name, (rl, tl), (rv, tv), now)
+        self._views.clear()
+        if not already:
+            logger.warning("rate limits fall back to this process for %.0f s: redis failed: %r", self.retry_s, exc)
 
     def _far(
         self, view: _View, rl: int, tl: int, *, requests: int, tokens: int, now: float
@@ -294,9 +389,10 @@ class RateLimiter:
         return rv, tv
 
     async def _call(
-        self, name: str, rl: int, tl: int, take_requests: int, take_tokens: int, *, check: bool
+        self, name: str, rl: int, tl: int, take: tuple[int, int], need: tuple[float, float]
     ) -> tuple[int, float, float]:
-        """One awaited script call that also settles ``name``'s unsettled usage; raises on failure."""
+        """One awaited script call that also settles ``name``'s unsettled usage; on failure it falls
+        back (:meth:`_failed`) and raises."""
         assert self._script is not None
         view = self._views.get(name)
         settle_requests = settle_tokens = 0
@@ -305,10 +401,21 @@ class RateLimiter:
             view.pending_requests = view.pending_tokens = 0
             view.sending_requests += settle_requests
             view.sending_tokens += settle_tokens
-        args = [rl, tl, take_requests, take_tokens, int(check), settle_requests, settle_tokens]
+        args = [rl, tl, take[0], take[1], need[0], need[1], settle_requests, settle_tokens]
         try:
             async with asyncio.timeout(self.timeout_s):
-                raw = await self._script(keys=self._keys(name), args=args)
+                async with self._gate:
+                    raw = await self._script(keys=self._keys(name), args=args)
+        except _FAILURES as exc:
+            # Before the ``finally``: this call's settled usage still counts (as sending) in the levels
+            # the local buckets start from.
+            self._failed(exc)
+            raise
+        except asyncio.CancelledError:
+            if view is not None:  # the caller left: what it carried is settled by the next call
+                view.pending_requests += settle_requests
+                view.pending_tokens += settle_tokens
+            raise
         finally:
             if view is not None:
                 view.sending_requests -= settle_requests
@@ -324,52 +431,69 @@ class RateLimiter:
         else:
             view.requests, view.tokens, view.at = rv, tv, time.monotonic()
 
-    async def _run(self, key: ApiKey, take_requests: int, take_tokens: int, check: bool) -> tuple[int, float, float]:
+    async def _run(self, key: ApiKey, take: tuple[int, int], need: tuple[float, float]) -> tuple[int, float, float]:
         assert key.name is not None, "only named keys have limits"
         rl, tl = key.requests_per_minute or 0, key.tokens_per_minute or 0
         if self._redis_up():
-            try:
-                return await self._call(key.name, rl, tl, take_requests, take_tokens, check=check)
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._failed(exc)
-        return self._local.run(key.name, rl, tl, (take_requests, take_tokens), check)
+            with contextlib.suppress(*_FAILURES):  # _call has fallen back: this process decides
+                return await self._call(key.name, rl, tl, take, need)
+        return self._local.run(key.name, rl, tl, take, need)
+
+    def _local_far(self, key: ApiKey, *, requests: int, tokens: int) -> tuple[float, float] | None:
+        """Take ``requests`` and ``tokens`` locally when the key is far from its limits, else None."""
+        if self._script is None or key.name is None:
+            return None
+        view = self._views.get(key.name)
+        now = time.monotonic()
+        if view is None or now < self._down_until:
+            return None
+        rl, tl = key.requests_per_minute or 0, key.tokens_per_minute or 0
+        far = self._far(view, rl, tl, requests=requests, tokens=tokens, now=now)
+        if far is not None:
+            if rl:
+                view.pending_requests += requests
+            if tl:
+                view.pending_tokens += tokens
+        return far
 
     async def admit(self, key: ApiKey) -> Admission:
-        """Take one request from ``key``'s buckets, unless one of them is short."""
-        if self._script is not None and key.name is not None:
-            view = self._views.get(key.name)
-            if view is not None:
-                rl, tl = key.requests_per_minute or 0, key.tokens_per_minute or 0
-                now = time.monotonic()
-                far = self._far(view, rl, tl, requests=1, tokens=0, now=now) if now >= self._down_until else None
-                if far is not None:
-                    if rl:
-                        view.pending_requests += 1
-                    return Admission(True, None, Levels(key.requests_per_minute, key.tokens_per_minute, *far))
-        blocked, rv, tv = await self._run(key, 1, 0, check=True)
+        """Take one request from ``key``'s buckets, unless its requests bucket holds less than one
+        request or its tokens bucket less than one token."""
+        return await self._take(key, (1, 0), (1, 1))
+
+    async def reserve(self, key: ApiKey, tokens: int) -> Admission:
+        """Take an admitted request's ``tokens`` from ``key``'s tokens bucket if it holds them all; else
+        take nothing and say so (``need``: ``tokens``). The caller refuses a request of more tokens
+        than the whole limit before asking: no bucket ever holds it."""
+        return await self._take(key, (0, tokens), (0, tokens))
+
+    async def _take(self, key: ApiKey, take: tuple[int, int], need: tuple[float, float]) -> Admission:
+        far = self._local_far(key, requests=take[0], tokens=take[1])
+        if far is not None:
+            return Admission(True, None, Levels(key.requests_per_minute, key.tokens_per_minute, *far), need[1])
+        blocked, rv, tv = await self._run(key, take, need)
         levels = Levels(key.requests_per_minute, key.tokens_per_minute, rv, tv)
-        return Admission(admitted=blocked == 0, blocked=_BLOCKED[blocked], levels=levels)
+        return Admission(blocked == 0, _BLOCKED[blocked], levels, need[1])
 
     async def charge(self, key: ApiKey, tokens: int) -> Levels:
-        """Take an answered request's tokens (the bucket may go into debt), at once."""
-        _, rv, tv = await self._run(key, 0, tokens, check=False)
+        """Take ``tokens`` (negative: give them back) without a check, at once: the bucket may go into debt."""
+        _, rv, tv = await self._run(key, (0, tokens), (0, 0))
         return Levels(key.requests_per_minute, key.tokens_per_minute, rv, tv)
 
-    def charge_later(self, key: ApiKey, tokens: int) -> None:
-        """Take an answered request's tokens without waiting: far from the limit they are settled with
-        the next batch, near it they leave for Redis at once (before this answer's body does, so the
-        key's next request sees them); without Redis this process's buckets take them now."""
+    def adjust_later(self, key: ApiKey, tokens: int) -> None:
+        """:meth:`charge` without waiting: far from the limit with the next settling round, near it
+        with a call of its own; while Redis fails, in this process's buckets now."""
         if not tokens or not key.tokens_per_minute or key.name is None:
             return
         if not self._redis_up():
-            self._local.run(key.name, key.requests_per_minute or 0, key.tokens_per_minute, (0, tokens), False)
+            self._local.run(key.name, key.requests_per_minute or 0, key.tokens_per_minute, (0, tokens), (0, 0))
             return
-        view = self._views.get(key.name)
-        if (
-            view is not None
-            and self._far(view, 0, key.tokens_per_minute, requests=0, tokens=tokens, now=time.monotonic()) is not None
-        ):
-            view.pending_tokens += tokens
+        if tokens < 0:
+            view = self._views.get(key.name)
+            if view is not None:  # giving back never needs Redis' word first: the next round takes it
+                view.pending_tokens += tokens
+                return
+        elif self._local_far(key, requests=0, tokens=tokens) is not None:
             return
         task = asyncio.create_task(self.charge(key, tokens))
         self._sending.add(task)
@@ -388,14 +512,31 @@ class RateLimiter:
                 view.pending_requests = view.pending_tokens = 0
         if not batch:
             return
+        script = self._script
+        calls = [
+            (self._keys(name), [view.requests_limit, view.tokens_limit, 0, 0, 0, 0, requests, tokens])
+            for name, view, requests, tokens in batch
+        ]
         try:
             async with asyncio.timeout(self.timeout_s):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for name, view, requests, tokens in batch:
-                        rl, tl = view.requests_limit, view.tokens_limit
-                        await self._script(keys=self._keys(name), args=[rl, tl, 0, 0, 0, requests, tokens], client=pipe)
-                    answers = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+                async with self._gate:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        # AsyncScript queues into either pipeline, though redis-py's annotations name
+                        # only the clients (a cluster's pipeline is no RedisCluster).
+                        queue: Any = pipe
+                        for keys, args in calls:
+                            await script(keys=keys, args=args, client=queue)
+                        answers: list[Any] = await pipe.execute(raise_on_error=False)
+                    # A cluster pipeline does not load scripts first (a plain one does): a master that
+                    # lacks ours answers NOSCRIPT for its keys alone, and nothing of theirs ran. Those
+                    # calls go again one by one, which loads it there.
+                    for index, answer in enumerate(answers):
+                        if isinstance(answer, NoScriptError):
+                            keys, args = calls[index]
+                            answers[index] = await script(keys=keys, args=args)
+                        elif isinstance(answer, BaseException):
+                            raise answer
+        except _FAILURES as exc:
             self._failed(exc)
             return
         finally:

@@ -125,11 +125,19 @@ class EmbeddingService:
         return cache_key(self.cache_prefix, self.namespace + (output or DENSE).namespace, text)
 
     async def embed(
-        self, texts: Sequence[str], output: OutputSpec[T, R], *, guard: Guard | None = None, tenant: str = ""
+        self,
+        texts: Sequence[str],
+        output: OutputSpec[T, R],
+        *,
+        guard: Guard | None = None,
+        tenant: str = "",
+        reserve: Callable[[int], Awaitable[None]] | None = None,
     ) -> EmbedResult[T]:
         """``output`` values for ``texts``. ``guard`` wraps the wait for the encoder (never the cache
         lookup): the HTTP layer uses it to withdraw the work when the client hangs up. ``tenant``
-        (an API key's name) is the unit the encoder queue is fair between."""
+        (an API key's name) is the unit the encoder queue is fair between. ``reserve`` is awaited
+        with the request's whole token count as soon as it is known (hits bring theirs, misses are
+        tokenised) and before any encoding: a key's token limit is taken there, and may refuse."""
         if output.kind not in self.encoder.outputs:
             raise OutputNotSupportedError(
                 f"this model has no {output.kind} output (its folder has no {HEAD_FILES[output.kind]})", param="model"
@@ -149,6 +157,8 @@ class EmbeddingService:
         token_ids = await self._tokenize_within_limit(texts, miss_texts, per_text)
         per_text.update({text: len(ids) for text, ids in zip(miss_texts, token_ids, strict=True)})
         tokens = [per_text[text] for text in texts]
+        if reserve is not None:
+            await reserve(sum(tokens))
 
         if miss_texts:
             computed = await self._compute(miss_texts, token_ids, output, guard, tenant)

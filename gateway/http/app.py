@@ -151,7 +151,13 @@ def _middleware(
     ]
     if keys:
         middleware.append(
-            DefineMiddleware(ApiKeyMiddleware, keys=keys, public_metrics=settings.public_metrics, admit=clients.admit)
+            DefineMiddleware(
+                ApiKeyMiddleware,
+                keys=keys,
+                public_metrics=settings.public_metrics,
+                admit=clients.admit,
+                limiter=clients.limiter,  # a key's tokens are reserved before the work (issue 26)
+            )
         )
     return middleware
 
@@ -194,7 +200,10 @@ def create_app(
     keys = load_keys(settings)
     limited = any(entry.limited for entry in keys)
     limiter = RateLimiter(
-        redis_url=settings.redis_url if limited else "",  # shared buckets: every replica sees one
+        redis_url=settings.redis_url.strip() if limited else "",  # shared buckets: every replica sees one
+        mode=settings.redis_mode,  # the cache's Redis, reached the same way (issue 26)
+        sentinel_master=settings.redis_sentinel_master.strip(),
+        max_connections=settings.redis_max_connections,
         prefix=settings.cache_prefix,
         timeout_s=settings.cache_timeout_ms / 1000,
     )

@@ -8,7 +8,10 @@ or ``{"ops": True}`` (``/stats``, ``/metrics``, ``/dashboard``: open when ``EMBE
 is on). A new route without either is protected. Keys are compared in constant time against every
 configured key. The key that matched (:class:`~gateway.core.keys.ApiKey`: its name and limits,
 from ``EMBED_API_KEYS_FILE``) is kept in the request's scope state: :func:`client_key` reads it.
-On an embedding route a key with limits is then admitted against its buckets (``admit``).
+On an embedding route a key with limits is then admitted against its buckets (``admit``), and a key
+with ``tokens_per_minute`` gets a :class:`TokenReservation` (:func:`token_reservation`): the route
+reserves the request's tokens with it once they are counted, before any encoding (issue 26), so an
+embedding route that does not reserve serves that key's tokens unlimited.
 
 A middleware rather than a Litestar guard: Litestar calls each guard with a copy of the route
 handler (``copy(handler)``, 15 us per guard and request here), more than the whole hit path
@@ -18,6 +21,7 @@ spends on authentication and rate limiting together.
 from __future__ import annotations
 
 import hmac
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -25,11 +29,21 @@ from litestar import Request
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from gateway.core.errors import GatewayError, UnauthenticatedError
+from gateway.core.errors import GatewayError, InvalidInputError, TokensRateLimitedError, UnauthenticatedError
 from gateway.core.keys import ApiKey
+from gateway.core.ratelimit import RateLimiter, format_reset
 from gateway.http.errors import gateway_error
 
-__all__ = ["OPS", "PUBLIC", "Admit", "ApiKeyMiddleware", "client_key", "client_name"]
+__all__ = [
+    "OPS",
+    "PUBLIC",
+    "Admit",
+    "ApiKeyMiddleware",
+    "TokenReservation",
+    "client_key",
+    "client_name",
+    "token_reservation",
+]
 
 PUBLIC = {"public": True}
 OPS = {"ops": True}
@@ -58,6 +72,70 @@ def client_name(scope: Scope) -> str | None:
     return found.name if found is not None else None
 
 
+_RESERVATION = "gateway.reservation"
+
+
+def token_reservation(scope: Scope) -> TokenReservation | None:
+    """The request's reservation against its key's tokens per minute (None: the key has no such limit)."""
+    found = scope.get("state", {}).get(_RESERVATION)
+    return found if isinstance(found, TokenReservation) else None
+
+
+class TokenReservation:
+    """The tokens one request has taken from its key's tokens-per-minute bucket.
+
+    :meth:`cover` is called with the request's whole token count as soon as it is known, before
+    the encoder works for it; they stay taken when the client hangs up. :meth:`release` gives them
+    back when the server, not the client, failed the request.
+    """
+
+    __slots__ = ("key", "limiter", "reserved")
+
+    def __init__(self, limiter: RateLimiter, key: ApiKey) -> None:
+        assert key.tokens_per_minute, "only keys with tokens_per_minute reserve tokens"
+        self.limiter = limiter
+        self.key = key
+        self.reserved = 0
+
+    async def cover(self, tokens: int) -> None:
+        """Hold ``tokens`` for this request. The first call takes them only if the bucket holds them
+        all, else raises the 429 (or a 400 when they are more than the key's whole limit, which no
+        wait would cure); a later one (the count came out otherwise) takes or gives back the
+        difference without a check."""
+        if tokens <= 0:
+            return
+        if self.reserved:
+            if tokens != self.reserved:
+                self.limiter.adjust_later(self.key, tokens - self.reserved)
+                self.reserved = tokens
+            return
+        limit = self.key.tokens_per_minute
+        assert limit is not None
+        if tokens > limit:
+            raise InvalidInputError(
+                f"This request holds {tokens} tokens, more than key '{self.key.name}' may use in a minute "
+                f"(tokens per min (TPM): Limit {limit}); split it into requests of at most {limit} tokens.",
+                param="input",
+                code="request_too_large",
+            )
+        admission = await self.limiter.reserve(self.key, tokens)
+        if not admission.admitted:
+            wait = admission.retry_after
+            left = max(0, math.floor(admission.levels.tokens))
+            raise TokensRateLimitedError(
+                f"Rate limit reached for key '{self.key.name}' on tokens per min (TPM): Limit {limit}, "
+                f"Remaining {left}, Requested {tokens}. Please try again in {format_reset(wait)}.",
+                retry_after=wait,
+            )
+        self.reserved = tokens
+
+    def release(self) -> None:
+        """Give the reserved tokens back (the request failed on the server's side)."""
+        if self.reserved:
+            self.limiter.adjust_later(self.key, -self.reserved)
+            self.reserved = 0
+
+
 Admit = Callable[[Scope, ApiKey], Awaitable[None]]
 
 
@@ -66,12 +144,22 @@ class ApiKeyMiddleware:
     OpenAI's error envelope; hands every other request on with its key in the scope state.
 
     ``admit`` (:meth:`~gateway.http.clients.ClientHooks.admit`) runs on embedding routes for keys
-    with limits and raises the 429."""
+    with limits and raises the 429; ``limiter`` then gives a key with ``tokens_per_minute`` its
+    request's :class:`TokenReservation`."""
 
-    def __init__(self, app: ASGIApp, *, keys: Sequence[ApiKey], public_metrics: bool, admit: Admit) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: Sequence[ApiKey],
+        public_metrics: bool,
+        admit: Admit,
+        limiter: RateLimiter,
+    ) -> None:
         self.app = app
         self.public_metrics = public_metrics
         self.admit = admit
+        self.limiter = limiter
         self.encoded = [(entry.key.encode(), entry) for entry in sorted(keys, key=lambda entry: entry.key)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,6 +191,9 @@ class ApiKeyMiddleware:
                 matched = entry
         if matched is None:
             raise UnauthenticatedError("Incorrect API key provided.")
-        scope.setdefault("state", {})[_CLIENT_KEY] = matched
+        state = scope.setdefault("state", {})
+        state[_CLIENT_KEY] = matched
         if matched.limited and opt.get("embedding"):
             await self.admit(scope, matched)
+            if matched.tokens_per_minute:
+                state[_RESERVATION] = TokenReservation(self.limiter, matched)

@@ -66,10 +66,7 @@ class ClientHooks:
         if key is not None and isinstance(admission, Admission):
             levels = admission.levels
             if admission.admitted and key.tokens_per_minute and done.tokens:
-                # Far from the limit the tokens are settled with the next batch; near it the charge
-                # leaves for Redis at once (before this answer's body does, so the key's next request
-                # already sees it). Either way the hit path waits for no second round trip.
-                self.limiter.charge_later(key, done.tokens)
+                # The route reserved these tokens before the work (issue 26): shown, not charged again.
                 levels = Levels(
                     levels.requests_limit, levels.tokens_limit, levels.requests, levels.tokens - done.tokens
                 )

@@ -148,18 +148,21 @@ def test_two_replicas_share_a_keys_requests_bucket(gateway_factory, fresh_redis,
 def test_tokens_per_minute_refuses_the_first_request_past_the_limit(gateway_factory, keys_file: Path) -> None:  # type: ignore[no-untyped-def]
     live = gateway_factory(api_keys_file=str(keys_file))  # no Redis: this process's buckets
     headers = _auth("sk-search-secret-2")
-    ok = _post(live.url, {"input": ["a few words of text", "and some more words here"]}, headers=headers)
+    # More tokens than the key's whole limit: no wait would let it pass, so a 400 (issue 26).
+    too_big = _post(live.url, {"input": ["a few words of text", "and some more words here"]}, headers=headers)
+    assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "request_too_large"
+    ok = _post(live.url, {"input": "a few words of text"}, headers=headers)
     assert ok.status_code == 200
     used = ok.json()["usage"]["total_tokens"]
-    assert used > 12
+    assert 1 < used < 12
     assert ok.headers["x-ratelimit-limit-tokens"] == "12"
-    assert ok.headers["x-ratelimit-remaining-tokens"] == "0"
-    refused = _post(live.url, {"input": "x"}, headers=headers)
+    assert int(ok.headers["x-ratelimit-remaining-tokens"]) == 12 - used
+    refused = _post(live.url, {"input": "and some more words here"}, headers=headers)  # fits 12, not what is left
     assert refused.status_code == 429
     assert refused.json()["error"]["type"] == "tokens"
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(refused.headers["retry-after"]) >= 1
-    assert refused.headers["x-ratelimit-remaining-tokens"] == "0" and refused.headers["x-request-id"]
+    assert int(refused.headers["x-ratelimit-remaining-tokens"]) == 12 - used and refused.headers["x-request-id"]
     wrong = _post(live.url, {"input": "x"}, headers=_auth("sk-nobody"))
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "invalid_request_error"
     # refused before the route, yet recorded with their real status (not as a 500)

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.core.keys import ApiKey, KeysFileError, load_keys
 from gateway.core.outputs import DENSE, Answer, ResponseOptions
-from gateway.core.ratelimit import RateLimiter, format_reset
+from gateway.core.ratelimit import RateLimiter, format_reset, unshared_limits_problem
 from gateway.settings import Settings
 
 
@@ -65,3 +65,33 @@ def test_float_fragment_is_float32_shortest_and_exact() -> None:
     assert np.array_equal(parsed.view(np.uint32), np.stack(vectors).view(np.uint32))
     old = msgspec.json.encode([v.tolist() for v in vectors])
     assert len(body) < 0.65 * len(old)
+
+
+def test_workers_without_redis_refuse_keys_with_limits() -> None:
+    limited = (ApiKey(key="ka", name="a", tokens_per_minute=5), ApiKey(key="kb"))
+    unlimited = (ApiKey(key="ka", name="a"), ApiKey(key="kb"))
+    problem = unshared_limits_problem(Settings(workers=3), limited)
+    assert problem is not None and "\n" not in problem
+    assert "EMBED_WORKERS" in problem and "EMBED_REDIS_URL" in problem and "3" in problem
+    # one worker, shared buckets in Redis, or no limits at all: nothing to refuse
+    assert unshared_limits_problem(Settings(workers=1), limited) is None
+    assert unshared_limits_problem(Settings(workers=3, redis_url="redis://127.0.0.1:6379/0"), limited) is None
+    assert unshared_limits_problem(Settings(workers=3), unlimited) is None
+
+
+@pytest.mark.anyio
+async def test_a_reservation_takes_the_tokens_only_when_the_bucket_holds_them_all() -> None:
+    limiter = RateLimiter()  # no Redis: this process's buckets
+    key = ApiKey(key="k", name="n", tokens_per_minute=100)
+    assert (await limiter.admit(key)).admitted
+    first = await limiter.reserve(key, 70)
+    assert first.admitted and first.levels.tokens == pytest.approx(30, abs=1)
+    short = await limiter.reserve(key, 40)
+    assert not short.admitted and short.blocked == "tokens" and short.need == 40
+    assert short.retry_after == pytest.approx(6, abs=0.5)  # 10 more tokens at 100 per minute
+    assert (await limiter.reserve(key, 30)).admitted  # the refusal took nothing
+    limiter.adjust_later(key, -50)  # a failed request's tokens go back
+    assert (await limiter.reserve(key, 50)).admitted
+    assert not (await limiter.reserve(key, 5)).admitted
+    admission = await limiter.admit(key)  # an empty tokens bucket refuses before any work
+    assert not admission.admitted and admission.blocked == "tokens" and admission.retry_after > 0.3

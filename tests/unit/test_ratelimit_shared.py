@@ -4,6 +4,8 @@ batches; near it every admission asks Redis; Redis down, each process keeps its 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -50,7 +52,7 @@ async def test_far_from_the_limit_requests_do_not_each_call_redis(fresh_redis: R
     for _ in range(300):
         admission = await limiter.admit(key)
         assert admission.admitted
-        limiter.charge_later(key, 7)
+        assert (await limiter.reserve(key, 7)).admitted
     calls = _evalsha_calls(client) - before
     assert calls <= 30, f"{calls} Redis script calls for 300 requests far from the limit"
 
@@ -89,7 +91,7 @@ async def test_local_usage_reaches_redis_within_the_settle_interval_and_on_close
         assert (await limiter.admit(key)).admitted  # the first one asks Redis: now the replica knows the levels
         for _ in range(20):
             assert (await limiter.admit(key)).admitted
-            limiter.charge_later(key, 1000)
+            assert (await limiter.reserve(key, 1000)).admitted
         assert _level(client, "settled", "requests") >= 5998  # not yet settled: admitted locally
         started = time.monotonic()
         await asyncio.sleep(limiter.settle_s * 3)
@@ -123,7 +125,6 @@ async def test_redis_down_falls_back_to_this_process(fresh_redis: RedisServer) -
         await asyncio.sleep(limiter.settle_s * 3)  # the settle fails: no error escapes
         for _ in range(20):
             assert (await limiter.admit(busy)).admitted
-            limiter.charge_later(busy, 5)
         answers = [(await limiter.admit(tight)).admitted for _ in range(4)]
         assert answers == [True, True, True, False]  # this process's own buckets
     finally:
@@ -154,3 +155,62 @@ async def test_pacing_headers_follow_the_encoder_queue() -> None:
     assert second[b"x-ratelimit-remaining-tokens"] == b"750" and second[b"x-ratelimit-reset-tokens"] == b"2.5s"
     batcher.tokens_per_second = 500.0
     assert (await headers())[b"x-ratelimit-reset-tokens"] == b"500ms"
+
+
+def _pause(server: RedisServer) -> None:
+    """Freeze the test's own redis-server: it keeps its sockets open and answers nothing (a GC pause, a
+    stuck disk, a VM migration), unlike a dead one that refuses connections at once."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+
+
+def _resume(server: RedisServer) -> None:
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGCONT)
+
+
+@pytest.mark.anyio
+async def test_debt_and_unsettled_usage_survive_a_redis_pause(fresh_redis: RedisServer) -> None:
+    limiter = RateLimiter(redis_url=fresh_redis.url, timeout_s=0.1)
+    await limiter.connect()
+    indebted = ApiKey(key="k", name="indebted", tokens_per_minute=1000)
+    busy = ApiKey(key="k2", name="busy", requests_per_minute=600)
+    try:
+        started = time.monotonic()
+        assert (await limiter.admit(indebted)).admitted
+        await limiter.charge(indebted, 100_000)  # deep in debt, as Redis says
+        assert not (await limiter.admit(indebted)).admitted
+        for _ in range(31):  # far from its limit: mostly admitted here, not all settled with Redis yet
+            assert (await limiter.admit(busy)).admitted
+        _pause(fresh_redis)
+        try:
+            during = [await limiter.admit(indebted) for _ in range(3)]  # the first one times out
+            busy_levels = (await limiter.admit(busy)).levels
+        finally:
+            _resume(fresh_redis)
+        assert [admission.admitted for admission in during] == [False, False, False]
+        assert all(admission.blocked == "tokens" for admission in during)
+        assert during[-1].levels.tokens < -98_000 and during[-1].retry_after > 3600
+        # what this replica admitted but had not yet told Redis still counts in its own buckets
+        assert busy_levels.requests <= 600 - 32 + (time.monotonic() - started) * 10
+    finally:
+        await limiter.close()
+
+
+@pytest.mark.anyio
+async def test_redis_checks_a_reservation_whole_and_gives_back_up_to_the_limit(fresh_redis: RedisServer) -> None:
+    client = fresh_redis.client()
+    limiter = RateLimiter(redis_url=fresh_redis.url)
+    await limiter.connect()
+    key = ApiKey(key="k", name="reserved", requests_per_minute=100, tokens_per_minute=1000)
+    try:
+        assert (await limiter.admit(key)).admitted
+        assert (await limiter.reserve(key, 900)).admitted  # more than 5% of the limit: Redis decides
+        refused = await limiter.reserve(key, 200)
+        assert not refused.admitted and refused.blocked == "tokens" and refused.need == 200
+        assert _level(client, "reserved", "tokens") == pytest.approx(100, abs=2)  # nothing taken
+        assert _level(client, "reserved", "requests") == pytest.approx(99, abs=0.1)  # a reservation is no request
+        await limiter.charge(key, -5000)  # giving back never fills a bucket past its limit
+        assert _level(client, "reserved", "tokens") == 1000
+    finally:
+        await limiter.close()

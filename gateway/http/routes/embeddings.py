@@ -15,7 +15,13 @@ from litestar import Request, Response, post
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
 
 from encoder.kinds import Outputs
-from gateway.core.errors import ClientDisconnectedError, InvalidInputError, ShuttingDownError
+from gateway.core.errors import (
+    ClientDisconnectedError,
+    EncoderFailedError,
+    InvalidInputError,
+    OverloadedError,
+    ShuttingDownError,
+)
 from gateway.core.inputs import normalise_input
 from gateway.core.outputs import COLBERT, DENSE, SPARSE, Answer, OutputSpec, ResponseOptions
 from gateway.core.schemas import (
@@ -26,7 +32,7 @@ from gateway.core.schemas import (
     decode_embedding_request,
     decode_outputs_request,
 )
-from gateway.http.auth import client_name
+from gateway.http.auth import client_name, token_reservation
 from gateway.http.middleware import outcome
 from gateway.http.routes.common import ERRORS, runtime_of
 from gateway.http.routes.models import check_model
@@ -92,9 +98,24 @@ async def _answer(
     # The key's name is the unit the encoder queue is fair between (one tenant's bulk ingest does
     # not freeze another's queries); anonymous requests share one tenant and are fair per request.
     tenant = client_name(request.scope) or ""
-    result = await runtime.service.embed(texts, output, guard=_disconnect_guard(request), tenant=tenant)
+    # A key's tokens per minute is taken once the request's tokens are counted, before any encoding,
+    # and stays taken if the client hangs up; not charged after the answer, when it is too late.
+    reservation = token_reservation(request.scope)
+    try:
+        result = await runtime.service.embed(
+            texts,
+            output,
+            guard=_disconnect_guard(request),
+            tenant=tenant,
+            reserve=reservation.cover if reservation is not None else None,
+        )
+    except (OverloadedError, EncoderFailedError):
+        if reservation is not None:
+            reservation.release()  # the server failed it, not the client: nothing to pay for
+        raise
+    tokens = sum(result.tokens)
     done = outcome(request.scope)
-    done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, sum(result.tokens)
+    done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, tokens
     content = output.respond(Answer(result.values, result.tokens, runtime.settings.served_model), options)
     return runtime.answers.prepare(request.scope, content)
 
