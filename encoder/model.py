@@ -29,6 +29,7 @@ from encoder.model_files import ModelSpec, read_model_spec, resolve_model_dir
 from encoder.onnx_int8 import GateFloor
 from encoder.packing import default_max_batch_tokens, plan_batches
 from encoder.pooling import Pooling, normalize, pool
+from encoder.tokenizing import TooManyTokens, tokenize_exact
 
 __all__ = ["Encoder", "InputTooLongError", "load_encoder"]
 
@@ -39,33 +40,39 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH_SIZE = 64
 
 
-# Characters read per token of the limit. Tokenising costs time and memory per *character*
-# (about 420 bytes per token with the Rust tokenizer), so nothing past ``max_tokens * 32``
-# characters is tokenised: prose runs 3-6 characters per token and the longest vocabulary entries
-# of our models are 16-18, so the cut never changes a real text's tokens, and a 30 MB string costs
-# what an 8 KB one does (MiniLM, 256 tokens).
+# Characters per token of the limit above which an input is tokenised a growing prefix at a time
+# (:mod:`encoder.tokenizing`) rather than whole: prose runs 3-6 characters per token, so nearly
+# every input that fits is tokenised in one batched call, and a 30 MB string of prose costs about
+# what the first ``max_tokens`` of it do. Never a cut: texts with few tokens per character
+# (whitespace runs, [UNK] words, characters the normaliser drops) are tokenised further, exactly.
 MAX_CHARS_PER_TOKEN = 32
+# Characters of one input read at most to decide its tokens (about a second of tokenising). Only a
+# text that long with fewer tokens than the model takes in all of it is refused for it.
+MAX_READ_CHARS = 1_000_000
 
 
 class InputTooLongError(ValueError):
     """An input has more tokens than the model takes and truncation is off.
 
-    ``max_chars`` is set when the input is longer than the characters the encoder reads of one
-    input (:attr:`Encoder.max_chars`): then ``tokens`` counts only that part, a lower bound.
+    ``at_least`` is set when the input was not tokenised to its end (it was known to be too long
+    before): then ``tokens`` counts only what was read, a lower bound. ``unread`` is set when its
+    first ``unread`` characters (:data:`MAX_READ_CHARS`) did not decide its tokens.
     """
 
-    def __init__(self, index: int, tokens: int, limit: int, *, max_chars: int | None = None) -> None:
-        self.index, self.tokens, self.limit, self.max_chars = index, tokens, limit, max_chars
+    def __init__(
+        self, index: int, tokens: int, limit: int, *, at_least: bool = False, unread: int | None = None
+    ) -> None:
+        self.index, self.tokens, self.limit, self.at_least, self.unread = index, tokens, limit, at_least, unread
         super().__init__(f"input {index} {self.describe()}; shorten it, split it, or enable truncation")
 
     def describe(self) -> str:
         """What is too long, for messages: '... has 300 tokens, more than ... 256 tokens'."""
-        if self.max_chars is not None and self.tokens <= self.limit:
+        if self.unread is not None:
             return (
-                f"is longer than {self.max_chars} characters, the most read of one input for a model of "
-                f"{self.limit} tokens"
+                f"is longer than {self.unread} characters, the most this server reads of one input, and those "
+                f"hold only {self.tokens} tokens (this model takes {self.limit})"
             )
-        counted = f"{self.tokens} tokens" if self.max_chars is None else f"more than {self.tokens} tokens"
+        counted = f"at least {self.tokens} tokens" if self.at_least else f"{self.tokens} tokens"
         return f"has {counted}, more than this model's limit of {self.limit} tokens"
 
 
@@ -166,37 +173,28 @@ class Encoder:
         if not texts:
             return []
         truncate = self.truncate if truncate is None else truncate
-        limit = self.max_chars
-        prepared = [self._prepare(text, limit) for text in texts]
-        encoded = self.tokenizer(
+        prepared = [self._prepare(text) for text in texts]
+        ids = tokenize_exact(
+            self.tokenizer,
             prepared,
-            add_special_tokens=True,
-            truncation=truncate,
-            max_length=self.max_tokens if truncate else None,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
+            max_tokens=self.max_tokens,
+            truncate=truncate,
+            piece_chars=self.max_chars,
+            max_read=MAX_READ_CHARS,
         )
-        ids: list[list[int]] = encoded["input_ids"]
-        if not truncate:
-            for index, row in enumerate(ids):
-                cut = len(prepared[index]) >= limit and len(texts[index].strip()) > limit
-                if len(row) > self.max_tokens or cut:
-                    raise InputTooLongError(index, len(row), self.max_tokens, max_chars=limit if cut else None)
+        if isinstance(ids, TooManyTokens):
+            raise InputTooLongError(ids.index, ids.tokens, self.max_tokens, at_least=not ids.exact, unread=ids.unread)
         return ids
 
     @property
     def max_chars(self) -> int:
-        """Characters of one input that are tokenised at most (see ``MAX_CHARS_PER_TOKEN``)."""
+        """Characters of one input tokenised in one go (see ``MAX_CHARS_PER_TOKEN``); longer ones a
+        growing prefix at a time, exactly."""
         return self.max_tokens * MAX_CHARS_PER_TOKEN
 
-    def _prepare(self, text: str, limit: int) -> str:
-        """Strip (and lower-case when the model asks) as sentence-transformers does, but cut to
-        ``limit`` characters first, so a huge input is never copied or tokenised whole."""
-        text = text.lstrip()
-        if len(text) > limit:
-            text = text[:limit]
-        text = text.rstrip()
+    def _prepare(self, text: str) -> str:
+        """Strip (and lower-case when the model asks) exactly as sentence-transformers does."""
+        text = text.strip()
         return text.lower() if self.spec.do_lower_case else text
 
     def forward(self, token_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
