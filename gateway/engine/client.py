@@ -153,6 +153,7 @@ class EngineLink:
         self._queue_tokens = 0
         self._tokens_per_second = 3000.0
         self._max_queue_tokens = 0
+        self._engine_ready = True
         self._generation = 0  # counts the models adopted: which tokenizer made some ids
         self._stopped = False
         self.reconnects = 0
@@ -160,7 +161,9 @@ class EngineLink:
     # --- the batcher's face ----------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self._writer is not None
+        """Connected to an engine whose batch worker runs (as of its last word, at most
+        :data:`PUSH_INTERVAL_S` old): /readyz follows the engine's back-off after a crash."""
+        return self._writer is not None and self._engine_ready
 
     @property
     def queue_tokens(self) -> int:
@@ -238,6 +241,7 @@ class EngineLink:
                 self._queue_tokens = answer.queued
                 raise QueueFullError(answer.queued, answer.limit, answer.retry_after)
             if answer.kind == "crashed":
+                self._engine_ready = False  # it backs off now; its next queue state says when it is back
                 raise WorkerCrashedError(answer.message)
             raise InputFailedError(answer.message)
         assert isinstance(answer, EmbedResult)
@@ -293,6 +297,7 @@ class EngineLink:
         # Only now may answers arrive: every one of them is read with this engine's model in place.
         self._max_queue_tokens = info.max_queue_tokens
         self._queue_tokens, self._tokens_per_second = info.queue_tokens, info.tokens_per_second
+        self._engine_ready = info.ready
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read(reader, writer), name="engine-reader")
 
@@ -325,6 +330,7 @@ class EngineLink:
                     continue
                 if isinstance(frame, QueueState):
                     self._queue_tokens, self._tokens_per_second = frame.queue_tokens, frame.tokens_per_second
+                    self._engine_ready = frame.ready
                     continue
                 if isinstance(frame, Unreadable):
                     self._unreadable(frame)

@@ -71,6 +71,7 @@ class EngineInfo(msgspec.Struct, tag="info", array_like=True):
     # The engine's queue as it is now: a worker's figures start from these after every (re)connect.
     queue_tokens: int = 0
     tokens_per_second: float = 3000.0
+    ready: bool = True  # the engine's batch worker runs (False while it backs off after a crash)
 
 
 class EmbedCall(msgspec.Struct, tag="embed", array_like=True):
@@ -122,6 +123,7 @@ class QueueState(msgspec.Struct, tag="queue", array_like=True):
 
     queue_tokens: int
     tokens_per_second: float
+    ready: bool = True  # the engine's batch worker runs: every worker's /readyz follows it
 
 
 class Collect(msgspec.Struct, tag="collect", array_like=True):

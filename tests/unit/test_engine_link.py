@@ -261,3 +261,29 @@ async def test_a_worker_adopts_the_model_of_a_restarted_engine(
     finally:
         await link.stop()
     assert cache.namespaces() == {old_namespace: 1, service.namespace: 2}
+
+
+# --- 14: the engine's back-off after a crash reaches every worker's readiness ----------------------
+@pytest.mark.anyio
+async def test_a_worker_is_not_ready_while_the_engines_batcher_backs_off(
+    minilm_encoder: Encoder, socket_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(client, "PUSH_INTERVAL_S", 0.05)
+    async with _engine(minilm_encoder, socket_path) as engine, _link(socket_path) as link:
+        assert link.running
+        batcher = engine.batcher
+        planner = batcher._next_batch
+        failing = True
+
+        def broken() -> Any:
+            if failing:
+                raise RuntimeError("a planning bug")
+            return planner()
+
+        monkeypatch.setattr(batcher, "_next_batch", broken)
+        with pytest.raises(InputFailedError):
+            await _dense(link, ["a text the planner fails on"])
+        await _until(lambda: not link.running, within=2.0, what="the worker to see the engine back off")
+        failing = False
+        await _until(lambda: link.running, within=15.0, what="the worker to see the engine serve again")
+        assert (await _dense(link, ["served again"])).shape == (1, 384)
