@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"embedding-gateway: invalid setting: {exc}", file=sys.stderr)
         return 2
+    for line in Settings.unknown_variables():  # a typo must not pass for a default, silently
+        print(f"embedding-gateway: warning: {line}", file=sys.stderr)
     return _check(settings) if args.command == "check" else _serve(settings)
 
 

@@ -7,6 +7,7 @@ converted and checked by msgspec, so ``EMBED_PORT=eighty`` is one clear error at
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path, PurePath
@@ -73,6 +74,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     body_timeout_s: PositiveFloat = 60.0  # a request body that sends nothing for this long gets 408
     body_min_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 1024  # 408 below it, after body_timeout_s; 0: off
     keepalive_timeout_s: PositiveInt = 5  # an idle keep-alive connection is closed after this
+    strict_settings: bool = False  # an EMBED_* variable that is no setting (a typo) stops the start; else a warning
     # access
     api_keys: str = ""  # comma list, or @/path/to/file with one key per line
     public_metrics: bool = False  # true: /stats, /metrics and /dashboard need no key
@@ -151,8 +153,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return cls.__struct_fields__
 
     @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str] | None = None) -> list[str]:
+        """One line per ``EMBED_*`` variable that is no setting, with the setting it most likely
+        meant: ``EMBED_MAX_CONECTIONS`` would otherwise start a server with the default, silently."""
+        environ = os.environ if environ is None else environ
+        known = {ENV_PREFIX + name.upper() for name in cls.field_names()}
+        lines = []
+        for variable in sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known):
+            guess = difflib.get_close_matches(variable, known, n=1, cutoff=0.75)
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            lines.append(f"{variable} is not a setting{hint}; it is ignored")
+        return lines
+
+    @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
-        """Build settings from ``EMBED_*`` variables (default: ``os.environ``) and CLI overrides."""
+        """Build settings from ``EMBED_*`` variables (default: ``os.environ``) and CLI overrides.
+
+        With ``strict_settings`` an ``EMBED_*`` variable that is no setting is a :class:`SettingsError`
+        (see :meth:`unknown_variables`, which callers otherwise print as warnings)."""
         environ = os.environ if environ is None else environ
         raw: dict[str, Any] = {}
         for name in cls.field_names():
@@ -170,9 +188,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 raw[name] = raw[name].lower()
         try:
             # strict=False turns "8001" into 8001 and "true"/"0" into booleans.
-            return msgspec.convert(raw, cls, strict=False)
+            settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise SettingsError(_explain(str(exc), raw)) from None
+        unknown = cls.unknown_variables(environ) if settings.strict_settings else []
+        if unknown:
+            raise SettingsError(f"{unknown[0].removesuffix('; it is ignored')} ({ENV_PREFIX}STRICT_SETTINGS is on)")
+        return settings
 
 
 def _check_redis_mode(mode: str, url: str, master: str) -> None:

@@ -87,3 +87,39 @@ def test_serve_with_an_empty_key_file_exits_2_without_a_traceback(minilm_dir: Pa
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in done.stderr, lines
     assert "EMBED_API_KEYS (--api-keys)" in lines[0] and str(keys) in lines[0]
+
+
+def test_a_misspelt_setting_is_named_with_the_one_it_meant() -> None:
+    from gateway.settings import Settings, SettingsError
+
+    environ = {"EMBED_MAX_CONECTIONS": "5", "EMBED_PORT": "9000", "EMBED_ZZZ": "1", "OTHER": "x"}
+    lines = Settings.unknown_variables(environ)
+    assert lines == [
+        "EMBED_MAX_CONECTIONS is not a setting (did you mean EMBED_MAX_CONNECTIONS?); it is ignored",
+        "EMBED_ZZZ is not a setting; it is ignored",
+    ]
+    assert Settings.load(environ).port == 9000  # a warning by default
+    with pytest.raises(SettingsError, match="EMBED_MAX_CONECTIONS is not a setting .*EMBED_MAX_CONNECTIONS"):
+        Settings.load({**environ, "EMBED_STRICT_SETTINGS": "true"})
+
+
+def test_check_warns_of_a_misspelt_setting_and_strict_mode_exits_2(minilm_dir) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EMBED_MODEL": str(minilm_dir), "EMBED_MAX_CONECTIONS": "5", "HF_HUB_OFFLINE": "1"}
+    warned = subprocess.run(
+        [sys.executable, "-m", "gateway", "check"], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "EMBED_MAX_CONECTIONS is not a setting (did you mean EMBED_MAX_CONNECTIONS?)" in warned.stderr
+    strict = subprocess.run(
+        [sys.executable, "-m", "gateway", "check"],
+        check=False,
+        env={**env, "EMBED_STRICT_SETTINGS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert strict.returncode == 2
+    assert strict.stderr.count("\n") == 1 and "Traceback" not in strict.stderr
