@@ -98,7 +98,12 @@ def fused_float(base: Encoder) -> Encoder:
     target = folder.parent / "bench-fused-fp32.onnx"
     config = AutoConfig.from_pretrained(str(base.spec.transformer_path))
     onnx.save_model(
-        fuse_transformer(folder / "model.onnx", Shape(config.num_attention_heads, config.hidden_size)), str(target)
+        fuse_transformer(
+            folder / "model.onnx",
+            Shape(config.num_attention_heads, config.hidden_size),
+            flash=DEFAULT_RECIPE.flash,
+        ),
+        str(target),
     )
     return with_backend(base, OnnxBackend(target, base.threads), "onnxruntime:float32:fused")
 
@@ -240,6 +245,7 @@ def scan(model_dir: Path, cache: Path) -> list[dict[str, Any]]:
                 fuse=True,
                 keep_float=(r"/attention/self/",),
                 per_row=((ffn_in, "asymmetric"), (ffn_out, "asymmetric")),
+                flash=True,
             ),
         ),
         ("r2 (served)", DEFAULT_RECIPE),

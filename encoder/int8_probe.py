@@ -10,9 +10,10 @@ by it).
 
 from __future__ import annotations
 
-__all__ = ["PROBE_DOCUMENTS", "PROBE_QUERIES", "PROBE_VERSION", "probe_texts"]
+__all__ = ["PROBE_DOCUMENTS", "PROBE_QUERIES", "PROBE_VERSION", "long_probe_texts", "probe_texts"]
 
-PROBE_VERSION = "p1"
+# p2: the long probes (:func:`long_probe_texts`), embedded alone, past the 512 tokens the set is cut at.
+PROBE_VERSION = "p2"
 
 _PROSE = [
     "The cache stores each embedding under a hash of the model fingerprint and the text, so a repeated "
@@ -137,3 +138,18 @@ PROBE_QUERIES: tuple[str, ...] = (
 def probe_texts() -> list[str]:
     """Queries first, then documents: the order the gate's reference vectors are stored in."""
     return [*PROBE_QUERIES, *PROBE_DOCUMENTS]
+
+
+def long_probe_texts(min_chars: int) -> list[str]:
+    """Two long inputs for the gate's long-input check, each at least ``min_chars`` characters.
+
+    Every document of the set (prose, code, nine languages) joined in order, and in reverse order,
+    repeated until long enough: the gate cuts them to a token count and embeds each *alone*, as
+    the micro-batcher serves a long input on the CPU, so the start sees the long-input path
+    (README "int8 on CPU", "Long inputs").
+    """
+    texts = []
+    for documents in (PROBE_DOCUMENTS, PROBE_DOCUMENTS[::-1]):
+        joined = "\n\n".join(documents)
+        texts.append("\n\n".join([joined] * max(1, -(-min_chars // len(joined)))))
+    return texts

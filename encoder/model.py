@@ -337,6 +337,12 @@ def load_encoder(
     torch_device = resolve_device(device)
     if quantize == "int8" and torch_device.type != "cpu":
         raise ValueError(f"int8 runs on the CPU only; the device is {torch_device} (set the device to cpu)")
+    if quantize == "int8":
+        from encoder.onnx_int8 import int8_dtype_problem
+
+        problem = int8_dtype_problem(dtype)
+        if problem is not None:
+            raise ValueError(f"dtype {dtype!r}: {problem}")
     torch_dtype = resolve_dtype(torch_device, dtype)
     threads = configure_cpu_threads(cpu_threads) if torch_device.type == "cpu" else torch.get_num_threads()
     spec = read_model_spec(resolve_model_dir(model, revision))
@@ -359,7 +365,8 @@ def load_encoder(
     else:
         network = AutoModel.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
         network.eval().to(torch_device)
-    heads = _load_heads(spec.path, torch_device, torch_dtype)
+    # bge-m3's heads run on the backend's hidden state: float32 from ONNX Runtime whatever the dtype
+    heads = _load_heads(spec.path, torch_device, torch.float32 if backend is not None else torch_dtype)
     # The fingerprint covers the model's contents and the limit actually served; int8 adds its
     # numerics (float32 keeps the fingerprint it always had, so its cached vectors stay valid).
     fingerprint = replace(spec, max_tokens=limit).fingerprint()

@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     from gateway import cachectl
 
     cachectl.add_parsers(commands, _settings_flags)  # cache stats | purge | warm (issue 13)
+    int8 = commands.add_parser("int8", help="int8 on the CPU: build the ONNX cache once, onto a volume")
+    int8_commands = int8.add_subparsers(dest="int8_command", required=True)
+    int8_build = int8_commands.add_parser(
+        "build", help="export, quantise and gate EMBED_MODEL into EMBED_ONNX_CACHE_DIR (pods mount it read-only)"
+    )
+    _settings_flags(int8_build)
+    int8_build.add_argument(
+        "--all-variants", action="store_true", help="also build the weights for the other kind of CPU (VNNI / AVX2)"
+    )
     # EMBED_WORKERS > 1 (issue 12): the processes `serve` starts. Their settings come on stdin, one
     # JSON line, never on the command line: any local user can read a command line (ps), and the
     # settings hold the API keys and the Redis password.
@@ -121,6 +130,11 @@ def preflight(settings: Settings) -> str | None:
         problem = _int8_preflight(device.type)
         if problem is not None:
             return problem
+        from encoder.onnx_int8 import int8_dtype_problem
+
+        problem = int8_dtype_problem(settings.dtype)
+        if problem is not None:
+            return f"{ENV_PREFIX}DTYPE (--dtype): {problem}"
     if settings.max_input_tokens > spec.max_tokens:
         return (
             f"{ENV_PREFIX}MAX_INPUT_TOKENS (--max-input-tokens): {settings.max_input_tokens} is above the model's "
@@ -164,11 +178,11 @@ def _serve(settings: Settings) -> int:
         # points at by then: a restart must not change the model the workers' cache keys name.
         return Supervisor(pin_model_revision(settings)).run()
     # Load and warm up before the socket opens: the port answers only once the model can.
-    from encoder.onnx_int8 import QualityGateError
+    from encoder.onnx_int8 import Int8CacheError, QualityGateError
 
     try:
         encoder = load_model(settings)
-    except QualityGateError as exc:
+    except (QualityGateError, Int8CacheError) as exc:
         print(f"embedding-gateway: refusing to start: {exc}", file=sys.stderr)
         return 2
     config = uvicorn_config(create_app(settings, encoder=encoder), settings)
@@ -347,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "cache":
         return _cache(args)
+    if args.command == "int8":
+        return _int8(args)
     if args.command in ("engine", "worker"):
         if args.command == "engine":
             # First thing, before the slow imports: a Ctrl-C to the group must not stop an engine
@@ -367,6 +383,30 @@ def main(argv: list[str] | None = None) -> int:
     for line in Settings.unknown_variables():  # a typo must not pass for a default, silently
         print(f"embedding-gateway: warning: {line}", file=sys.stderr)
     return _check(settings) if args.command == "check" else _serve(settings)
+
+
+def _int8(args: argparse.Namespace) -> int:
+    """``int8 build``: the int8 cache of EMBED_MODEL, built once (README "int8 on CPU")."""
+    try:
+        settings = Settings.load(overrides={name: getattr(args, name) for name in Settings.field_names()})
+    except SettingsError as exc:
+        print(f"embedding-gateway: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    problem = _int8_preflight("cpu")
+    if problem is not None:
+        print(f"embedding-gateway: {problem}", file=sys.stderr)
+        return 2
+    from encoder.onnx_int8 import GateFloor, build_int8_cache
+
+    return build_int8_cache(
+        settings.model,
+        cache_dir=settings.onnx_cache_dir or None,
+        revision=settings.revision or None,
+        threads=settings.cpu_threads or None,
+        floor=GateFloor(settings.int8_min_cosine, settings.int8_min_mean_cosine, settings.int8_min_top10_overlap),
+        all_variants=args.all_variants,
+    )
 
 
 def _cache(args: argparse.Namespace) -> int:

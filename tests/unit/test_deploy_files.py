@@ -747,8 +747,9 @@ def test_no_secret_value_is_in_git() -> None:
     assert not [key for key in _k8s_docs() if key[0] == "Secret" and key[1] not in {g["name"] for g in generators}]
 
 
-def _render(tmp_path: Path) -> dict[tuple[str, str], Doc]:
-    """`kubectl kustomize` of a copy of deploy/kubernetes with a throwaway Redis password file."""
+def _render(tmp_path: Path, components: tuple[str, ...] = ()) -> dict[tuple[str, str], Doc]:
+    """`kubectl kustomize` of a copy of deploy/kubernetes with a throwaway Redis password file (and
+    the opt-in ``components`` switched on, as an operator would)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (.ci/run renders the manifests where it is)")
@@ -757,6 +758,9 @@ def _render(tmp_path: Path) -> dict[tuple[str, str], Doc]:
     for generator in _kustomization().get("secretGenerator", []):
         for name in generator.get("envs", []):
             (copy_dir / name).write_text(f"password={SECRET_STAND_IN}\n")
+    if components:
+        with (copy_dir / "kustomization.yaml").open("a") as kustomization:
+            kustomization.write("components:\n" + "".join(f"  - {name}\n" for name in components))
     rendered = subprocess.run([kubectl, "kustomize", str(copy_dir)], capture_output=True, text=True, check=False)
     assert rendered.returncode == 0, rendered.stderr
     return {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(rendered.stdout) if doc}
@@ -775,6 +779,23 @@ def test_kustomize_renders_hashed_names_and_pinned_images(tmp_path: Path) -> Non
     assert VERSION_TAG.fullmatch(_image_parts(container["image"])[1]), container["image"]
     assert image_problems({}, rendered) == []
     assert [key for key in rendered if key[0] == "NetworkPolicy"]
+
+
+def test_the_int8_component_builds_once_and_pods_read_the_cache_read_only(tmp_path: Path) -> None:
+    assert "components" not in _kustomization(), "int8 is opt-in: the default deployment serves float"
+    rendered = _render(tmp_path, components=("int8",))
+    (gateway,) = [doc for (kind, name), doc in rendered.items() if (kind, name) == ("Deployment", "embedding-gateway")]
+    (job,) = [doc for (kind, _), doc in rendered.items() if kind == "Job"]
+    assert [key for key in rendered if key[0] == "PersistentVolumeClaim"]
+    env = {item["name"]: item.get("value") for item in _container(gateway)["env"]}
+    assert env["EMBED_QUANTIZE"] == "int8" and env["EMBED_ONNX_CACHE_DIR"] == "/onnx"
+    mounts = {mount["mountPath"]: mount for mount in _container(gateway)["volumeMounts"]}
+    assert mounts["/onnx"].get("readOnly") is True, "pods never write the cache: it is built once by the Job"
+    (builder,) = job["spec"]["template"]["spec"]["containers"]
+    command = " ".join(builder.get("command", []) + builder.get("args", []))
+    assert "int8 build" in command
+    job_mounts = {mount["mountPath"]: mount for mount in builder["volumeMounts"]}
+    assert not job_mounts["/onnx"].get("readOnly")
 
 
 def test_every_embed_variable_is_a_setting() -> None:
