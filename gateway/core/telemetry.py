@@ -13,25 +13,36 @@ Gauges (queue depth, breaker state, GPU memory) are state, not events: the app h
 :meth:`Telemetry.snapshot` a :class:`LiveState` read at that moment. :class:`StatsSnapshot` is the
 ``/stats`` body and the OpenAPI document's schema for it; the Prometheus text is rendered from the
 same snapshot, so the two can never disagree. Everything runs on the event loop: no locks.
+
+The histograms are plain bucket counts (:class:`Buckets`) kept here, not prometheus-client
+``Histogram`` objects: they travel in :class:`TelemetryState` like every counter, so with
+``EMBED_WORKERS > 1`` :meth:`Telemetry.combined` sums them over the processes, and both modes render
+them the same way (``HistogramMetricFamily`` at scrape time).
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import msgspec
 import torch
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from encoder.batcher import BatcherEvent, BatchReport
 from encoder.device import gpu_memory
 
 __all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "BATCH_TOKENS_BUCKETS",
+    "ENCODER_SECONDS_BUCKETS",
     "PROMETHEUS_CONTENT_TYPE",
+    "REQUEST_SECONDS_BUCKETS",
+    "Buckets",
     "GpuStats",
     "KeyStats",
     "LiveState",
@@ -41,6 +52,17 @@ __all__ = [
 ]
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Upper bounds (Prometheus' ``le``) of the histograms' finite buckets; +Inf is always added.
+# Requests may run for minutes (a 300,000-token request on CPU), and one 8,192-token forward pass on
+# CPU for well over 10 s: the top buckets reach that far, so quantiles never stop at the last bound.
+REQUEST_SECONDS_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+ENCODER_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_SIZE_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+BATCH_TOKENS_BUCKETS = (64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0)
 
 
 class GpuStats(msgspec.Struct):
@@ -173,8 +195,35 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     worker_restarts: int = 0  # times it restarted a worker process
 
 
+class Buckets(msgspec.Struct, array_like=True):
+    """One histogram's observations: how many fell in each bucket (not cumulative: ``counts[i]``
+    holds those above bound ``i - 1`` up to bound ``i``; the last, those above every bound) and
+    their sum."""
+
+    counts: list[int]
+    sum: float = 0.0
+
+    @classmethod
+    def empty(cls, bounds: tuple[float, ...]) -> Buckets:
+        return cls([0] * (len(bounds) + 1))
+
+    def observe(self, bounds: tuple[float, ...], value: float) -> None:
+        self.counts[bisect_left(bounds, value)] += 1  # Prometheus' buckets: value <= le
+        self.sum += value
+
+    def add(self, other: Buckets | None) -> None:
+        """Add ``other``'s observations; one with other bounds (another version's) is left out."""
+        if other is not None and len(other.counts) == len(self.counts):
+            self.counts = [mine + theirs for mine, theirs in zip(self.counts, other.counts, strict=True)]
+            self.sum += other.sum
+
+    def copy(self) -> Buckets:
+        return Buckets(list(self.counts), self.sum)
+
+
 class TelemetryState(msgspec.Struct, array_like=True):
-    """One process's counters, sent to another process to be added up (EMBED_WORKERS > 1)."""
+    """One process's counters and histograms (cumulative), sent to another process to be added up
+    (EMBED_WORKERS > 1) and kept in the supervisor's ledger (:mod:`gateway.engine.ledger`)."""
 
     started_at: float
     counts: list[int]  # _Counters' integer fields, in _COUNTS order
@@ -183,6 +232,10 @@ class TelemetryState(msgspec.Struct, array_like=True):
     by_endpoint: list[tuple[str, int, int]]
     by_key: dict[str, KeyStats]
     latencies: list[float]
+    request_seconds: dict[str, Buckets] = msgspec.field(default_factory=dict)  # by endpoint
+    batch_size: Buckets | None = None
+    batch_tokens: Buckets | None = None
+    encoder_seconds: Buckets | None = None
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -237,33 +290,11 @@ class Telemetry:
         self.counters = _Counters()
         self._latencies: deque[float] = deque(maxlen=latency_window)
         self._interval_latencies: deque[float] = deque(maxlen=65_536)  # since the last history sample
+        self.request_seconds: dict[str, Buckets] = {}  # by endpoint
+        self.batch_size = Buckets.empty(BATCH_SIZE_BUCKETS)
+        self.batch_tokens = Buckets.empty(BATCH_TOKENS_BUCKETS)
+        self.encoder_seconds = Buckets.empty(ENCODER_SECONDS_BUCKETS)
         self.registry = CollectorRegistry()
-        self._request_seconds = Histogram(
-            "embedding_request_duration_seconds",
-            "time from request to response, by endpoint",
-            ["endpoint"],
-            registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )
-        self._batch_size = Histogram(
-            "embedding_batch_size",
-            "inputs per forward pass",
-            registry=self.registry,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-        )
-        self._batch_tokens = Histogram(
-            "embedding_batch_tokens",
-            "padded tokens per forward pass",
-            registry=self.registry,
-            buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
-        )
-        self._encoder_seconds = Histogram(
-            "embedding_encoder_seconds",
-            "seconds per forward pass",
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )
-        self._durations: dict[str, Histogram] = {}
         self._live = LiveState()
         self.registry.register(_SnapshotCollector(self))
 
@@ -278,10 +309,10 @@ class Telemetry:
             counters.request_errors += int(status >= 400)
             self._latencies.append(seconds)
             self._interval_latencies.append(seconds)
-        child = self._durations.get(endpoint)
-        if child is None:  # .labels() hashes and locks on every call: keep the children
-            child = self._durations[endpoint] = self._request_seconds.labels(endpoint)
-        child.observe(seconds)
+        durations = self.request_seconds.get(endpoint)
+        if durations is None:
+            durations = self.request_seconds[endpoint] = Buckets.empty(REQUEST_SECONDS_BUCKETS)
+        durations.observe(REQUEST_SECONDS_BUCKETS, seconds)
 
     def refused_at_capacity(self) -> None:
         """One request refused (503) because the server's in-flight cap was reached; it is also
@@ -330,9 +361,9 @@ class Telemetry:
         counters.batch_tokens += report.tokens
         counters.batch_padded_tokens += report.padded_tokens
         counters.batch_seconds += report.seconds
-        self._batch_size.observe(report.size)
-        self._batch_tokens.observe(report.padded_tokens)
-        self._encoder_seconds.observe(report.seconds)
+        self.batch_size.observe(BATCH_SIZE_BUCKETS, report.size)
+        self.batch_tokens.observe(BATCH_TOKENS_BUCKETS, report.padded_tokens)
+        self.encoder_seconds.observe(ENCODER_SECONDS_BUCKETS, report.seconds)
 
     def batcher_event(self, event: BatcherEvent, count: int = 1) -> None:
         self.counters.events[event] += count
@@ -347,16 +378,18 @@ class Telemetry:
             batch_seconds=c.batch_seconds,
             events={str(event): count for event, count in c.events.items()},
             by_endpoint=[(endpoint, status, count) for (endpoint, status), count in c.by_endpoint.items()],
-            by_key=c.by_key,
+            by_key={name: msgspec.structs.replace(stats) for name, stats in c.by_key.items()},
             latencies=list(self._latencies),
+            request_seconds={endpoint: buckets.copy() for endpoint, buckets in self.request_seconds.items()},
+            batch_size=self.batch_size.copy(),
+            batch_tokens=self.batch_tokens.copy(),
+            encoder_seconds=self.encoder_seconds.copy(),
         )
 
     @classmethod
     def combined(cls, states: list[TelemetryState]) -> Telemetry:
-        """A telemetry holding the sum of ``states`` (counters; latencies pooled), for one snapshot.
-
-        Its histograms are empty: /metrics in worker mode reports the summed counters and gauges.
-        """
+        """A telemetry holding the sum of ``states`` (counters and histograms; latencies pooled), for
+        one snapshot, or for :meth:`state` to carry on as one."""
         total = cls(latency_window=max(2048, sum(len(state.latencies) for state in states)))
         c = total.counters
         if states:
@@ -375,6 +408,14 @@ class Telemetry:
                 for field_name in KeyStats.__struct_fields__:
                     setattr(found, field_name, getattr(found, field_name) + getattr(stats, field_name))
             total._latencies.extend(state.latencies)
+            for endpoint, buckets in state.request_seconds.items():
+                found_buckets = total.request_seconds.get(endpoint)
+                if found_buckets is None:
+                    found_buckets = total.request_seconds[endpoint] = Buckets.empty(REQUEST_SECONDS_BUCKETS)
+                found_buckets.add(buckets)
+            total.batch_size.add(state.batch_size)
+            total.batch_tokens.add(state.batch_tokens)
+            total.encoder_seconds.add(state.encoder_seconds)
         return total
 
     # --- read ------------------------------------------------------------------------------
@@ -437,9 +478,18 @@ class Telemetry:
         )
 
     def render_prometheus(self, live: LiveState) -> bytes:
-        """The Prometheus text exposition: this snapshot's counters and gauges, and the histograms."""
+        """The Prometheus text exposition: this snapshot's counters, gauges and histograms."""
         self._live = live  # read by _SnapshotCollector during generate_latest, on this same thread
         return generate_latest(self.registry)
+
+
+def _add_buckets(family: HistogramMetricFamily, labels: list[str], bounds: tuple[float, ...], buckets: Buckets) -> None:
+    """``buckets`` as Prometheus wants them: cumulative counts by ``le`` (``1.0``, ..., ``+Inf``)."""
+    cumulative, running = [], 0
+    for bound, count in zip((*bounds, None), buckets.counts, strict=True):
+        running += count
+        cumulative.append(("+Inf" if bound is None else repr(float(bound)), float(running)))
+    family.add_metric(labels, cumulative, buckets.sum)
 
 
 class _SnapshotCollector:
@@ -476,6 +526,20 @@ class _SnapshotCollector:
             ("embedding_batcher_worker_restarts", encoder.worker_restarts, "batcher worker crashes (each restarted)"),
         ):
             yield CounterMetricFamily(name, text, value=value)
+        durations = HistogramMetricFamily(
+            "embedding_request_duration_seconds", "time from request to response, by endpoint", labels=["endpoint"]
+        )
+        for endpoint, buckets in sorted(telemetry.request_seconds.items()):
+            _add_buckets(durations, [endpoint], REQUEST_SECONDS_BUCKETS, buckets)
+        yield durations
+        for name, text, bounds, buckets in (
+            ("batch_size", "inputs per forward pass", BATCH_SIZE_BUCKETS, telemetry.batch_size),
+            ("batch_tokens", "padded tokens per forward pass", BATCH_TOKENS_BUCKETS, telemetry.batch_tokens),
+            ("encoder_seconds", "seconds per forward pass", ENCODER_SECONDS_BUCKETS, telemetry.encoder_seconds),
+        ):
+            histogram = HistogramMetricFamily(f"embedding_{name}", text)
+            _add_buckets(histogram, [], bounds, buckets)
+            yield histogram
         yield GaugeMetricFamily("embedding_queue_tokens", "tokens waiting for the encoder", value=encoder.queue_tokens)
         yield GaugeMetricFamily(
             "embedding_cache_circuit_open",

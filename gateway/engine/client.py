@@ -30,8 +30,9 @@ from encoder import Encoder
 from encoder.batcher import DENSE_ONLY, InputFailedError, QueueFullError, WorkerCrashedError
 from encoder.kinds import OutputKind, Outputs
 from encoder.model_files import read_model_spec
-from gateway.core.telemetry import Telemetry
+from gateway.core.telemetry import Telemetry, TelemetryState
 from gateway.engine import protocol
+from gateway.engine.ledger import Ledger
 from gateway.engine.protocol import (
     Cancel,
     Collect,
@@ -134,14 +135,24 @@ class EngineLink:
 
     ``max_frame_bytes`` bounds one frame either way (default :data:`~gateway.engine.protocol.MAX_FRAME_BYTES`):
     longer messages go out in several frames, and a frame over it fails only its own request.
+    ``ledger``: where this worker keeps its counts, written before every time it sends them; by
+    default the supervisor's next to ``socket_path`` (:meth:`Ledger.beside`), if there is one.
     """
 
     def __init__(
-        self, socket_path: Path, *, truncate: bool, telemetry: Telemetry, max_frame_bytes: int | None = None
+        self,
+        socket_path: Path,
+        *,
+        truncate: bool,
+        telemetry: Telemetry,
+        max_frame_bytes: int | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.truncate = truncate
         self.telemetry = telemetry
+        self.ledger = ledger if ledger is not None else Ledger.beside(socket_path)
+        self.ledger_name = Ledger.name("worker")
         self.max_frame_bytes = max_frame_bytes or protocol.MAX_FRAME_BYTES
         self.encoder: RemoteEncoder | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -202,6 +213,7 @@ class EngineLink:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._drop("the worker is stopping")
+        self._keep()
 
     async def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
         assert self.encoder is not None, "EngineLink.start() was not called"
@@ -253,7 +265,7 @@ class EngineLink:
     async def whole_server(self) -> StatsAnswer:
         """The engine's counters and every worker's, this worker's sent fresh with the question."""
         ask_id = next(self._ids)
-        answer = await self._ask(ask_id, StatsAsk(ask_id, os.getpid(), self.telemetry.state()))
+        answer = await self._ask(ask_id, StatsAsk(ask_id, os.getpid(), self._keep()))
         if not isinstance(answer, StatsAnswer):
             raise EngineUnavailableError(f"its counters did not come back ({type(answer).__name__})")
         self._queue_tokens = answer.queue_tokens
@@ -380,14 +392,24 @@ class EngineLink:
             self._push()
             return
 
+    def _keep(self) -> TelemetryState:
+        """This worker's counters now, written to the ledger first: the engine reports them to
+        scrapes, and once reported they must outlive this process."""
+        state = self.telemetry.state()
+        if self.ledger is not None:
+            self.ledger.write(self.ledger_name, state)
+        return state
+
     def _push(self) -> None:
+        state = self._keep()  # also while the engine is away: a worker killed then keeps its counts
         writer = self._writer
         if writer is not None and not writer.is_closing():
-            write_frame(writer, Push(os.getpid(), self.telemetry.state()), self.max_frame_bytes)
+            write_frame(writer, Push(os.getpid(), state), self.max_frame_bytes)
 
     async def _push_loop(self) -> None:
-        """Every second, this worker's counters to the engine (so /stats in any worker sees them);
-        the engine answers with its queue, which keeps this worker's queue figures fresh."""
+        """Every second, this worker's counters to the ledger and the engine (so /stats in any
+        worker sees them); the engine answers with its queue, which keeps this worker's queue
+        figures fresh."""
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
             self._push()

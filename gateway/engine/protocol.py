@@ -139,7 +139,7 @@ class StatsAsk(msgspec.Struct, tag="stats", array_like=True):
 class StatsAnswer(msgspec.Struct, tag="stats_answer", array_like=True):
     id: int
     engine: TelemetryState
-    workers: list[TelemetryState]  # the last counters of every worker seen (dead ones too)
+    workers: list[TelemetryState]  # every other process's last counters: workers, live or dead, and dead engines
     queue_tokens: int
     in_flight: int
     tokens_per_second: float

@@ -1,8 +1,10 @@
 """The engine process: the model, the one micro-batcher, and a Unix socket the HTTP workers share.
 
 Every worker's misses join the same queue, so they share forward passes and in-flight dedupe
-exactly as one process's requests do. The engine also keeps the whole server's counters: its own
-(batches, queue events) and the latest ones each worker pushed, for /stats and /metrics.
+exactly as one process's requests do. The engine also answers for the whole server's counters: its
+own (batches, queue events) plus every other process's, live or dead, from the supervisor's ledger
+(:mod:`gateway.engine.ledger`), for /stats and /metrics. It writes its own there every second and
+before each answer, so neither its death nor a worker's takes back a count a scrape has seen.
 
 It stops only when the supervisor says so, by closing the engine's stdin (its death closes it too),
 never on SIGINT or SIGTERM: a Ctrl-C reaches the whole process group and systemd signals every
@@ -31,6 +33,7 @@ from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError, Work
 from encoder.kinds import OutputKind
 from gateway.core.telemetry import Telemetry, TelemetryState, gpu_stats
 from gateway.engine import protocol
+from gateway.engine.ledger import Ledger
 from gateway.engine.protocol import (
     Cancel,
     Collect,
@@ -56,6 +59,7 @@ __all__ = ["EngineServer", "Restarts", "StopPipe", "run_engine"]
 logger = logging.getLogger("gateway.engine")
 
 COLLECT_TIMEOUT_S = 0.25  # a worker too busy to send its counters by then is reported as last pushed
+KEEP_INTERVAL_S = 1.0  # how often the engine writes its counters to the ledger (and before each answer)
 
 
 class Restarts(msgspec.Struct):
@@ -67,7 +71,12 @@ class Restarts(msgspec.Struct):
 
 
 class EngineServer:
-    """``max_frame_bytes`` bounds one frame either way (default :data:`~gateway.engine.protocol.MAX_FRAME_BYTES`)."""
+    """``max_frame_bytes`` bounds one frame either way (default :data:`~gateway.engine.protocol.MAX_FRAME_BYTES`).
+
+    ``ledger``: where every process keeps its counts; by default the supervisor's, next to
+    ``socket_path`` (:meth:`Ledger.beside`), and none without a supervisor: then /stats sums this
+    engine's counters and the last ones each worker sent it.
+    """
 
     def __init__(
         self,
@@ -77,6 +86,7 @@ class EngineServer:
         restarts_path: Path | None,
         *,
         max_frame_bytes: int | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.settings = settings
         self.max_frame_bytes = max_frame_bytes or protocol.MAX_FRAME_BYTES
@@ -92,6 +102,9 @@ class EngineServer:
             observer=self.telemetry,
         )
         self.worker_states: dict[int, TelemetryState] = {}  # worker pid -> its latest counters
+        self.ledger = ledger if ledger is not None else Ledger.beside(socket_path)
+        self.ledger_name = Ledger.name("engine")
+        self._keeper: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._fresh: dict[asyncio.StreamWriter, asyncio.Event] = {}  # set when that worker pushed
@@ -127,8 +140,26 @@ class EngineServer:
         self._server = await asyncio.start_unix_server(self._serve_connection, path=str(staging))
         staging.chmod(0o600)
         staging.rename(self.socket_path)
+        if self.ledger is not None:
+            self._keeper = asyncio.create_task(self._keep_loop(), name="engine-ledger")
+
+    def _keep(self) -> TelemetryState:
+        """This engine's counters now, written to the ledger first: nothing is reported unkept."""
+        state = self.telemetry.state()
+        if self.ledger is not None:
+            self.ledger.write(self.ledger_name, state)
+        return state
+
+    async def _keep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_INTERVAL_S)
+            self._keep()
 
     async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
         if self._server is not None:
             self._server.close()
         # Closed, not cancelled: each connection's task then ends as when its worker leaves (asyncio
@@ -137,6 +168,7 @@ class EngineServer:
             writer.close()
         await asyncio.gather(*self._connections, return_exceptions=True)
         await self.batcher.stop()
+        self._keep()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
@@ -229,8 +261,14 @@ class EngineServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(COLLECT_TIMEOUT_S):
                     await asyncio.gather(*waiting)
+        answer: StatsAnswer | EmbedFailed
+        try:
+            answer = self._stats(ask_id)
+        except Exception as exc:  # the asker gets an answer (its /stats a 503), never a question that hangs
+            logger.exception("the whole server's counters could not be summed")
+            answer = EmbedFailed(ask_id, "error", f"the engine could not sum the counters: {type(exc).__name__}")
         if not asker.is_closing():
-            self._write(asker, self._stats(ask_id))
+            self._write(asker, answer)
 
     def _restarts(self) -> Restarts:
         if self.restarts_path is None:
@@ -243,10 +281,19 @@ class EngineServer:
     def _stats(self, ask_id: int) -> StatsAnswer:
         gpu = gpu_stats(self.encoder.torch_device)
         restarts = self._restarts()
+        engine = self._keep()
+        if self.ledger is None:
+            others = list(self.worker_states.values())
+        else:
+            # Every worker wrote what it sent (the asker's, the collected ones') before sending it;
+            # dead workers' and engines' counts are there too.
+            kept = self.ledger.read()
+            kept.pop(self.ledger_name, None)  # this engine's: ``engine``, as just written
+            others = list(kept.values())
         return StatsAnswer(
             id=ask_id,
-            engine=self.telemetry.state(),
-            workers=list(self.worker_states.values()),
+            engine=engine,
+            workers=others,
             queue_tokens=self.batcher.queue_tokens,
             in_flight=self.batcher.in_flight,
             tokens_per_second=self.batcher.tokens_per_second,

@@ -8,6 +8,9 @@
   any local user can read: the settings hold the API keys and the Redis password);
 * an engine that dies is restarted (workers answer 503 + Retry-After meanwhile and reconnect);
   a worker that dies is restarted; both are logged and counted for /stats;
+* every child keeps its counters in the ledger, ``telemetry/`` in the supervisor's folder
+  (:mod:`gateway.engine.ledger`); the supervisor folds a dead child's into the retired sum before
+  starting its successor, so /metrics' counters survive any child's death and only grow;
 * SIGTERM or SIGINT, to the supervisor alone or to the whole process group (Ctrl-C in a terminal,
   systemd): workers drain first (uvicorn's graceful shutdown, finishing requests that still need
   the engine), then the supervisor closes the engine's stdin, its one stop signal (the engine
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import msgspec
 
+from gateway.engine.ledger import FOLDER, Ledger
 from gateway.engine.server import Restarts
 from gateway.settings import Settings
 
@@ -58,6 +62,8 @@ class Supervisor:
         self.socket_path = self.folder / "engine.sock"
         self.restarts_path = self.folder / "restarts.json"
         self.restarts = Restarts(workers=settings.workers)
+        (self.folder / FOLDER).mkdir(mode=0o700)
+        self.ledger = Ledger(self.folder / FOLDER)
         self.engine: subprocess.Popen[bytes] | None = None
         self.engine_ready = False  # the engine of self.engine has opened its socket
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
@@ -147,6 +153,7 @@ class Supervisor:
             if engine is not None and engine.poll() is not None:
                 self.restarts.engine += 1
                 self._write_restarts()
+                self._retire(engine.pid)
                 logger.error(
                     "the engine process (pid %d) exited with %s; restarting it (restart %d); workers answer 503 "
                     "meanwhile",
@@ -164,7 +171,15 @@ class Supervisor:
                     self.restarts.worker_restarts += 1
                     self._write_restarts()
                     logger.error("worker %d (pid %d) exited with %s; restarting", index, worker.pid, worker.returncode)
+                    self._retire(worker.pid)
                     self._start_worker(index)
+
+    def _retire(self, pid: int) -> None:
+        """Fold reaped child ``pid``'s counts into the retired sum, before its pid can be reused."""
+        try:
+            self.ledger.retire(pid)
+        except Exception:  # lost counts are bad; a supervisor that stops restarting children is worse
+            logger.exception("could not fold the counters of process %d", pid)
 
     def _drain(self) -> int:
         """Workers first (they finish requests that still need the engine), then the engine."""
