@@ -42,10 +42,19 @@ at least 5% of the limit that is at most one request per replica; with smaller o
 5% of the limit per replica, and only when the other replicas took more than the 20% margin within
 the 0.2 s a view lives. (Each process is a replica here: ``EMBED_WORKERS`` workers count one each.)
 
-When Redis fails (an error, or no answer within ``timeout_s``) this process falls back to its own
-buckets for ``retry_s``, and they start from the views: each key's last known levels, refilled since,
-less what this replica took without Redis' word (unsettled, or in a call that failed). A key in debt
-stays in debt through a Redis hiccup. Usage taken locally meanwhile is not sent to Redis later.
+When Redis fails (an error, or no answer within ``timeout_s``; waiting for one of the
+``max_connections`` connections is not timed, so a burst of clients is no failure) this process
+falls back to its own buckets for ``retry_s``, and they start from the views: each key's last known
+levels, refilled since, less what this replica took without Redis' word (unsettled, or in a call
+that failed). A key in debt stays in debt through a Redis hiccup. What this process takes meanwhile,
+and what it held unsettled, is kept per key as *owed* and settled with Redis (by the next settling
+round, or the key's next call) once Redis answers again, so an outage does not hand each key its
+limit again once per replica. Usage in a call that timed out is not sent again (a paused Redis runs
+the call when it resumes); a request whose admission timed out is so counted twice at most.
+
+A bucket that Redis holds no state for (a restart without persistence) starts from the level this
+replica last knew (its view refilled since, or its own bucket), passed with every call, not full:
+a restart does not refill every key's minute. Keys this replica never saw start full.
 """
 
 from __future__ import annotations
@@ -64,12 +73,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.core.cache.clients import cluster_client, sentinel_client, single_client
+from gateway.core.errors import InvalidInputError
 from gateway.core.keys import ApiKey
 from gateway.settings import ENV_PREFIX, Settings
 
-__all__ = ["Admission", "Levels", "RateLimiter", "format_reset", "unshared_limits_problem"]
+__all__ = ["Admission", "Levels", "RateLimiter", "format_reset", "over_tokens_limit", "unshared_limits_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,21 +94,23 @@ _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 # KEYS: requests bucket, tokens bucket. ARGV: 1-2 requests and tokens limits (0: none); 3-4 requests
 # and tokens to take; 5-6 requests and tokens the buckets must hold for the take (0: no check);
 # 7-8 requests and tokens to settle (usage a replica took locally: taken before the check, whatever
-# it says). A negative take or settle gives back, never above the limit. Returns {admitted, blocked
-# (0, 1 requests, 2 tokens), requests level, tokens level}, the levels as strings (Lua numbers would
-# be cut to integers).
+# it says); 9-10 the requests and tokens levels a bucket that Redis holds no state for starts from
+# (the replica's last known level, so a Redis restart without persistence refills nothing; '': full).
+# A negative take or settle gives back, never above the limit. Returns {admitted, blocked (0, 1
+# requests, 2 tokens), requests level, tokens level}, the levels as strings (Lua numbers would be cut
+# to integers).
 _SCRIPT = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) + tonumber(now[2]) / 1000000
-local function level(key, limit)
+local function level(key, limit, start)
   if limit <= 0 then return 0 end
   local state = redis.call('HMGET', key, 'level', 'at')
-  local value = tonumber(state[1]) or limit
+  local value = tonumber(state[1]) or math.min(limit, tonumber(start) or limit)
   local at = tonumber(state[2]) or now
   return math.min(limit, value + math.max(0, now - at) * limit / 60)
 end
 local rl, tl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local rv, tv = level(KEYS[1], rl), level(KEYS[2], tl)
+local rv, tv = level(KEYS[1], rl, ARGV[9]), level(KEYS[2], tl, ARGV[10])
 if rl > 0 then rv = math.min(rl, rv - tonumber(ARGV[7])) end
 if tl > 0 then tv = math.min(tl, tv - tonumber(ARGV[8])) end
 local need_r, need_t = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -134,6 +147,17 @@ def format_reset(seconds: float) -> str:
     if minutes >= 1:
         return f"{int(minutes)}m{text}"
     return text
+
+
+def over_tokens_limit(name: str | None, limit: int, tokens: str) -> InvalidInputError:
+    """The 400 for a request of more ``tokens`` (a count, or "more than N") than key ``name`` may use
+    in a minute: no wait would let it through, so it is no 429."""
+    return InvalidInputError(
+        f"This request holds {tokens} tokens, more than key '{name}' may use in a minute "
+        f"(tokens per min (TPM): Limit {limit}); split it into requests of at most {limit} tokens.",
+        param="input",
+        code="request_too_large",
+    )
 
 
 def unshared_limits_problem(settings: Settings, keys: Sequence[ApiKey]) -> str | None:
@@ -231,6 +255,12 @@ class _LocalBuckets:
             self._state[f"{name}:t"] = (tv, now)
         return blocked, rv, tv
 
+    def levels(self, name: str, rl: int, tl: int, now: float) -> tuple[float, float] | None:
+        """The key's levels now, or None when this process never decided for it."""
+        if f"{name}:r" not in self._state and f"{name}:t" not in self._state:
+            return None
+        return (self._level(f"{name}:r", rl, now) if rl else 0.0, self._level(f"{name}:t", tl, now) if tl else 0.0)
+
     def seed(self, name: str, limits: tuple[int, int], levels: tuple[float, float], now: float) -> None:
         """Set a key's levels (what Redis said last) before this process decides alone."""
         (rl, tl), (rv, tv) = limits, levels
@@ -253,6 +283,30 @@ class _View:
     pending_tokens: int = 0
     sending_requests: int = 0  # on their way to Redis in a call that has not answered yet
     sending_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Owed:
+    """What this process took for one key without Redis' word (Redis failing), still to be settled."""
+
+    requests_limit: int
+    tokens_limit: int
+    requests: int = 0
+    tokens: int = 0
+
+
+class _RedisDown(Exception):
+    """Redis failed while this call waited for a connection: this process decides."""
+
+
+_FALLBACK = (*_FAILURES, _RedisDown)  # what makes this process decide alone
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a failed call may have been applied all the same: it was sent, and a paused or slow
+    Redis runs it when it gets to it. Its usage is not sent again (it counts in this process's
+    buckets meanwhile); a call refused or cut otherwise is."""
+    return isinstance(exc, (TimeoutError, RedisTimeoutError))
 
 
 class RateLimiter:
@@ -296,6 +350,7 @@ class RateLimiter:
         self._gate = asyncio.Semaphore(max_connections)
         self._down_until = 0.0
         self._views: dict[str, _View] = {}
+        self._owed: dict[str, _Owed] = {}  # taken while Redis failed: settled once it answers again
         self._keys_of: dict[str, list[str]] = {}
         self._settler: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[Any]] = set()
@@ -353,20 +408,78 @@ class RateLimiter:
         return self._script is not None and time.monotonic() >= self._down_until
 
     def _failed(self, exc: BaseException) -> None:
-        """Decide alone for ``retry_s``, starting from what Redis said last: a key in debt stays in debt."""
+        """Decide alone for ``retry_s``, starting from what Redis said last: a key in debt stays in debt.
+        What the views held unsettled is owed to Redis, settled once it answers again."""
         now = time.monotonic()
         already = now < self._down_until  # another call in flight failed first: say it once
         self._down_until = now + self.retry_s
         for name, view in self._views.items():
             rl, tl = view.requests_limit, view.tokens_limit
             age = max(0.0, now - view.at)
+            owed = self._owed.get(name)
+            owed_requests, owed_tokens = (owed.requests, owed.tokens) if owed is not None else (0, 0)
             # Usage on its way in a call that failed may or may not have reached Redis: count it.
             rv = min(rl, view.requests + age * rl / WINDOW_S) - view.sending_requests - view.pending_requests
             tv = min(tl, view.tokens + age * tl / WINDOW_S) - view.sending_tokens - view.pending_tokens
-            self._local.seed(name, (rl, tl), (rv, tv), now)
+            self._local.seed(name, (rl, tl), (rv - owed_requests, tv - owed_tokens), now)
+            self._owe(name, rl, tl, view.pending_requests, view.pending_tokens)
+            view.pending_requests = view.pending_tokens = 0
         self._views.clear()
         if not already:
             logger.warning("rate limits fall back to this process for %.0f s: redis failed: %r", self.retry_s, exc)
+
+    def _owe(self, name: str, rl: int, tl: int, requests: int, tokens: int) -> None:
+        """Keep ``requests`` and ``tokens`` taken without Redis' word, to settle once it answers."""
+        requests, tokens = requests if rl else 0, tokens if tl else 0
+        if not requests and not tokens:
+            return
+        owed = self._owed.get(name)
+        if owed is None:
+            self._owed[name] = _Owed(rl, tl, requests, tokens)
+            return
+        owed.requests_limit, owed.tokens_limit = rl, tl
+        owed.requests += requests
+        owed.tokens += tokens
+
+    def _carry(self, name: str, view: _View | None) -> tuple[int, int]:
+        """Take ``name``'s unsettled usage (the view's and what is owed) for one call to settle."""
+        requests = tokens = 0
+        if view is not None:
+            requests, tokens = view.pending_requests, view.pending_tokens
+            view.pending_requests = view.pending_tokens = 0
+        owed = self._owed.pop(name, None)
+        if owed is not None:
+            requests += owed.requests
+            tokens += owed.tokens
+        if view is not None:
+            view.sending_requests += requests
+            view.sending_tokens += tokens
+        return requests, tokens
+
+    def _unsent(self, name: str, view: _View | None, limits: tuple[int, int], usage: tuple[int, int]) -> None:
+        """Usage a call carried that did not reach Redis: the next call or round settles it."""
+        if view is not None and self._views.get(name) is view:
+            view.pending_requests += usage[0]
+            view.pending_tokens += usage[1]
+        else:
+            self._owe(name, *limits, *usage)
+
+    def _starts(
+        self, name: str, limits: tuple[int, int], view: _View | None, usage: tuple[int, int]
+    ) -> tuple[float | str, float | str]:
+        """The levels a bucket that Redis holds no state for (a restart without persistence) starts
+        from: this replica's view refilled since, or its own bucket before the ``usage`` this call
+        settles; '' (full) when it knows nothing of the key."""
+        (rl, tl), now = limits, time.monotonic()
+        if view is not None and (view.requests_limit, view.tokens_limit) == (rl, tl):
+            age = max(0.0, now - view.at)
+            rv, tv = view.requests + age * rl / WINDOW_S, view.tokens + age * tl / WINDOW_S
+        else:
+            local = self._local.levels(name, rl, tl, now)
+            if local is None:
+                return "", ""
+            rv, tv = local[0] + usage[0], local[1] + usage[1]
+        return (min(float(rl), rv) if rl else "", min(float(tl), tv) if tl else "")
 
     def _far(
         self, view: _View, rl: int, tl: int, *, requests: int, tokens: int, now: float
@@ -395,31 +508,30 @@ class RateLimiter:
         back (:meth:`_failed`) and raises."""
         assert self._script is not None
         view = self._views.get(name)
-        settle_requests = settle_tokens = 0
-        if view is not None:
-            settle_requests, settle_tokens = view.pending_requests, view.pending_tokens
-            view.pending_requests = view.pending_tokens = 0
-            view.sending_requests += settle_requests
-            view.sending_tokens += settle_tokens
-        args = [rl, tl, take[0], take[1], need[0], need[1], settle_requests, settle_tokens]
+        requests, tokens = self._carry(name, view)
+        starts = self._starts(name, (rl, tl), view, (requests, tokens))
+        args = [rl, tl, take[0], take[1], need[0], need[1], requests, tokens, *starts]
         try:
-            async with asyncio.timeout(self.timeout_s):
-                async with self._gate:
+            # Waiting for a connection (a burst near a limit) is no Redis failure: only the call is timed.
+            async with self._gate:
+                if not self._redis_up():  # another call failed meanwhile
+                    raise _RedisDown
+                async with asyncio.timeout(self.timeout_s):
                     raw = await self._script(keys=self._keys(name), args=args)
         except _FAILURES as exc:
             # Before the ``finally``: this call's settled usage still counts (as sending) in the levels
             # the local buckets start from.
             self._failed(exc)
+            if not _timed_out(exc):
+                self._unsent(name, view, (rl, tl), (requests, tokens))
             raise
-        except asyncio.CancelledError:
-            if view is not None:  # the caller left: what it carried is settled by the next call
-                view.pending_requests += settle_requests
-                view.pending_tokens += settle_tokens
+        except (_RedisDown, asyncio.CancelledError):  # the caller left: what it carried is settled later
+            self._unsent(name, view, (rl, tl), (requests, tokens))
             raise
         finally:
             if view is not None:
-                view.sending_requests -= settle_requests
-                view.sending_tokens -= settle_tokens
+                view.sending_requests -= requests
+                view.sending_tokens -= tokens
         blocked, rv, tv = int(raw[1]), float(raw[2]), float(raw[3])
         self._seen(name, rl, tl, rv, tv)
         return blocked, rv, tv
@@ -435,9 +547,12 @@ class RateLimiter:
         assert key.name is not None, "only named keys have limits"
         rl, tl = key.requests_per_minute or 0, key.tokens_per_minute or 0
         if self._redis_up():
-            with contextlib.suppress(*_FAILURES):  # _call has fallen back: this process decides
+            with contextlib.suppress(*_FALLBACK):  # _call has fallen back: this process decides
                 return await self._call(key.name, rl, tl, take, need)
-        return self._local.run(key.name, rl, tl, take, need)
+        blocked, rv, tv = self._local.run(key.name, rl, tl, take, need)
+        if not blocked:
+            self._owe(key.name, rl, tl, *take)
+        return blocked, rv, tv
 
     def _local_far(self, key: ApiKey, *, requests: int, tokens: int) -> tuple[float, float] | None:
         """Take ``requests`` and ``tokens`` locally when the key is far from its limits, else None."""
@@ -445,7 +560,7 @@ class RateLimiter:
             return None
         view = self._views.get(key.name)
         now = time.monotonic()
-        if view is None or now < self._down_until:
+        if view is None or now < self._down_until or key.name in self._owed:
             return None
         rl, tl = key.requests_per_minute or 0, key.tokens_per_minute or 0
         far = self._far(view, rl, tl, requests=requests, tokens=tokens, now=now)
@@ -482,11 +597,13 @@ class RateLimiter:
 
     def adjust_later(self, key: ApiKey, tokens: int) -> None:
         """:meth:`charge` without waiting: far from the limit with the next settling round, near it
-        with a call of its own; while Redis fails, in this process's buckets now."""
+        with a call of its own; while Redis fails, in this process's buckets now (owed to Redis)."""
         if not tokens or not key.tokens_per_minute or key.name is None:
             return
         if not self._redis_up():
-            self._local.run(key.name, key.requests_per_minute or 0, key.tokens_per_minute, (0, tokens), (0, 0))
+            rl, tl = key.requests_per_minute or 0, key.tokens_per_minute
+            self._local.run(key.name, rl, tl, (0, tokens), (0, 0))
+            self._owe(key.name, rl, tl, 0, tokens)
             return
         if tokens < 0:
             view = self._views.get(key.name)
@@ -500,26 +617,33 @@ class RateLimiter:
         task.add_done_callback(self._sending.discard)
 
     async def settle(self) -> None:
-        """Send every key's unsettled usage to Redis in one pipeline and read the levels back."""
+        """Send every key's unsettled usage (and what was taken while Redis failed) to Redis in one
+        pipeline and read the levels back."""
         if not self._redis_up() or self._client is None or self._script is None:
             return
-        batch: list[tuple[str, _View, int, int]] = []  # name, view, requests and tokens sent
-        for name, view in self._views.items():
-            if view.pending_requests or view.pending_tokens:
-                batch.append((name, view, view.pending_requests, view.pending_tokens))
-                view.sending_requests += view.pending_requests
-                view.sending_tokens += view.pending_tokens
-                view.pending_requests = view.pending_tokens = 0
+        batch: list[tuple[str, _View | None, int, int, int, int]] = []  # name, view, limits, usage sent
+        for name, current in self._views.items():
+            if current.pending_requests or current.pending_tokens or name in self._owed:
+                limits = (current.requests_limit, current.tokens_limit)
+                batch.append((name, current, *limits, *self._carry(name, current)))
+        for name in [name for name in self._owed if name not in self._views]:
+            owed = self._owed[name]
+            batch.append((name, None, owed.requests_limit, owed.tokens_limit, *self._carry(name, None)))
         if not batch:
             return
         script = self._script
         calls = [
-            (self._keys(name), [view.requests_limit, view.tokens_limit, 0, 0, 0, 0, requests, tokens])
-            for name, view, requests, tokens in batch
+            (
+                self._keys(name),
+                [rl, tl, 0, 0, 0, 0, requests, tokens, *self._starts(name, (rl, tl), view, (requests, tokens))],
+            )
+            for name, view, rl, tl, requests, tokens in batch
         ]
         try:
-            async with asyncio.timeout(self.timeout_s):
-                async with self._gate:
+            async with self._gate:  # waiting for a connection is no Redis failure: only the calls are timed
+                if not self._redis_up():
+                    raise _RedisDown
+                async with asyncio.timeout(self.timeout_s):
                     async with self._client.pipeline(transaction=False) as pipe:
                         # AsyncScript queues into either pipeline, though redis-py's annotations name
                         # only the clients (a cluster's pipeline is no RedisCluster).
@@ -536,15 +660,22 @@ class RateLimiter:
                             answers[index] = await script(keys=keys, args=args)
                         elif isinstance(answer, BaseException):
                             raise answer
-        except _FAILURES as exc:
-            self._failed(exc)
+        except (*_FALLBACK, asyncio.CancelledError) as exc:
+            if isinstance(exc, _FAILURES):
+                self._failed(exc)
+            if not _timed_out(exc):
+                for name, view, rl, tl, requests, tokens in batch:
+                    self._unsent(name, view, (rl, tl), (requests, tokens))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         finally:
-            for _, view, requests, tokens in batch:
-                view.sending_requests -= requests
-                view.sending_tokens -= tokens
-        for (name, view, _, _), raw in zip(batch, answers, strict=True):
-            self._seen(name, view.requests_limit, view.tokens_limit, float(raw[2]), float(raw[3]))
+            for _, view, _, _, requests, tokens in batch:
+                if view is not None:
+                    view.sending_requests -= requests
+                    view.sending_tokens -= tokens
+        for (name, _, rl, tl, _, _), raw in zip(batch, answers, strict=True):
+            self._seen(name, rl, tl, float(raw[2]), float(raw[3]))
 
     async def _settle_forever(self) -> None:
         while True:

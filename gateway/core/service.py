@@ -25,6 +25,7 @@ from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CacheSkippedError, CacheUnavailableError, cache_key
 from gateway.core.errors import EncoderFailedError, InvalidInputError, OutputNotSupportedError, OverloadedError
 from gateway.core.outputs import DENSE, OutputSpec
+from gateway.core.ratelimit import over_tokens_limit
 from gateway.core.telemetry import Telemetry
 
 __all__ = ["CACHE_GENERATION", "EmbedResult", "EmbeddingService", "Guard", "cache_namespace"]
@@ -132,12 +133,16 @@ class EmbeddingService:
         guard: Guard | None = None,
         tenant: str = "",
         reserve: Callable[[int], Awaitable[None]] | None = None,
+        max_tokens: int | None = None,
     ) -> EmbedResult[T]:
         """``output`` values for ``texts``. ``guard`` wraps the wait for the encoder (never the cache
         lookup): the HTTP layer uses it to withdraw the work when the client hangs up. ``tenant``
         (an API key's name) is the unit the encoder queue is fair between. ``reserve`` is awaited
         with the request's whole token count as soon as it is known (hits bring theirs, misses are
-        tokenised) and before any encoding: a key's token limit is taken there, and may refuse."""
+        tokenised) and before any encoding: a key's token limit is taken there, and may refuse.
+        ``max_tokens`` (the key's tokens per minute) refuses a request of more tokens than that as
+        soon as the count passes it (400 ``request_too_large``, naming the key ``tenant``), before
+        the rest is tokenised: no bucket would ever hold it."""
         if output.kind not in self.encoder.outputs:
             raise OutputNotSupportedError(
                 f"this model has no {output.kind} output (its folder has no {HEAD_FILES[output.kind]})", param="model"
@@ -154,7 +159,7 @@ class EmbeddingService:
 
         miss_texts = [unique[i] for i in missing]
         per_text = {unique[i]: value[0] for i, value in enumerate(found) if value is not None}
-        token_ids = await self._tokenize_within_limit(texts, miss_texts, per_text)
+        token_ids = await self._tokenize_within_limit(texts, miss_texts, per_text, max_tokens, tenant)
         per_text.update({text: len(ids) for text, ids in zip(miss_texts, token_ids, strict=True)})
         tokens = [per_text[text] for text in texts]
         if reserve is not None:
@@ -183,15 +188,27 @@ class EmbeddingService:
         return EmbedResult(values=values, tokens=tokens, hits=hits, misses=len(missing))
 
     async def _tokenize_within_limit(
-        self, texts: Sequence[str], miss_texts: list[str], known: dict[str, int]
+        self,
+        texts: Sequence[str],
+        miss_texts: list[str],
+        known: dict[str, int],
+        max_tokens: int | None = None,
+        tenant: str = "",
     ) -> list[list[int]]:
         """Token ids of ``miss_texts``, refusing the request as soon as it is sure to pass
-        ``max_request_tokens``: every input is at least one token, so a request of more inputs
-        than that is refused unread, and the misses are tokenised a bounded piece at a time, the
-        running count checked after each. A request far over the limit (2,048 inputs of 8,192
-        characters) so costs about the limit's worth of tokenising, never all of it."""
-        if len(texts) > self.max_request_tokens:
-            self._too_many_tokens(f"at least {len(texts)}")
+        ``max_request_tokens`` (or the caller's ``max_tokens``, a key's tokens per minute): every
+        input is at least one token, so a request of more inputs than that is refused unread, and
+        the misses are tokenised a bounded piece at a time, the running count checked after each. A
+        request far over the limit (2,048 inputs of 8,192 characters) so costs about the limit's
+        worth of tokenising (or one piece past it), never all of it."""
+
+        def check(counted: int, text: str) -> None:
+            if counted > self.max_request_tokens:
+                self._too_many_tokens(text)
+            if max_tokens is not None and counted > max_tokens:
+                raise over_tokens_limit(tenant or None, max_tokens, text)
+
+        check(len(texts), f"at least {len(texts)}")
         repeats = Counter(texts)
         counted = sum(tokens * repeats[text] for text, tokens in known.items())
         token_ids: list[list[int]] = []
@@ -211,12 +228,10 @@ class EmbeddingService:
                     code="context_length_exceeded",
                 ) from None
             counted += sum(len(ids) * repeats[text] for text, ids in zip(miss_texts[start:end], piece, strict=True))
-            if counted > self.max_request_tokens:
-                self._too_many_tokens(str(counted) if end == len(miss_texts) else f"more than {counted}")
+            check(counted, str(counted) if end == len(miss_texts) else f"more than {counted}")
             token_ids.extend(piece)
             start = end
-        if counted > self.max_request_tokens:
-            self._too_many_tokens(str(counted))
+        check(counted, str(counted))
         return token_ids
 
     def _too_many_tokens(self, counted: str) -> None:

@@ -29,9 +29,9 @@ from litestar import Request
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from gateway.core.errors import GatewayError, InvalidInputError, TokensRateLimitedError, UnauthenticatedError
+from gateway.core.errors import GatewayError, TokensRateLimitedError, UnauthenticatedError
 from gateway.core.keys import ApiKey
-from gateway.core.ratelimit import RateLimiter, format_reset
+from gateway.core.ratelimit import RateLimiter, format_reset, over_tokens_limit
 from gateway.http.errors import gateway_error
 
 __all__ = [
@@ -112,12 +112,7 @@ class TokenReservation:
         limit = self.key.tokens_per_minute
         assert limit is not None
         if tokens > limit:
-            raise InvalidInputError(
-                f"This request holds {tokens} tokens, more than key '{self.key.name}' may use in a minute "
-                f"(tokens per min (TPM): Limit {limit}); split it into requests of at most {limit} tokens.",
-                param="input",
-                code="request_too_large",
-            )
+            raise over_tokens_limit(self.key.name, limit, str(tokens))
         admission = await self.limiter.reserve(self.key, tokens)
         if not admission.admitted:
             wait = admission.retry_after

@@ -202,6 +202,36 @@ def test_a_request_larger_than_the_whole_limit_gets_a_clear_error(gateway_factor
     assert 10 <= wait <= 61, wait
 
 
+def test_a_request_far_over_the_whole_limit_is_refused_after_one_piece_of_tokenising(
+    gateway_factory,  # type: ignore[no-untyped-def]
+    minilm_encoder,
+    keys_file: Path,
+) -> None:
+    """The service stops tokenising once the running count passes the key's whole limit: a request of
+    ~80,000 tokens against a limit of 1,000 costs one 64k-character piece, not all of it."""
+    seen: list[int] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(minilm_encoder, name)
+
+        def tokenize(self, texts: Any, **kwargs: Any) -> Any:
+            seen.append(sum(len(text) for text in texts))
+            return minilm_encoder.tokenize(texts, **kwargs)
+
+    live = gateway_factory(encoder=Counting(), api_keys_file=str(keys_file))
+    texts = [f"{index} " + " ".join(f"w{index}x{word}" for word in range(40)) for index in range(400)]
+    answer = _post(live.url, texts, "sk-medium")
+    assert answer.status_code == 400, answer.text[:300]
+    error = answer.json()["error"]
+    assert error["code"] == "request_too_large" and error["param"] == "input"
+    assert re.search(r"holds more than \d+ tokens", error["message"]), error["message"]
+    assert "more than key 'medium' may use in a minute (tokens per min (TPM): Limit 1000)" in error["message"]
+    assert sum(seen) <= 65536 < sum(len(text) for text in texts), seen
+    fits = _post(live.url, ["a short one"], "sk-medium")  # the refusal took nothing from the bucket
+    assert fits.status_code == 200 and int(fits.headers["x-ratelimit-remaining-tokens"]) >= 1000 - 10
+
+
 def test_tokens_go_back_when_the_server_fails_the_request(gateway_factory, minilm_encoder, keys_file: Path) -> None:  # type: ignore[no-untyped-def]
     gated = GatedEncoder(minilm_encoder)
     live = gateway_factory(encoder=gated, api_keys_file=str(keys_file), max_queue_tokens=300)

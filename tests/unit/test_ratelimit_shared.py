@@ -214,3 +214,70 @@ async def test_redis_checks_a_reservation_whole_and_gives_back_up_to_the_limit(f
         assert _level(client, "reserved", "tokens") == 1000
     finally:
         await limiter.close()
+
+
+@pytest.mark.anyio
+async def test_usage_taken_while_redis_fails_is_settled_once_it_answers(fresh_redis: RedisServer) -> None:
+    client = fresh_redis.client()
+    limiter = RateLimiter(redis_url=fresh_redis.url, timeout_s=0.1, retry_s=0.5)
+    await limiter.connect()
+    key = ApiKey(key="k", name="outage", requests_per_minute=100)
+    try:
+        started = time.monotonic()
+        for _ in range(10):  # far from the limit: some of it still unsettled when Redis stops answering
+            assert (await limiter.admit(key)).admitted
+        _pause(fresh_redis)
+        try:
+            for _ in range(30):  # the first one times out: this process decides, and owes Redis all of it
+                assert (await limiter.admit(key)).admitted
+        finally:
+            _resume(fresh_redis)
+        await asyncio.sleep(limiter.retry_s + limiter.settle_s * 4)  # Redis decides again: the debt is settled
+        refill = (time.monotonic() - started) * 100 / 60
+        # 40 taken; the request whose call timed out was taken here too, and by Redis once it resumed
+        assert 100 - 41 <= _level(client, "outage", "requests") <= 100 - 40 + refill
+        assert not limiter._owed
+    finally:
+        await limiter.close()
+
+
+@pytest.mark.anyio
+async def test_a_restarted_redis_starts_each_bucket_from_the_replicas_last_level(fresh_redis: RedisServer) -> None:
+    client = fresh_redis.client()
+    limiter = RateLimiter(redis_url=fresh_redis.url, timeout_s=1.0)
+    await limiter.connect()
+    key = ApiKey(key="k", name="restarted", requests_per_minute=10, tokens_per_minute=1000)
+    try:
+        answers = [(await limiter.admit(key)).admitted for _ in range(11)]
+        assert answers == [True] * 10 + [False]
+        await limiter.charge(key, 600)
+        fresh_redis.stop()
+        fresh_redis.start()  # no persistence: Redis holds no bucket now
+        client = fresh_redis.client()
+        refused = await limiter.admit(key)
+        assert not refused.admitted and refused.blocked == "requests"
+        assert _level(client, "restarted", "requests") < 1
+        assert _level(client, "restarted", "tokens") < 1000 - 600 + 100
+        fresh = ApiKey(key="k2", name="never-seen", requests_per_minute=10)  # no level known: a full bucket
+        assert (await limiter.admit(fresh)).admitted
+        assert _level(client, "never-seen", "requests") == pytest.approx(9, abs=0.01)
+    finally:
+        await limiter.close()
+
+
+@pytest.mark.anyio
+async def test_waiting_for_a_connection_is_no_redis_failure(
+    fresh_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A burst of calls larger than the pool waits for a connection; only the call itself is timed,
+    so a flood of clients does not flip every key to this process's buckets."""
+    client = fresh_redis.client()
+    limiter = RateLimiter(redis_url=fresh_redis.url, max_connections=1, timeout_s=0.02)
+    await limiter.connect()
+    key = ApiKey(key="k", name="flood", tokens_per_minute=1_000_000)
+    try:
+        await asyncio.gather(*(limiter.charge(key, 1) for _ in range(400)))  # each one an awaited call
+        assert "fall back" not in caplog.text
+        assert _level(client, "flood", "tokens") <= 1_000_000 - 400 + 1000  # all of them reached Redis
+    finally:
+        await limiter.close()

@@ -108,6 +108,8 @@ async def _answer(
             guard=_disconnect_guard(request),
             tenant=tenant,
             reserve=reservation.cover if reservation is not None else None,
+            # more than the key's whole limit is refused before the rest of it is tokenised
+            max_tokens=reservation.key.tokens_per_minute if reservation is not None else None,
         )
     except (OverloadedError, EncoderFailedError):
         if reservation is not None:
