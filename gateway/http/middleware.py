@@ -1,9 +1,11 @@
 """Request context: an ``x-request-id`` on every response, timing, telemetry and one log line per request.
 
-Two marks in a request's ``scope["state"]`` come from the server protocol (:mod:`gateway.http.server`),
+Three marks in a request's ``scope["state"]`` come from the server protocol (:mod:`gateway.http.server`),
 which sees the connection but not the routes: :data:`OVER_CAPACITY` (the in-flight cap was reached
-when the request's head arrived: refused here unless the route is a probe or ``/metrics``), and
-:data:`CUT_STATUS` (the protocol answered the request itself, 408 or 431, and cut it off).
+when the request started: refused here unless the route is a probe or ``/metrics``),
+:data:`CUT_STATUS` (the protocol answered the request itself, 408 or 431, and cut it off), and
+:data:`CLIENT_GONE` (the connection was lost before the answer started, whether or not the app
+asked for more of the body: a 499).
 """
 
 from __future__ import annotations
@@ -31,12 +33,21 @@ from litestar.types import (
 from gateway.core.telemetry import Telemetry
 from gateway.http.errors import ErrorBody, ErrorEnvelope
 
-__all__ = ["CUT_STATUS", "OVER_CAPACITY", "RequestContextMiddleware", "RequestOutcome", "outcome", "request_id"]
+__all__ = [
+    "CLIENT_GONE",
+    "CUT_STATUS",
+    "OVER_CAPACITY",
+    "RequestContextMiddleware",
+    "RequestOutcome",
+    "outcome",
+    "request_id",
+]
 
 logger = logging.getLogger("gateway.access")
 
 OVER_CAPACITY = "gateway.over_capacity"
 CUT_STATUS = "gateway.cut_status"
+CLIENT_GONE = "gateway.client_gone"
 
 # Served even at the cap: the kubelet restarts a pod whose liveness probe fails for long, a busy
 # replica must not look dead or unready for being busy, and the scraper must see the overload.
@@ -166,7 +177,7 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, receive_watching, send_with_status)
         finally:
-            if client_left:
+            if client_left or state.get(CLIENT_GONE):
                 status = state.get(CUT_STATUS, _CLIENT_LEFT)
             seconds = time.perf_counter() - started
             handler = scope.get("route_handler")

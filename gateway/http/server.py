@@ -6,9 +6,9 @@ it counts open connections, idle keep-alive ones included, and answers 503 befor
 so a handful of idle sockets (a proxy's keep-alive pool) made ``/livez`` and ``/readyz`` fail, the
 kubelet restarted busy pods, and no counter saw the refusals (issue 27). Idle connections cost a
 few KB and their deadlines close them; what needs a cap is the work in flight. So the cap counts
-requests in flight (uvicorn's tasks): a request whose head arrives at the cap is marked, and the
-request middleware, which sees the route, refuses it with 503 (counted) unless it is a probe or
-``/metrics``.
+requests in flight (uvicorn's tasks): a request that starts at the cap is marked (a pipelined one
+when it starts, its own predecessor not counted), and the request middleware, which sees the route,
+refuses it with 503 (counted) unless it is a probe or ``/metrics``.
 
 What uvicorn's httptools protocol lacks, a small subclass adds, each measured as an attack first
 (README, Reliability):
@@ -20,18 +20,30 @@ What uvicorn's httptools protocol lacks, a small subclass adds, each measured as
   trailers begin and end and feeds the parser one region at a time: the parser's callbacks then
   fire exactly at a cut, every region is counted before httptools sees it, and a head past the
   limit is never fed. A head gets ``431`` (after the answers owed before it, in order); trailers
-  get ``431`` while the request's answer has not started, else the connection is closed;
+  get ``431`` while the request's answer has not started (a queued request's after the answers
+  before it), else the connection is closed;
 * a deadline for the request head: a connection that opens and sends nothing, or trickles its
   headers (slowloris), is closed after ``header_timeout_s``; it never cuts a request in flight;
 * an idle deadline for the body: a body that sends nothing for ``body_timeout_s``, or that
   averages under ``body_min_bytes_per_s`` once its first ``body_timeout_s`` are over (Apache's
   ``RequestReadTimeout ... MinRate``), gets ``408`` and is cut off, instead of holding a task (and
-  SIGTERM) for ever; time while the server itself stopped reading does not count.
+  SIGTERM) for ever; time while the server itself stopped reading does not count;
+* a deadline for answers to drain: a client that takes nothing of an answer the transport still
+  holds for ``header_timeout_s`` + the keep-alive timeout (after the answer, or while a request
+  waits for the transport to drain) has its connection aborted, not closed (``close()`` waits for
+  the buffer to drain, for ever); a client that keeps reading, however slowly, gets another period;
+* chunked bodies cost about what httptools alone pays: runs of chunks are fed in one call (small
+  chunks matched in C, no chunk callbacks), chunk-extension bytes counted as they pass;
+* an upgrade uvicorn does not make (anything but WebSocket) is answered and the connection closed:
+  nothing after its head is parsed (llhttp would parse its body as the next request);
+* the request running when its connection is lost is marked disconnected (uvicorn marks only the
+  latest, maybe a queued one): its answer is dropped, and counted 499, with no traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 from dataclasses import dataclass
@@ -39,10 +51,11 @@ from typing import Any, cast
 
 import msgspec
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.http.errors import ErrorBody, ErrorEnvelope
-from gateway.http.middleware import CUT_STATUS, OVER_CAPACITY
+from gateway.http.middleware import CLIENT_GONE, CUT_STATUS, OVER_CAPACITY
 from gateway.settings import Settings
 
 __all__ = ["ConnectionLimits", "guarded_protocol", "uvicorn_config"]
@@ -53,14 +66,24 @@ _HEAD_END = b"\r\n\r\n"
 _REQUEST_LINE = re.compile(rb"[^\r\n]")  # llhttp skips empty lines before a request line
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]+")
 _SIZE_LINE = 18  # a chunk size needs at most 16 hex digits and CRLF: the rest is extensions, metadata
+# A run of whole chunks of 1 to 15 bytes, matched in C: a stream of tiny chunks must cost about
+# what httptools alone pays for it, not a Python step per chunk. Their size lines (extensions
+# included) are at most _SIZE_LINE bytes long (the lookahead): nothing of them is counted. After the
+# zeros the alternatives differ in their first byte and the quantifiers are possessive: no
+# backtracking. A bigger chunk, or a longer line, costs one Python step.
+_SMALL_CHUNKS = re.compile(
+    rb"(?:(?=[^\r\n]{1,%d}\r\n)0*+(?:" % (_SIZE_LINE - 2)
+    + b"|".join(b"[%x%X](?:;[^\r\n]*+)?+\r\n.{%d}\r\n" % (n, n, n) for n in range(1, 16))
+    + rb"))++",
+    re.DOTALL,
+)
 
 # Where the next byte of the connection falls.
 _HEAD = 0  # a request head (with the empty lines allowed before it)
 _BODY = 1  # a Content-Length body
 _CHUNK_LINE = 2  # a chunk-size line, extensions included
-_CHUNK_DATA = 3
-_CHUNK_END = 4  # the CRLF after a chunk's data
-_TRAILERS = 5  # the trailer section after the last, empty chunk
+_CHUNK_DATA = 3  # a chunk's data and the CRLF after it
+_TRAILERS = 4  # the trailer section after the last, empty chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,27 +118,32 @@ _TIMED_OUT = _refusal(
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol, with header limits, head and body deadlines and the in-flight mark."""
+    """uvicorn's httptools protocol, with header limits, head, body and drain deadlines and the in-flight mark."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Where the stream is, and what is known of the region it is in.
         _region = _HEAD
         _line_begun = False  # _HEAD: the request line has started
         _tail = b""  # _HEAD, _TRAILERS: the last bytes seen, to find an end split across reads
-        _left = 0  # _BODY, _CHUNK_DATA, _CHUNK_END: bytes the region still has
-        _size_line = b""  # _CHUNK_LINE: the line so far (bounded by the limit)
+        _left = 0  # _BODY, _CHUNK_DATA: bytes the region still has
+        _size_line = b""  # _CHUNK_LINE: the line so far, when a read ended inside it (bounded by the limit)
         _meta_bytes = 0  # this message's head, trailer and chunk-extension bytes
         _headers_seen = 0
         _head_done = False  # header fields after the head are trailers
         _content_length = 0
         _chunked = False
         _refusal: bytes | None = None  # a 431 owed once the answers before it are out; nothing more is read
-        # Deadlines: one timer, for the head or (while a body is expected) for the body.
+        _last_head = False  # after an upgrade request nothing more of the connection is parsed
+        # The request uvicorn runs now (a later one may wait in ``pipeline``), and its task.
+        _running: RequestResponseCycle | None = None
+        _running_task: asyncio.Task[None] | None = None
+        # Deadlines: one timer, for the head, for the body (while one is expected) or for an answer to drain.
         _deadline: asyncio.TimerHandle | None = None
         _in_body = False
         _body_since = 0.0
         _body_last = 0.0
         _body_bytes = 0
+        _unsent = 0  # the answer bytes the transport still held when last looked at
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(cast(asyncio.Transport, transport))
@@ -123,12 +151,21 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            running = self._running
+            if running is not None and not running.response_complete:
+                # uvicorn marks only the latest request (maybe a queued one) disconnected: the one
+                # running would write its answer to the closed transport (a RuntimeError traceback,
+                # counted 200). Its client left before its answer: the middleware counts a 499.
+                if not running.response_started:
+                    running.scope["state"][CLIENT_GONE] = True
+                running.disconnected = True
+                running.message_event.set()
             super().connection_lost(exc)
 
         # --- the byte stream, cut into regions ----------------------------------------------
         def data_received(self, data: bytes) -> None:
-            if self._refusal is not None:
-                return  # the connection ends with a refusal: nothing more of it is parsed
+            if self._refusal is not None or self._last_head:
+                return  # the connection ends with a refusal (or after an upgrade): nothing more is parsed
             if self._in_body:
                 self._body_last = self.loop.time()
                 self._body_bytes += len(data)
@@ -139,8 +176,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 if size is None:
                     return
                 super().data_received(cast(bytes, view[start : start + size]))
-                if self._refusal is not None or self.transport.is_closing():
-                    return  # a 400 or a refusal ends the connection
+                if self._refusal is not None or self._last_head or self.transport.is_closing():
+                    return  # a 400, a refusal or an upgrade request ends the connection
                 if self.transport.get_protocol() is not self:
                     return  # upgraded to WebSocket: uvicorn passed the head on, as it does without us
                 start += size
@@ -150,19 +187,12 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             limits; ``None`` when they pass one (the refusal is under way)."""
             end = len(data)
             region = self._region
-            if region in (_BODY, _CHUNK_DATA, _CHUNK_END) and self._left > 0:
+            if region == _BODY and self._left > 0:
                 size = min(self._left, end - start)
                 self._left -= size
-                if region == _CHUNK_DATA and self._left == 0:
-                    self._region, self._left = _CHUNK_END, 2  # no callback marks the end of a chunk's data
                 return size
-            if region == _CHUNK_LINE:
-                newline = data.find(b"\n", start)
-                size = end - start if newline < 0 else newline + 1 - start
-                before = len(self._size_line)
-                self._size_line += data[start : start + size]
-                extensions = max(0, len(self._size_line) - _SIZE_LINE) - max(0, before - _SIZE_LINE)
-                return self._count(extensions, size)
+            if region in (_CHUNK_LINE, _CHUNK_DATA):
+                return self._chunks(data, start)
             # A head or a trailer section (or, as a fallback, any byte the regions above did not expect).
             if not self._line_begun and region != _TRAILERS:
                 first = _REQUEST_LINE.search(data, start)
@@ -179,6 +209,52 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 self._tail = (self._tail + data[max(start, end - 3) : end])[-3:]
             return self._count(size, size)
 
+        def _chunks(self, data: bytes, start: int) -> int | None:
+            """The chunks from ``start`` up to the end of the read or of the last, empty chunk, as
+            one region: httptools parses them in one call, with no Python step per small chunk and
+            no chunk callbacks; chunk-extension bytes are counted."""
+            end = len(data)
+            pos, meta = start, 0
+            if self._region == _CHUNK_DATA:
+                if self._left > end - pos:
+                    self._left -= end - pos
+                    return end - pos
+                pos += self._left
+            self._region = _CHUNK_LINE
+            while pos < end:
+                partial = self._size_line
+                if not partial:
+                    small = _SMALL_CHUNKS.match(data, pos)
+                    if small is not None:
+                        pos = small.end()
+                        if pos == end:
+                            break
+                newline = data.find(b"\n", pos)
+                stop = end if newline < 0 else newline + 1
+                before, after = len(partial), len(partial) + stop - pos
+                meta += max(0, after - _SIZE_LINE) - max(0, before - _SIZE_LINE)
+                if newline < 0:
+                    if meta + self._meta_bytes <= limits.max_header_bytes:
+                        self._size_line = partial + data[pos:end]
+                    pos = end
+                    break
+                if partial:
+                    digits = _CHUNK_SIZE.match(partial + data[pos:stop])
+                    self._size_line = b""
+                else:
+                    digits = _CHUNK_SIZE.match(data, pos, stop)
+                pos = stop
+                size = int(digits.group(), 16) if digits else 0  # no digits: httptools refuses the line
+                if not size:
+                    self._region, self._tail = _TRAILERS, b"\r\n"  # an empty trailer section is one more CRLF
+                    break
+                if size + 2 > end - pos:  # the chunk's data and the CRLF after it
+                    self._region, self._left = _CHUNK_DATA, size + 2 - (end - pos)
+                    pos = end
+                    break
+                pos += size + 2
+            return self._count(meta, pos - start)
+
         def _count(self, meta: int, size: int) -> int | None:
             self._meta_bytes += meta
             if self._meta_bytes > limits.max_header_bytes:
@@ -192,6 +268,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._headers_seen, self._head_done, self._content_length, self._chunked = 0, False, 0, False
 
         def on_header(self, name: bytes, value: bytes) -> None:
+            if self._refusal is not None:
+                return
             self._headers_seen += 1
             if self._headers_seen > limits.max_headers:
                 self._over_limit(_TOO_MANY)
@@ -218,23 +296,32 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 self._body_since = self._body_last = self.loop.time()
                 self._body_bytes = 0
                 self._arm(limits.body_timeout_s)
-            cap = limits.max_requests_in_flight
-            if cap is not None and len(self.tasks) >= cap:
-                self.scope["state"][OVER_CAPACITY] = True
             super().on_headers_complete()
+            if self.parser.should_upgrade() and self.transport.get_protocol() is self and not self._should_upgrade():
+                # An upgrade uvicorn does not make (not WebSocket): llhttp stops at the head and
+                # would parse what follows, the request's own body included, as a new request. The
+                # request is answered; the rest of the connection is never parsed, and it is closed.
+                self._last_head = True
+                self.cycle.keep_alive = False
 
-        def on_chunk_header(self) -> None:
-            digits = _CHUNK_SIZE.match(self._size_line)
-            size = int(digits.group(), 16) if digits else 0
-            self._size_line = b""
-            if size:
-                self._region, self._left = _CHUNK_DATA, size
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+            # The cap is checked when a request starts, not when its head arrives: a pipelined request
+            # starts when the one before it on this connection has answered, and that one's task
+            # (still finishing) is no request in flight.
+            cap = limits.max_requests_in_flight
+            if cap is not None:
+                before = self._running_task
+                in_flight = len(self.tasks) - (before is not None and before in self.tasks)
+                if in_flight >= cap:
+                    cycle.scope["state"][OVER_CAPACITY] = True
+            # uvicorn's own, keeping the task.
+            if self.config.reset_contextvars:
+                task = self.loop.create_task(cycle.run_asgi(app), context=contextvars.Context())
             else:
-                self._region, self._tail = _TRAILERS, b"\r\n"  # an empty trailer section is one more CRLF
-
-        def on_chunk_complete(self) -> None:
-            if self._region == _CHUNK_END:
-                self._region = _CHUNK_LINE
+                task = self.loop.create_task(cycle.run_asgi(app))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+            self._running, self._running_task = cycle, task
 
         def on_message_complete(self) -> None:
             # What follows is the next request's head, whether or not the parser has seen its first byte.
@@ -256,24 +343,50 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             # SIGTERM: a request whose body is still arriving cannot be answered in time; cut it
             # off now rather than let it hold the drain until the graceful timeout cancels it.
             if self._in_body and not self.transport.is_closing():
-                self.transport.close()
+                self._close()
             super().shutdown()
 
         # --- deadlines ----------------------------------------------------------------------
+        def _answers_owed(self) -> bool:
+            """Whether a request of this connection is running or waits its turn."""
+            running = self._running
+            return bool(self.pipeline) or (running is not None and not running.response_complete)
+
         def _await_next_head(self) -> None:
             """Once nothing is in flight: send the refusal owed, or give the next head its deadline."""
-            if self.transport.is_closing():
-                return
-            if self._in_body or (self.cycle is not None and not self.cycle.response_complete):
+            if self._in_body or self._answers_owed():
                 # uvicorn has started the next pipelined request, or a body is still arriving (on
                 # the body's own deadline): no head deadline may cut them.
+                return
+            if self.transport.is_closing():
+                self._watch_drain()
                 return
             if self._refusal is not None:
                 self._send_refusal()
                 return
             # The next request's head must start within the keep-alive timeout (uvicorn closes the
-            # connection otherwise) and end within the head timeout.
-            self._arm(limits.header_timeout_s + self.timeout_keep_alive)
+            # connection otherwise) and end within the head timeout; an answer not yet taken by
+            # the client must make progress within the same time (see _expired).
+            self._unsent = self.transport.get_write_buffer_size()
+            self._arm(self._idle_s())
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if not self._in_body:  # (a body has its own deadline, and the answer is rarely first)
+                self._watch_drain()  # a request in flight may wait for the client to read
+
+        def _idle_s(self) -> float:
+            return limits.header_timeout_s + self.timeout_keep_alive
+
+        def _watch_drain(self) -> None:
+            """A closing connection whose answer the client has not taken yet: the drain deadline."""
+            self._unsent = self.transport.get_write_buffer_size()
+            if self._unsent:
+                self._arm(self._idle_s())
+
+        def _close(self) -> None:
+            self.transport.close()  # it sends what it holds first: bounded by the drain deadline
+            self._watch_drain()
 
         def _arm(self, seconds: float) -> None:
             self._disarm()
@@ -286,11 +399,23 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def _expired(self) -> None:
             self._deadline = None
-            if self.transport.is_closing():
-                return
             if not self._in_body:
-                if self.cycle is None or self.cycle.response_complete:
+                if self._answers_owed() and not self.flow.write_paused:
+                    return  # a request in flight is never cut by a head deadline
+                unsent = self.transport.get_write_buffer_size()
+                if unsent and unsent < self._unsent:
+                    # The client takes its answer, however slowly: it gets another period.
+                    self._unsent = unsent
+                    self._arm(self._idle_s())
+                elif unsent:
+                    # The client took nothing of its answers for a whole period: close() would wait
+                    # for it for ever, holding them (megabytes) and the connection, and a request
+                    # whose answer waits for the transport to drain would stay in flight for ever.
+                    self.transport.abort()
+                elif not self._answers_owed() and not self.transport.is_closing():
                     self.transport.close()  # no whole head in time, and no request in flight
+                return
+            if self.transport.is_closing():
                 return
             now = self.loop.time()
             if self.flow.read_paused:
@@ -319,31 +444,40 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             # order), so it may be owed for a while; nothing more of the connection is read.
             self._refusal = response
             self._disarm()
-            if self.cycle is None or self.cycle.response_complete:
+            if not self._answers_owed():
                 self._send_refusal()
 
         def _send_refusal(self) -> None:
             self._disarm()
             if self._refusal is not None and not self.transport.is_closing():
                 self.transport.write(self._refusal)
-                self.transport.close()
+                self._close()
 
         def _cut(self, response: bytes, status: int) -> None:
             """End the request whose body or trailers are arriving: with ``response`` while its own
-            answer has not begun and none is owed before it, else by closing the connection."""
+            answer has not begun, after the answers owed before it, else by closing the connection."""
             self._disarm()
             self._in_body = False
             if self.transport.is_closing():
                 return
             cycle = self.cycle
-            if cycle is not None and not cycle.response_started and not self.pipeline:
+            queued = [entry for entry in self.pipeline if entry[0] is cycle]
+            if queued:
+                # It waits behind a request in flight (both came in one read): it never runs, and
+                # its refusal is owed after the answers before it, as a head's is.
+                self.pipeline.remove(queued[0])
+                self._refusal = response
+                if not self._answers_owed():
+                    self._send_refusal()
+                return
+            if cycle is not None and not cycle.response_started:
                 # The app sees a disconnect and its answer, if any, is dropped: this one replaces it.
                 # The request middleware counts ``status`` for it, not the 499 of a client that left.
                 cycle.scope["state"][CUT_STATUS] = status
                 cycle.disconnected = True
                 cycle.message_event.set()
                 self.transport.write(response)
-            self.transport.close()
+            self._close()
 
     return GuardedHttpToolsProtocol
 
