@@ -9,7 +9,8 @@ batcher's own: queueing, planning, answering. Token lengths are drawn from 4..64
 short queries are; the batch budget is the GPU default (16,384 tokens, 128 inputs), where a fast
 encoder makes planning matter most.
 
-"old" is the batcher at git HEAD (``git show HEAD:encoder/batcher.py`` loaded as a module), which
+"old" is the batcher before the incremental planner: ``encoder/batcher.py`` and
+``encoder/packing.py`` as they were at commit b557e08 (``git show``, loaded as modules), which
 re-sorted and re-planned the whole queue for every batch (and scanned it for every new caller);
 "new" is the working tree's. Each run is a child process of its own (same imports, so the same
 heap for the garbage collector to walk), killed after ``--old-limit`` seconds for the old one:
@@ -75,19 +76,40 @@ class Counted:
         pass
 
 
-def _old_module() -> ModuleType:
-    source = subprocess.run(
-        ["git", "show", "HEAD:encoder/batcher.py"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    path = Path(tempfile.mkdtemp(prefix="bench-planning-")) / "old_batcher.py"
+# The last commit whose batcher re-planned the whole queue for every batch: the baseline.
+OLD_COMMIT = "b557e08"
+
+
+def _load(name: str, source: str, folder: Path) -> ModuleType:
+    path = folder / f"{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("old_batcher", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["old_batcher"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _old_module() -> ModuleType:
+    """The batcher of :data:`OLD_COMMIT`, importing that commit's ``encoder.packing`` (the rest of
+    ``encoder``, the model and output kinds, is the working tree's: the bench uses neither)."""
+
+    def show(path: str) -> str:
+        return subprocess.run(
+            ["git", "show", f"{OLD_COMMIT}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+
+    import encoder.packing as current_packing
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-planning-"))
+    old_packing = _load("old_packing", show("encoder/packing.py"), folder)
+    sys.modules["encoder.packing"] = old_packing  # what the old batcher's ``from encoder.packing`` gets
+    try:
+        return _load("old_batcher", show("encoder/batcher.py"), folder)
+    finally:
+        sys.modules["encoder.packing"] = current_packing
 
 
 async def _serve(module: ModuleType, callers: int, seed: int) -> dict[str, Any]:

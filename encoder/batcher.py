@@ -17,7 +17,9 @@ compute count, and a caller is known only while it has queued inputs: one that r
 
 Also here, because they are properties of the queue rather than of HTTP:
 
-* identical texts in flight are computed once (later callers wait for the first one's input);
+* identical texts in flight are computed once (later callers wait for the first one's input); a
+  queued input moves to a joining caller's flow when it would be served sooner there, and to a
+  remaining caller's when its own leaves, so sharing never makes a caller wait past its own turn;
 * an input whose every waiter was cancelled (its client left) leaves the queue before compute;
 * past ``max_queue_tokens`` queued tokens new work is refused with :class:`QueueFullError`;
 * a batch that runs out of memory is split in halves and retried; only an input that fails
@@ -43,13 +45,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from typing import Protocol, cast
 
 import torch
 
 from encoder.kinds import OutputKind, Outputs
 from encoder.model import Encoder
-from encoder.packing import BatchQueue, QueuedInput, default_max_batch_tokens
+from encoder.packing import BatchQueue, Flow, QueuedInput, default_max_batch_tokens
 
 __all__ = [
     "BatchObserver",
@@ -69,6 +72,10 @@ DENSE_ONLY = frozenset({OutputKind.DENSE})
 # the event loop nor flood the log, and a one-off crash should cost its callers little.
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 5.0
+# When the caller whose flow holds a shared queued input leaves, the input moves to the flow of
+# whichever of (at most) this many remaining waiters would be served soonest: a bounded look, so a
+# text thousands of callers wait for costs no more per cancellation.
+_REHOME_CANDIDATES = 16
 
 
 class QueueFullError(RuntimeError):
@@ -132,10 +139,11 @@ class _Call:
     100,000 queued callers went from about 10 s to about 5 s on 2 cores.)
     """
 
-    __slots__ = ("future", "missing")
+    __slots__ = ("flow", "future", "missing")
 
-    def __init__(self, future: asyncio.Future[None]) -> None:
+    def __init__(self, future: asyncio.Future[None], flow: Flow) -> None:
         self.future = future
+        self.flow = flow  # its share of the queue: where an input it waits for may move
         self.missing = 0  # its distinct inputs not yet answered
 
     def answered(self) -> None:
@@ -202,6 +210,13 @@ class _Item(QueuedInput):
     def waiters(self) -> list[_Call]:
         calls = [] if self.first is None else [self.first]
         return calls + list(self.more) if self.more else calls
+
+    def some_waiters(self, most: int) -> list[_Call]:
+        """Up to ``most`` of its waiters, the earliest first (a bounded look, however many wait)."""
+        calls = [] if self.first is None else [self.first]
+        if self.more:
+            calls.extend(islice(self.more, most - len(calls)))
+        return calls
 
 
 class MicroBatcher:
@@ -333,13 +348,16 @@ class MicroBatcher:
             raise QueueFullError(self._queue_tokens, self.max_queue_tokens, retry_after)
         loop = asyncio.get_running_loop()
         flow = self._queue.flow(tenant)  # takes part in fairness only if an input of its own queues
-        call = _Call(loop.create_future())
+        call = _Call(loop.create_future(), flow)
         items: list[_Item] = []
         joined = 0
         for text, ids in zip(texts, token_ids, strict=True):
             item = in_flight.get((kinds, text))
             if item is not None and item.wanted and not item.done:
                 item.join(call)
+                # Served no later than if this caller had queued it: it moves to this caller's
+                # flow when it would start sooner there (a query equal to a bulk ingest's last text).
+                self._queue.join(item, flow)
                 joined += 1
             else:
                 item = _Item(text, ids if type(ids) is list else list(ids), kinds, call)
@@ -365,9 +383,16 @@ class MicroBatcher:
     def _withdraw(self, item: _Item, call: _Call) -> bool:
         """``call`` stops waiting for ``item``; if nobody waits any more and it is still queued, it
         leaves the queue at once, never computed (True). One already in a batch is computed and
-        its result discarded."""
+        its result discarded. One still queued that others wait for, held in ``call``'s flow,
+        moves to one of theirs: the leaver's flow is neither charged for it nor sets its pace."""
         item.leave(call)
-        if item.wanted or item.done or not self._queue.remove(item):
+        if item.done or not item.queued:
+            return False
+        if item.wanted:
+            if item.flow is call.flow:  # its flow's caller left: it moves to a remaining caller's
+                self._queue.rehome(item, [waiter.flow for waiter in item.some_waiters(_REHOME_CANDIDATES)])
+            return False
+        if not self._queue.remove(item):
             return False
         self._done_with(item)
         return True

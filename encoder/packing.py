@@ -68,12 +68,15 @@ class QueuedInput:
     """One input of ``length`` tokens, as a :class:`BatchQueue` holds it. Callers subclass it to
     carry their own fields (one object per input: a long queue is mostly these)."""
 
-    __slots__ = ("flow", "length", "state")
+    __slots__ = ("flow", "length", "state", "tag")
 
     def __init__(self, length: int) -> None:
         self.length = length
         self.state = _QUEUED
-        self.flow: Flow | None = None  # set by BatchQueue.add
+        self.flow: Flow | None = None  # set by BatchQueue.add; changed by BatchQueue.move
+        # Its flow's served + queued tokens when it was added: the flow's virtual time at which it
+        # starts, so ``tag - flow.served`` estimates the flow's tokens still ahead of it.
+        self.tag = 0
 
     @property
     def queued(self) -> bool:
@@ -91,18 +94,20 @@ class Flow:
     inputs: a caller whose inputs were all deduplicated, taken or withdrawn leaves no trace.
     """
 
-    __slots__ = ("cursor", "first", "group", "more", "queued", "seq", "served", "tenant", "version")
+    __slots__ = ("cursor", "first", "group", "more", "queued", "seq", "served", "tenant", "tokens", "version")
 
     def __init__(self, tenant: str, seq: int) -> None:
         self.tenant = tenant
         self.seq = seq
         self.served = 0  # tokens taken for compute since it was registered: its virtual time
         self.queued = 0  # its inputs still queued
+        self.tokens = 0  # their tokens
         self.version = 0  # bumped whenever it is re-ranked: older heap entries are stale
         self.group: _Tenant | None = None  # its tenant's registration, while it has queued inputs
         # Its inputs in arrival order: the first alone (most callers send one text, and a list
         # each would be that many more objects to allocate and collect), the rest in a list with a
-        # cursor before which none is queued.
+        # cursor before which none is queued. An input moved to another flow (BatchQueue.move)
+        # stays here, skipped: an entry counts only while its input is queued *and* in this flow.
         self.first: QueuedInput | None = None
         self.more: list[QueuedInput] | None = None
         self.cursor = 0
@@ -112,7 +117,7 @@ class Flow:
         return self.group is not None
 
     def forget(self) -> None:
-        self.group, self.first, self.more, self.cursor, self.queued = None, None, None, 0, 0
+        self.group, self.first, self.more, self.cursor, self.queued, self.tokens = None, None, None, 0, 0, 0
 
 
 @dataclass(eq=False, slots=True)
@@ -123,6 +128,7 @@ class _Tenant:
     seq: int
     served: int
     queued: int = 0
+    tokens: int = 0  # of its queued inputs
     version: int = 0
     registered: bool = True
     flows: int = 0  # registered flows
@@ -130,7 +136,8 @@ class _Tenant:
 
 
 class _Run:
-    """Queued inputs of one flow and one length beyond the first, oldest first."""
+    """Queued inputs of one flow and one length beyond the first, oldest first (an input moved
+    away and back appears twice: the first entry found takes it, the other is then skipped)."""
 
     __slots__ = ("cursor", "inputs", "live")
 
@@ -219,6 +226,13 @@ class BatchQueue(Generic[Q]):
 
     Inputs are charged when taken, not when their pass ends, so that a caller planning the next
     batch while the current one runs (a pipelined engine) already sees the order it should.
+
+    Shared inputs (the micro-batcher computes identical texts once): an input belongs to one flow,
+    charged when it is taken, but other callers may wait for it. :meth:`join` moves it to a joining
+    caller's flow when it would start sooner there than where it is, so that joining never makes a
+    caller wait longer than its own turn (a query equal to the last text of a bulk ingest is served
+    at the query's pace, not the ingest's); :meth:`rehome` moves it to one of the callers still
+    waiting when its flow's caller leaves. Both cost O(log n), like :meth:`add`.
     """
 
     def __init__(self, max_batch_tokens: int, max_batch_size: int) -> None:
@@ -245,6 +259,7 @@ class BatchQueue(Generic[Q]):
         """Queue ``item`` for ``flow``; O(log n)."""
         tenant = flow.group if flow.group is not None else self._register(flow)
         item.flow = flow
+        item.tag = flow.served + flow.tokens
         length = item.length
         bucket = self._buckets.get(length)
         if bucket is None:
@@ -268,7 +283,9 @@ class BatchQueue(Generic[Q]):
         else:
             flow.more.append(item)
         flow.queued += 1
+        flow.tokens += length
         tenant.queued += 1
+        tenant.tokens += length
         self._queued += 1
 
     def remove(self, item: Q) -> bool:
@@ -276,6 +293,69 @@ class BatchQueue(Generic[Q]):
         if item.state != _QUEUED:
             return False
         item.state = _REMOVED
+        self._detach(item)
+        return True
+
+    def move(self, item: Q, flow: Flow) -> bool:
+        """Move queued ``item`` to ``flow``, as its newest input (True if it moved); O(log n).
+
+        Its old flow is no longer charged for it nor waits for it (and is forgotten if that was its
+        last queued input); ``flow`` is registered if it was not.
+        """
+        if item.state != _QUEUED or item.flow is flow:
+            return False
+        self._detach(item)
+        self.add(item, flow)
+        return True
+
+    def join(self, item: Q, flow: Flow) -> bool:
+        """``flow``'s caller waits for queued ``item`` too (an identical input it did not queue
+        again): move ``item`` to ``flow`` if it would start sooner there (True); O(log n)."""
+        if item.state != _QUEUED or item.flow is flow or self._start_in(flow) >= self._start(item):
+            return False
+        return self.move(item, flow)
+
+    def rehome(self, item: Q, flows: Sequence[Flow]) -> bool:
+        """Move queued ``item`` to whichever of ``flows`` (the callers still waiting for it, once its
+        own flow's caller has left) it would start soonest in (True if it moved); O(len(flows) log n).
+        """
+        if item.state != _QUEUED:
+            return False
+        best: Flow | None = None
+        soonest = 0
+        for flow in flows:
+            if flow is item.flow:
+                continue
+            start = self._start_in(flow)
+            if best is None or start < soonest:
+                best, soonest = flow, start
+        return best is not None and self.move(item, best)
+
+    def _start(self, item: QueuedInput) -> int:
+        """Estimated tenant-level virtual time at which queued ``item`` starts where it is: its
+        tenant's served count plus the tokens of its tenant ahead of it (its flow's, times the
+        tenant's flows taking turns with it, at most all the tenant's)."""
+        flow = item.flow
+        assert flow is not None
+        tenant = flow.group
+        assert tenant is not None, "a queued input's flow is registered"
+        ahead = min(max(0, item.tag - flow.served), flow.tokens - item.length)
+        return tenant.served + min(tenant.tokens - item.length, ahead * tenant.flows)
+
+    def _start_in(self, flow: Flow) -> int:
+        """The same estimate for an input appended to ``flow`` now (registering it if needed)."""
+        tenant = flow.group
+        if tenant is not None:
+            return tenant.served + min(tenant.tokens, flow.tokens * tenant.flows)
+        tenant = self._tenants.get(flow.tenant)
+        if tenant is not None:  # a new flow starts as the neediest of its tenant's
+            return tenant.served
+        least, dropped = _top(self._heap)  # a new tenant starts as the neediest
+        self.examined += dropped
+        return least.served if least is not None else 0
+
+    def _detach(self, item: QueuedInput) -> None:
+        """Take queued ``item`` out of its bucket and its flow's and tenant's counts."""
         flow = item.flow
         assert flow is not None
         tenant = flow.group
@@ -293,7 +373,6 @@ class BatchQueue(Generic[Q]):
                     del self._buckets[item.length]
                     del self._lengths[bisect_left(self._lengths, item.length)]
         self._unqueue(item)
-        return True
 
     def take(self) -> list[Q]:
         """Plan and dequeue the next batch, longest input first ([] when nothing is queued)."""
@@ -343,15 +422,18 @@ class BatchQueue(Generic[Q]):
         """``flow``'s oldest queued input (a registered flow has one)."""
         first = flow.first
         if first is not None:
-            if first.state == _QUEUED:
+            if first.state == _QUEUED and first.flow is flow:
                 return first
             flow.first = None
         more = flow.more
         assert more is not None, "a registered flow has a queued input"
-        while more[flow.cursor].state != _QUEUED:  # taken into other flows' batches, or withdrawn
-            flow.cursor += 1
+        cursor = flow.cursor
+        # Skip inputs taken into other flows' batches, withdrawn, or moved to another flow.
+        while more[cursor].state != _QUEUED or more[cursor].flow is not flow:
+            cursor += 1
             self.examined += 1
-        return more[flow.cursor]
+        flow.cursor = cursor
+        return more[cursor]
 
     def _register(self, flow: Flow) -> _Tenant:
         tenant = self._tenants.get(flow.tenant)
@@ -412,7 +494,7 @@ class BatchQueue(Generic[Q]):
             item = inputs[held.cursor]
             held.cursor += 1
             self.examined += 1
-            if item.state == _QUEUED:
+            if item.state == _QUEUED and item.flow is flow:
                 held.live -= 1
                 room -= 1
                 self._taken(item, plan)
@@ -441,7 +523,9 @@ class BatchQueue(Generic[Q]):
         tenant = flow.group
         assert tenant is not None
         flow.queued -= 1
+        flow.tokens -= item.length
         tenant.queued -= 1
+        tenant.tokens -= item.length
         if not flow.queued:
             flow.forget()
             tenant.flows -= 1

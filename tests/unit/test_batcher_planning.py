@@ -124,3 +124,87 @@ def test_tenants_take_turns_and_a_returning_tenant_starts_at_its_peers_count() -
     owners = [{item.owner for item in batch} for batch in _drain(queue)[:4]]
     # b starts at a's count (not at 0, which would give it every batch until it caught up).
     assert owners == [{"a"}, {"b"}, {"a"}, {"b"}], owners
+
+
+# --- shared inputs: join, rehome, move -------------------------------------------------------------
+
+
+def _bulk_with_a_shared_last_input(queue: BatchQueue[_Input]) -> tuple[_Input, list[_Input]]:
+    bulk = queue.flow("bulk")
+    items = [_Input(3, "bulk") for _ in range(40)]
+    shared = _Input(3, "shared")
+    for item in [*items, shared]:
+        queue.add(item, bulk)
+    queue.take()  # bulk has been served a little
+    return shared, items
+
+
+def test_an_input_joined_by_a_needier_caller_moves_to_its_flow_and_is_served_at_its_pace() -> None:
+    queue: BatchQueue[_Input] = BatchQueue(1000, 2)
+    shared, _ = _bulk_with_a_shared_last_input(queue)
+    searcher = queue.flow("searcher")
+    assert queue.join(shared, searcher)
+    assert shared.flow is searcher
+    assert not queue.join(shared, searcher)  # already there
+    batches = _drain(queue)
+    served_at = next(index for index, batch in enumerate(batches) if shared in batch)
+    assert served_at <= 1, served_at  # one bulk batch at most, not the whole ingest (20 batches)
+    assert sum(len(batch) for batch in batches) == 39  # 41 queued, a batch of 2 taken before: each once
+    assert len(queue) == 0
+
+
+def test_an_input_is_not_moved_to_a_caller_that_would_be_served_later() -> None:
+    queue: BatchQueue[_Input] = BatchQueue(1000, 2)
+    query = _Input(3, "query")
+    queue.add(query, queue.flow("searcher"))
+    bulk = queue.flow("bulk")
+    for _ in range(40):
+        queue.add(_Input(3, "bulk"), bulk)
+    assert not queue.join(query, bulk)  # it would be last of 41 there
+    owners = [item.owner for item in _drain(queue)[0]]
+    assert "query" in owners, owners
+
+
+def test_a_shared_input_whose_caller_left_moves_to_the_neediest_remaining_waiter() -> None:
+    queue: BatchQueue[_Input] = BatchQueue(1000, 2)
+    owner = queue.flow("owner")
+    shared = _Input(3, "shared")
+    queue.add(shared, owner)
+    later = queue.flow("owner")
+    for _ in range(30):
+        queue.add(_Input(3, "later"), later)
+    busy, idle = queue.flow("busy"), queue.flow("idle")
+    for _ in range(30):
+        queue.add(_Input(3, "busy"), busy)
+    assert queue.rehome(shared, [owner, busy, idle])  # the owner left: not a candidate
+    assert shared.flow is idle
+    assert not queue.rehome(shared, [idle])
+    taken = [item for batch in _drain(queue) for item in batch]
+    assert len(taken) == 61 and len(set(map(id, taken))) == 61
+
+
+def test_an_input_moved_away_and_back_is_taken_once_and_counts_stay_right() -> None:
+    rng = random.Random(5)
+    queue: BatchQueue[_Input] = BatchQueue(64, 4)
+    flows = [queue.flow(tenant) for tenant in ("a", "a", "b", "c")]
+    items = [_Input(rng.choice([4, 8, 16]), str(index)) for index in range(200)]
+    for item in items:
+        queue.add(item, rng.choice(flows))
+    removed = set()
+    taken: list[_Input] = []
+    for step in range(600):
+        item = rng.choice(items)
+        if step % 50 == 49:
+            taken += queue.take()
+        elif step % 7 == 0 and item.queued:
+            assert queue.remove(item)
+            removed.add(id(item))
+        else:
+            queue.move(item, rng.choice(flows))  # back and forth: stale entries in runs and lists
+    taken += [item for batch in _drain(queue) for item in batch]
+    assert len(queue) == 0
+    assert len(set(map(id, taken))) == len(taken) == len(items) - len(removed)
+    assert not any(item.queued for item in items)
+    assert all(id(item) not in removed for item in taken)
+    for flow in flows:
+        assert not flow.registered and flow.queued == 0 and flow.tokens == 0

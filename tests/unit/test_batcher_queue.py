@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoder.batcher import BatcherEvent, BatchReport, MicroBatcher, WorkerCrashedError
+from encoder.batcher import DENSE_ONLY, BatcherEvent, BatchReport, MicroBatcher, WorkerCrashedError
 from encoder.kinds import Outputs
 from tests.gates import Recorder
 
@@ -277,5 +277,53 @@ async def test_a_planner_that_keeps_failing_backs_off_fails_the_queue_and_recove
         assert batcher.running
         assert batcher.queue_tokens == 0
         assert batcher.in_flight == 0
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_shared_input_moves_to_a_waiting_caller_when_its_own_caller_leaves() -> None:
+    encoder = _FreeEncoder(stepped=True)
+    batcher = await _started(encoder, max_batch_size=2)
+    try:
+        blocker = await _hold(batcher, encoder)
+        owner = asyncio.create_task(_call(batcher, "x", ["shared"]))
+        await _until(lambda: batcher.queue_tokens == 3 + 3)
+        bulk = asyncio.create_task(_call(batcher, "b", [*(f"b{i}" for i in range(20)), "shared"]))
+        await _until(lambda: _seen(batcher).events[BatcherEvent.DEDUPLICATED] == 1)
+        shared = batcher._in_flight[(DENSE_ONLY, "shared")]
+        assert shared.flow is not None
+        assert shared.flow.tenant == "x"  # x is served sooner: it stays x's
+        owner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await owner
+        assert shared.queued
+        assert shared.flow.tenant == "b"  # x left: neither charged for it nor setting its pace
+        assert _seen(batcher).events[BatcherEvent.DROPPED] == 0
+        assert encoder.permits is not None
+        encoder.permits.release(100)
+        answers = await asyncio.wait_for(bulk, 10)
+        await asyncio.wait_for(blocker, 10)
+        assert len(answers) == 21
+        assert sum(len(batch) for batch in encoder.batches) == 1 + 21  # each input computed once
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.anyio
+async def test_a_query_equal_to_a_bulk_requests_last_text_is_served_at_the_querys_pace() -> None:
+    encoder = _FreeEncoder(stepped=True)
+    batcher = await _started(encoder, max_batch_size=2)
+    try:
+        blocker = await _hold(batcher, encoder)
+        bulk = asyncio.create_task(_call(batcher, "b", [*(f"b{i}" for i in range(40)), "common"]))
+        await _until(lambda: batcher.queue_tokens == 3 + 41 * 3)
+        query = asyncio.create_task(_call(batcher, "x", ["common"]))
+        await _until(lambda: _seen(batcher).events[BatcherEvent.DEDUPLICATED] == 1)
+        assert encoder.permits is not None
+        encoder.permits.release(4)  # the blocker and three passes
+        await asyncio.wait_for(query, 3)  # done within them, not after twenty of b's
+        encoder.permits.release(100)
+        await asyncio.wait_for(asyncio.gather(bulk, blocker), 10)
     finally:
         await batcher.stop()
