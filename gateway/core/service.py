@@ -46,7 +46,9 @@ Guard = Callable[[Awaitable[list[Outputs]]], Awaitable[list[Outputs]]]
 # Raised whenever a fix changes which vector some text gets: every entry written by an older version
 # is then in another namespace, never read again, and expires with its TTL. 2: texts with few tokens
 # per character were cut before tokenising (a prefix's vector, cached under the whole text's key).
-CACHE_GENERATION = 2
+# 3: a word without spaces took its tokens 256 characters before a cut as final (a WordPiece word
+# of zero-width characters, a Unigram run of one character), so some long texts got a wrong vector.
+CACHE_GENERATION = 3
 
 
 def cache_namespace(

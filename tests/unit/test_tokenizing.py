@@ -6,11 +6,11 @@ import random
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from encoder import Encoder
 from encoder.model import InputTooLongError
-from encoder.tokenizing import TooManyTokens, tokenize_exact
+from encoder.tokenizing import TooManyTokens, tokenize_exact, words_are_local
 
 
 def _adversarial(seed: int) -> list[str]:
@@ -24,9 +24,37 @@ def _adversarial(seed: int) -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="module", params=["minilm", "tiny-bge-m3"])
+def _byte_level_bpe(*, opaque: bool = False) -> PreTrainedTokenizerFast:
+    """A GPT-2-style tokenizer (byte-level BPE, the regex pre-tokeniser with one character of
+    look-ahead) trained here on the adversarial texts; ``opaque`` adds a normaliser step whose
+    reach is unbounded (a regex that may span words), so words cannot be taken as final."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    if opaque:
+        tokenizer.normalizer = normalizers.Replace(Regex("cat.*dog"), "pet")
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_adversarial(seed=7) * 3, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="module", params=["minilm", "tiny-bge-m3", "byte-level-bpe", "opaque-normaliser"])
 def tokenizer(request: pytest.FixtureRequest, minilm_dir: Path, tiny_bge_m3_dir: Path):  # type: ignore[no-untyped-def]
+    if request.param in ("byte-level-bpe", "opaque-normaliser"):
+        return _byte_level_bpe(opaque=request.param == "opaque-normaliser")
     return AutoTokenizer.from_pretrained(str(minilm_dir if request.param == "minilm" else tiny_bge_m3_dir))
+
+
+def test_words_are_taken_as_final_only_for_pipelines_that_cannot_reach_back(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    opaque = isinstance(tokenizer.backend_tokenizer.normalizer, object) and "cat.*dog" in str(
+        tokenizer.backend_tokenizer.normalizer.__getstate__()
+    )
+    assert words_are_local(tokenizer) is not opaque
+    text = "cat " + "x " * 400 + "dog"  # the opaque normaliser turns all of it into "pet"
+    whole = tokenizer(text, truncation=True, max_length=16)["input_ids"]
+    assert tokenize_exact(tokenizer, [text], max_tokens=16, truncate=True, piece_chars=40, max_read=10**7) == [whole]
 
 
 @pytest.mark.parametrize("truncate", [True, False])
@@ -54,3 +82,35 @@ def test_an_input_undecided_after_the_read_limit_is_refused_not_cut(minilm_encod
         assert "the most this server reads of one input" in info.value.describe()
     fits = "hello" + " " * 20_000 + "world"  # 2 tokens in 20,010 characters: tokenised whole, exactly
     assert minilm_encoder.tokenize([fits], truncate=False) == [minilm_encoder.tokenizer(fits)["input_ids"]]
+
+
+def test_one_open_word_is_tokenised_to_its_end_within_a_token_budget(tiny_bge_m3_dir: Path) -> None:
+    """SentencePiece segments a run without spaces as one word, and no cut inside it is sound, so it
+    is read to its end: exactly, while it fits the token budget; refused, never cut, past it (a run of
+    characters that NFKC expands, like U+FDFA eighteen-fold, once cost 6.5 GB for a 3 MB input)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bge_m3_dir))
+    calls: list[int] = []
+
+    class Counting:
+        def __call__(self, text: str, **kwargs: object) -> object:
+            calls.append(len(text))
+            return tokenizer(text, **kwargs)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(tokenizer, name)
+
+    run = "a " + "\u72d0\u72f8" * 3_000  # Chinese without spaces: one Metaspace word
+    whole = tokenizer(run, truncation=True, max_length=32)["input_ids"]
+    exact = tokenize_exact(
+        Counting(), [run], max_tokens=32, truncate=True, piece_chars=64, max_read=10**6, budget=10**5
+    )
+    assert exact == [whole]
+
+    calls.clear()
+    expanding = "a " + "\u33af" * 200_000  # NFKC makes "rad\u2215s" + "2" of each, no space
+    got = tokenize_exact(
+        Counting(), [expanding], max_tokens=32, truncate=True, piece_chars=64, max_read=10**6, budget=4_096
+    )
+    assert isinstance(got, TooManyTokens) and got.open_word and got.unread is not None
+    assert got.tokens >= 4_096
+    assert max(calls) < 2_000, f"read {calls} characters, far past the budget's worth"
