@@ -492,12 +492,13 @@ class RateLimiter:
         if rl:
             pending = view.pending_requests + requests
             rv = min(rl, view.requests + age * rl / WINDOW_S) - view.sending_requests - pending
-            if rv < self.near * rl or pending > self.unsettled * rl:
+            # Usage on its way to Redis (a settling call in flight) is still unsettled: counted too.
+            if rv < self.near * rl or view.sending_requests + pending > self.unsettled * rl:
                 return None
         if tl:
             pending = view.pending_tokens + tokens
             tv = min(tl, view.tokens + age * tl / WINDOW_S) - view.sending_tokens - pending
-            if tv < self.near * tl or pending > self.unsettled * tl:
+            if tv < self.near * tl or view.sending_tokens + pending > self.unsettled * tl:
                 return None
         return rv, tv
 

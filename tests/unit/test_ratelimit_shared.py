@@ -281,3 +281,18 @@ async def test_waiting_for_a_connection_is_no_redis_failure(
         assert _level(client, "flood", "tokens") <= 1_000_000 - 400 + 1000  # all of them reached Redis
     finally:
         await limiter.close()
+
+
+@pytest.mark.anyio
+async def test_usage_on_its_way_to_redis_counts_against_the_unsettled_share(limiters) -> None:  # type: ignore[no-untyped-def]
+    """A settling call in flight carries this replica's unsettled usage; while it has not answered,
+    that usage is still unsettled, so the replica may not take another full share locally (which
+    let two replicas pass a limit by 10% each, not the documented 5%)."""
+    limiter = limiters[0]
+    key = ApiKey(key="k", name="inflight", requests_per_minute=1_000_000, tokens_per_minute=100_000)
+    assert (await limiter.admit(key)).admitted  # Redis answered: a fresh view, far from the limit
+    view = limiter._views["inflight"]
+    share = int(limiter.unsettled * 100_000)
+    assert limiter._local_far(key, requests=0, tokens=share // 2) is not None  # far: taken locally
+    view.sending_tokens, view.pending_tokens = view.pending_tokens, 0  # as a settling round does
+    assert limiter._local_far(key, requests=0, tokens=share) is None, "another whole share, unsettled"
