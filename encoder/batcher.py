@@ -41,13 +41,14 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from typing import Protocol, cast
 
+import numpy as np
 import torch
 
 from encoder.kinds import OutputKind, Outputs
@@ -236,15 +237,19 @@ class MicroBatcher:
         max_batch_size: int = 128,
         max_queue_tokens: int = 2_000_000,
         observer: BatchObserver | None = None,
+        pipeline_depth: int = 2,
     ) -> None:
+        if pipeline_depth not in (1, 2):
+            raise ValueError(f"pipeline_depth is 1 or 2, not {pipeline_depth}")
         self.encoder = encoder
+        self.pipeline_depth = pipeline_depth
         self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(encoder.torch_device.type)
         self.max_batch_size = max_batch_size
         self.max_queue_tokens = max_queue_tokens
         self.observer: BatchObserver = observer or _Unobserved()
         self._queue_tokens = 0
         self._queue: BatchQueue[_Item] = BatchQueue(self.max_batch_tokens, self.max_batch_size)
-        self._window: list[_Item] = []  # the batch the worker holds now: failed together if it crashes
+        self._passes: list[_Pass] = []  # handed to the forward thread, not yet finished: failed if it crashes
         self._in_flight: dict[tuple[frozenset[OutputKind], str], _Item] = {}
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -253,6 +258,7 @@ class MicroBatcher:
         # One forward thread: parallel passes would only fight over the same cores or GPU.
         self._forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
         self._tokens_per_second = 3000.0  # refined from measurements; sizes Retry-After
+        self._pass_times = _PassTimes()  # how long a pass of a size takes: how long the next batch may form
         self.summary_interval_s = 60.0
         self._summary = _Summary()
 
@@ -275,6 +281,12 @@ class MicroBatcher:
     def planning_work(self) -> int:
         """Queued inputs, lengths and heap entries the planner has looked at so far (a work count)."""
         return self._queue.examined
+
+    @property
+    def passes_in_flight(self) -> int:
+        """Passes handed to the forward thread and not yet answered: the one running, and (pipelined)
+        the next, waiting behind it."""
+        return len(self._passes)
 
     @property
     def in_flight(self) -> int:
@@ -428,6 +440,13 @@ class MicroBatcher:
                 self._backoff_s = min(_BACKOFF_MAX_S, 2 * self._backoff_s)
 
     async def _run(self) -> None:
+        """Keep the forward thread fed: while pass N runs, batch N+1 forms, is taken and is queued
+        behind it (``pipeline_depth`` 2), so the device goes from one pass to the next without
+        waiting for the event loop to answer pass N's callers and plan again. Only while a pass is
+        in flight may the next batch linger for more inputs, and only until that pass is about to
+        end; an idle device takes whatever is queued when the worker wakes (at the next turn of the
+        event loop: a burst of callers re-queueing at once, as a pass's answers make, shares one
+        pass rather than one caller starting a pass alone while the rest queue behind it)."""
         loop = asyncio.get_running_loop()
         while True:
             batch = self._next_batch()
@@ -435,12 +454,51 @@ class MicroBatcher:
                 self._wakeup.clear()  # nothing can queue between the take above and this wait
                 await self._wakeup.wait()
                 continue
-            self._window = batch
-            await self._run_batch(loop, batch)
-            for item in batch:
-                self._done_with(item)
-            self._window = []
-            self._backoff_s = _BACKOFF_FIRST_S  # a batch went through: a later crash is a new story
+            running: _Pass | None = self._submit(loop, batch)
+            while running is not None:
+                following = await self._next_beside(loop, running) if self.pipeline_depth > 1 else None
+                await self._finish(loop, running)
+                running = following
+                self._backoff_s = _BACKOFF_FIRST_S  # a batch went through: a later crash is a new story
+
+    async def _next_beside(self, loop: asyncio.AbstractEventLoop, running: _Pass) -> _Pass | None:
+        """The next pass, handed to the forward thread while ``running`` is in flight; None when
+        ``running`` ended with nothing queued."""
+        while True:
+            await self._linger(running)
+            batch = self._next_batch()
+            if batch:
+                return self._submit(loop, batch)
+            if running.future.done():
+                return None
+            self._wakeup.clear()  # nothing queued: wait for work, or for the pass to end
+            waiter = asyncio.ensure_future(self._wakeup.wait())
+            try:
+                await asyncio.wait((waiter, running.future), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+
+    async def _linger(self, running: _Pass) -> None:
+        """Wait, while ``running`` is in flight, until a full batch is queued or the pass is about to
+        end (its smoothed duration, less a margin for taking and handing over the next batch)."""
+        expected = self._pass_times.expect(running.padded)
+        margin = 0.0005 + 0.3 * expected
+        while not running.future.done() and not self._batch_full():
+            # Not started yet (a hair after the pass before it ended): it has all of its time ahead.
+            began = running.started if running.started is not None else time.perf_counter()
+            left = began + expected - margin - time.perf_counter()
+            if left <= 0:
+                return
+            self._wakeup.clear()
+            waiter = asyncio.ensure_future(self._wakeup.wait())
+            try:
+                await asyncio.wait((waiter, running.future), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+
+    def _batch_full(self) -> bool:
+        waiting = self._queue_tokens - sum(part.tokens for part in self._passes)
+        return len(self._queue) >= self.max_batch_size or waiting >= self.max_batch_tokens
 
     def _next_batch(self) -> list[_Item]:
         """Take the next batch from the queue (see :meth:`BatchQueue.take`); [] when it is empty.
@@ -462,56 +520,100 @@ class MicroBatcher:
 
         After a crash the queue's own structure is not trusted (the fault may be in it), so what
         to fail comes from ``_in_flight`` (every input accepted and not yet finished) and the
-        window, and the old queue is dropped, not emptied item by item.
+        passes handed to the forward thread, and the old queue is dropped, not emptied item by item.
         """
-        for item in [*self._window, *self._in_flight.values()]:
+        for part in self._passes:
+            for item in part.items:
+                self._fail(item, error)
+        for item in self._in_flight.values():
             self._fail(item, error)
-        self._window = []
+        self._passes = []
         self._in_flight.clear()
         fresh: BatchQueue[_Item] = BatchQueue(self.max_batch_tokens, self.max_batch_size)
         fresh.examined = self._queue.examined
         self._queue = fresh
         self._queue_tokens = 0
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
-        token_ids = [item.token_ids for item in items]
-        started = time.perf_counter()
+    def _submit(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> _Pass:
+        """Hand ``items`` to the forward thread (queued behind a pass in flight, if any)."""
+        part = _Pass(items)
+        work, args = self._work(items)
+        part.future = loop.run_in_executor(self._forward, part.timed, work, *args)
+        self._passes.append(part)
+        return part
+
+    async def _finish(self, loop: asyncio.AbstractEventLoop, part: _Pass) -> None:
+        """Wait for ``part``, answer its callers (or split it on out-of-memory), release its items.
+
+        Cancelled (the batcher stops) or crashed on the way, the part stays in ``_passes``, so
+        :meth:`_fail_all` fails its items."""
         try:
-            if all(item.kinds == DENSE_ONLY for item in items):
-                vectors = await loop.run_in_executor(self._forward, self.encoder.encode, token_ids)
-                results = [Outputs(len(ids), dense=vector) for vector, ids in zip(vectors, token_ids, strict=True)]
-            else:  # one pass; each head runs only over the rows that asked for it
-                kinds = [item.kinds for item in items]
-                results = await loop.run_in_executor(self._forward, self.encoder.encode_outputs, token_ids, kinds)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
+            outcome = await asyncio.shield(part.future)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await self._failed_pass(loop, part.items, exc)
+        else:
+            self._answer(part.items, outcome, part.seconds)
+        self._passes.remove(part)
+        for item in part.items:
+            self._done_with(item)
+
+    async def _failed_pass(self, loop: asyncio.AbstractEventLoop, items: list[_Item], exc: BaseException) -> None:
+        if isinstance(exc, torch.OutOfMemoryError | MemoryError):
             if self.encoder.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(items) == 1:
                 self.observer.batcher_event(BatcherEvent.FAILED)
-                logger.error("input of %d tokens failed alone: %s", len(token_ids[0]), exc)
-                self._fail(items[0], InputFailedError(f"out of memory on an input of {len(token_ids[0])} tokens"))
+                logger.error("input of %d tokens failed alone: %s", len(items[0].token_ids), exc)
+                self._fail(items[0], InputFailedError(f"out of memory on an input of {len(items[0].token_ids)} tokens"))
                 return
             self.observer.batcher_event(BatcherEvent.OOM_SPLIT)
             logger.warning("out of memory on a batch of %d; splitting it", len(items))
             half = len(items) // 2
-            await self._run_batch(loop, items[:half])
-            await self._run_batch(loop, items[half:])
+            for part in (items[:half], items[half:]):  # one at a time: nothing else fits beside them
+                retry = _Pass(part)
+                work, args = self._work(part)
+                retry.future = loop.run_in_executor(self._forward, retry.timed, work, *args)
+                try:
+                    outcome = await retry.future
+                except Exception as again:
+                    await self._failed_pass(loop, part, again)
+                else:
+                    self._answer(part, outcome, retry.seconds)
             return
-        except Exception as exc:  # a bug or a broken model: fail these inputs, keep serving others
-            logger.exception("encoder failed on a batch of %d", len(items))
-            self.observer.batcher_event(BatcherEvent.FAILED, len(items))
-            for item in items:
-                self._fail(item, InputFailedError(f"the encoder failed: {type(exc).__name__}"))
-            return
+        if not isinstance(exc, Exception):
+            raise exc
+        # A bug or a broken model: fail these inputs, keep serving others.
+        logger.error("encoder failed on a batch of %d", len(items), exc_info=exc)
+        self.observer.batcher_event(BatcherEvent.FAILED, len(items))
+        for item in items:
+            self._fail(item, InputFailedError(f"the encoder failed: {type(exc).__name__}"))
+
+    def _work(self, items: list[_Item]) -> tuple[Callable[..., object], tuple[object, ...]]:
+        """The encoder call for ``items``: dense only, or one pass whose heads run only over the rows
+        that asked for them."""
+        token_ids = [item.token_ids for item in items]
+        if all(item.kinds == DENSE_ONLY for item in items):
+            return self.encoder.encode, (token_ids,)
+        return self.encoder.encode_outputs, (token_ids, [item.kinds for item in items])
+
+    def _answer(self, items: list[_Item], outcome: object, seconds: float) -> None:
+        token_ids = [item.token_ids for item in items]
+        if isinstance(outcome, np.ndarray):
+            results = [Outputs(len(ids), dense=vector) for vector, ids in zip(outcome, token_ids, strict=True)]
+        else:
+            results = cast("list[Outputs]", outcome)
         report = BatchReport(
             size=len(items),
             tokens=sum(len(ids) for ids in token_ids),
             padded_tokens=len(items) * max(len(ids) for ids in token_ids),
-            seconds=time.perf_counter() - started,
+            seconds=seconds,
         )
         if report.seconds > 0:
             # A smoothed rate, to tell refused callers how long the queue takes to drain.
             self._tokens_per_second = 0.8 * self._tokens_per_second + 0.2 * (report.padded_tokens / report.seconds)
+            self._pass_times.add(report.padded_tokens, report.seconds)
         self._summary.add(report, self._queue_tokens, self.summary_interval_s)
         self.observer.batch_done(report)
         for item, result in zip(items, results, strict=True):
@@ -525,6 +627,53 @@ class MicroBatcher:
             item.error = error
             for call in item.waiters():
                 call.fail(error)
+
+
+class _Pass:
+    """One batch handed to the forward thread: its items, the pending result and when it ran."""
+
+    __slots__ = ("future", "items", "padded", "seconds", "started", "tokens")
+
+    def __init__(self, items: list[_Item]) -> None:
+        self.items = items
+        self.tokens = sum(item.queued_tokens for item in items)
+        self.padded = len(items) * max(item.length for item in items)
+        self.future: asyncio.Future[object] = cast("asyncio.Future[object]", None)
+        self.started: float | None = None  # set by the forward thread when the pass begins
+        self.seconds = 0.0
+
+    def timed(self, work: Callable[..., object], *args: object) -> object:
+        """Run ``work`` (in the forward thread), noting when it started and how long it took."""
+        self.started = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            self.seconds = time.perf_counter() - self.started
+
+
+class _PassTimes:
+    """Smoothed seconds per pass, by size (padded tokens, in powers of two): a pass of one short
+    text and one of a full budget differ many-fold on a GPU, and the linger must end before the
+    pass it waits beside."""
+
+    __slots__ = ("_seconds",)
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, float] = {}
+
+    def add(self, padded: int, seconds: float) -> None:
+        size = padded.bit_length()
+        known = self._seconds.get(size)
+        self._seconds[size] = seconds if known is None else 0.8 * known + 0.2 * seconds
+
+    def expect(self, padded: int) -> float:
+        """The expected seconds of a pass of ``padded`` tokens: its size's, else the nearest size
+        measured, else 0 (nothing measured: no linger)."""
+        if not self._seconds:
+            return 0.0
+        size = padded.bit_length()
+        nearest = min(self._seconds, key=lambda known: (abs(known - size), known))
+        return self._seconds[nearest]
 
 
 @dataclass(slots=True)

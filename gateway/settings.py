@@ -51,6 +51,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_batch_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: by device (CPU 512, GPU 16384)
     max_batch_size: PositiveInt = 128
     max_queue_tokens: PositiveInt = 2_000_000
+    # 2: the next batch is planned and queued for the device while a pass runs; 1: one at a time
+    pipeline_depth: Annotated[int, msgspec.Meta(ge=1, le=2)] = 2
     # cache
     redis_url: str = ""  # empty: an in-process LRU cache
     memory_cache_bytes: PositiveInt = 256 * 1024 * 1024  # the in-process cache (no Redis), entries counted by size

@@ -99,6 +99,7 @@ class EngineServer:
             max_batch_tokens=settings.max_batch_tokens or None,
             max_batch_size=settings.max_batch_size,
             max_queue_tokens=settings.max_queue_tokens,
+            pipeline_depth=settings.pipeline_depth,
             observer=self.telemetry,
         )
         self.worker_states: dict[int, TelemetryState] = {}  # worker pid -> its latest counters

@@ -229,6 +229,7 @@ def create_app(
                 max_batch_tokens=settings.max_batch_tokens or None,
                 max_batch_size=settings.max_batch_size,
                 max_queue_tokens=settings.max_queue_tokens,
+                pipeline_depth=settings.pipeline_depth,
                 observer=telemetry,
             )
             await batcher.start()
