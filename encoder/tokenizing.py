@@ -1,4 +1,4 @@
-"""Token ids of inputs of any length, exactly as the whole text gives them, for bounded work.
+r"""Token ids of inputs of any length, exactly as the whole text gives them, for bounded work.
 
 Tokenising costs time and memory per *token* (about 420-800 bytes each with the Rust tokenizer),
 and an input may be 30 MB. Cutting every input to ``max_tokens x 32`` characters first, as this
@@ -7,14 +7,20 @@ over 100 characters that WordPiece turns into one ``[UNK]``, zero-width or contr
 the normaliser removes) were embedded as a prefix, or refused, although they fit.
 
 So a long input is tokenised a *prefix* at a time, and the tokenizer itself says which of the
-prefix's tokens are final: every token of a *word* (the pre-tokeniser's unit, ``word_ids``) before
-the prefix's last word. The pipelines we serve normalise character by character (or one combining
+prefix's tokens are final: every token of a *word* (the pre-tokeniser's unit, ``word_ids``) that
+ends at least ``window`` characters before the prefix's end (its trailing whitespace not counted),
+and is not its last word. The pipelines we serve normalise character by character (or one combining
 sequence at a time) and split words at characters they see (WordPiece's basic tokenizer at
-whitespace, punctuation and CJK characters; SentencePiece's Metaspace at spaces; the byte-level BPE
-regex with at most one character of look-ahead), so what follows the last word cannot reach back
-into the words before it; within one word no rule is sound (Unigram's Viterbi path may hinge on a
-word's last character), so the last word is never taken as final. A tokenizer whose normaliser or
-pre-tokeniser is not one of those (``_LOCAL_STEPS``) is tokenised whole.
+whitespace, punctuation and CJK characters; SentencePiece's Metaspace at spaces; byte-level BPE
+regexes, whose look-ahead across a word's end is a few characters: ``'re``, ``\s+(?!\S)``), so what
+follows the cut reaches back only that far. The window (16 characters, or the longest added token or
+literal replacement when longer) covers what else reaches back: an added token such as ``</s>`` or
+``<mask>`` cut by the prefix (added tokens are split out before anything else, and an ``lstrip`` one
+swallows the whitespace before it, which the trailing-whitespace rule covers), or a ``Replace`` of
+several characters. Within one word no rule is sound (Unigram's Viterbi path may hinge on a word's
+last character), so the last word is never final. A tokenizer with another step (``_LOCAL_STEPS``),
+a look-around with a quantifier, or no pre-tokeniser that splits words (Llama's SentencePiece BPE)
+is tokenised whole, up to ``max_read`` characters.
 
 * once the final tokens are more than the model takes, the answer is known: the first
   ``max_tokens`` of them when truncating, ``input too long`` when not;
@@ -23,9 +29,10 @@ pre-tokeniser is not one of those (``_LOCAL_STEPS``) is tokenised whole.
 
 The work is about what the answer needs, and a text that fits is tokenised whole, within two
 bounds, past which the input is refused, never cut: ``max_read`` characters (megabytes of
-whitespace say nothing), and ``token_budget`` tokens for one word still open (a run that the
-tokenizer segments as one word, like Chinese text without spaces for SentencePiece, or characters
-that NFKC expands eighteen-fold, is tokenised to its end to decide its first token).
+whitespace say nothing), and, where words are final, ``token_budget`` tokens for one word still
+open (a run that the tokenizer segments as one word, like Chinese text without spaces for
+SentencePiece, or characters that NFKC expands many-fold, is tokenised to its end to decide its first
+token).
 """
 
 from __future__ import annotations
@@ -46,18 +53,37 @@ _GROWTH = 4
 TOKEN_BUDGET_PER_LIMIT = 64
 _MIN_BUDGET = 1 << 16
 
-# Normalisers and pre-tokenisers that only look at a character and its neighbours (see the module
-# docstring). ``Replace`` counts only for a literal string or a regex of spaces (" {2,}").
+# Normalisers and pre-tokenisers that only look at a character and a few around it (see the module
+# docstring). ``Replace`` counts only for a literal string or a regex of spaces (" {2,}"), ``Split``
+# for a literal or a regex whose look-arounds hold no quantifier.
 _LOCAL_STEPS = frozenset(
     {
-        "BertNormalizer", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents",
+        "BertNormalizer", "NFC", "NFD", "NFKC", "NFKD", "Nmt", "Lowercase", "Strip", "StripAccents",
         "Precompiled", "Prepend", "Replace", "Sequence", "BertPreTokenizer", "Metaspace", "ByteLevel",
         "Whitespace", "WhitespaceSplit", "Punctuation", "Digits", "Split", "CharDelimiterSplit",
         "UnicodeScripts",
     }
 )  # fmt: skip
+# Pre-tokenisers that split a text into words (with the option that makes them split, if any).
+_SPLITTING = {
+    "BertPreTokenizer": None, "Whitespace": None, "WhitespaceSplit": None, "Punctuation": None,
+    "Digits": None, "Split": None, "CharDelimiterSplit": None, "UnicodeScripts": None,
+    "Metaspace": "split", "ByteLevel": "use_regex",
+}  # fmt: skip
 _SPACES_PATTERN = re.compile(r"[ \\s{},0-9+*?]+")
-_LOCAL: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")
+_MIN_WINDOW = 16
+_PIPELINES: weakref.WeakKeyDictionary[Any, _Pipeline] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True, slots=True)
+class _Pipeline:
+    """What :func:`tokenize_exact` needs to know of a tokenizer, worked out once."""
+
+    words: bool  # words ending ``window`` characters before a prefix's end are final
+    window: int
+    lead: int  # special tokens the post-processor puts before a text's own, and after it
+    trail: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +135,7 @@ def tokenize_exact(
         )["input_ids"]
         for i, row in zip(short, encoded, strict=True):
             ids[i] = row
-    words_final = words_are_local(tokenizer)
+    pipeline = _pipeline(tokenizer)
     for i, text in enumerate(texts):
         if ids[i] is None:
             ids[i] = _long(
@@ -120,7 +146,7 @@ def tokenize_exact(
                 piece_chars=piece_chars,
                 max_read=max(piece_chars, max_read),
                 budget=token_budget(max_tokens) if budget is None else budget,
-                words_final=words_final,
+                pipeline=pipeline,
             )
     rows: list[list[int]] = []
     for i, row in enumerate(ids):
@@ -142,66 +168,93 @@ def _long(
     piece_chars: int,
     max_read: int,
     budget: int,
-    words_final: bool,
+    pipeline: _Pipeline,
 ) -> list[int] | TooManyTokens:
     size = piece_chars
     while True:
         whole = size >= len(text)
+        prefix = text[:size]
         encoded = tokenizer(
-            text[:size],
+            prefix,
             add_special_tokens=True,
-            return_special_tokens_mask=True,
+            return_offsets_mapping=pipeline.words and not whole,
             return_attention_mask=False,
             return_token_type_ids=False,
             verbose=False,
         )
         row: list[int] = encoded["input_ids"]
-        special: list[int] = encoded["special_tokens_mask"]
-        content = [k for k, flag in enumerate(special) if not flag]
-        lead = row[: content[0]] if content else row[: len(row)]
-        trail = row[content[-1] + 1 :] if content else []
-        room = max_tokens - len(lead) - len(trail)  # content tokens the model takes
-        stable = content if whole else _before_last_word(encoded.word_ids(), content) if words_final else []
-        if whole or len(stable) > room:
-            if len(stable) <= room:
+        lead, trail = row[: pipeline.lead], row[len(row) - pipeline.trail :] if pipeline.trail else []
+        content = range(pipeline.lead, len(row) - pipeline.trail)
+        room = max(0, max_tokens - len(lead) - len(trail))  # content tokens the model takes
+        if whole:
+            stable = len(content)
+        elif pipeline.words:
+            stable = _final(encoded, content, len(prefix.rstrip()) - pipeline.window)
+        else:
+            stable = 0
+        if whole or stable > room:
+            if stable <= room:
                 return row
             if truncate:
-                return lead + [row[k] for k in stable[:room]] + trail
-            return TooManyTokens(0, len(stable) + len(lead) + len(trail), exact=whole)
-        if len(content) >= budget:  # one word still open holds the rest: refused, never cut
+                return lead + row[content.start : content.start + room] + trail
+            return TooManyTokens(0, stable + len(lead) + len(trail), exact=whole)
+        if pipeline.words and len(content) >= budget:  # one word still open holds the rest: refused, never cut
             return TooManyTokens(0, len(content) + len(lead) + len(trail), exact=False, unread=size, open_word=True)
         if size >= max_read:  # undecided after all it may read: refused, never cut
-            return TooManyTokens(0, len(stable) + len(lead) + len(trail), exact=False, unread=size)
+            return TooManyTokens(0, stable + len(lead) + len(trail), exact=False, unread=size)
         # Grow four-fold, or to about the budget when tokens come denser than that allows.
         size = min(size * _GROWTH, max_read, max(2 * size, size * budget // max(len(content), 1)))
 
 
-def _before_last_word(word_ids: list[int | None], content: list[int]) -> list[int]:
-    """The content tokens of every word before the last one (word ids never decrease)."""
+def _final(encoded: Any, content: range, limit: int) -> int:
+    """How many of the content tokens are final: those of every word before the first word that is
+    the prefix's last or has a token ending past ``limit`` (an added token inside the text, which has
+    no word, is a word of its own)."""
+    word_ids: list[int | None] = encoded.word_ids()
+    offsets: list[tuple[int, int]] = encoded["offset_mapping"]
     if not content:
-        return []
-    last = word_ids[content[-1]]
-    return [k for k in content if word_ids[k] != last]
+        return 0
+    last = content.stop - 1
+    starts = content.start  # where the word being looked at starts
+    for k in content:
+        if k > content.start and (word_ids[k] is None or word_ids[k] != word_ids[k - 1]):
+            starts = k
+        if offsets[k][1] > limit or (word_ids[k] == word_ids[last] and word_ids[k] is not None):
+            return starts - content.start
+    return len(content)
 
 
 def words_are_local(tokenizer: Any) -> bool:
-    """Whether ``tokenizer``'s normaliser and pre-tokeniser are all steps that make a word's tokens
-    independent of the text after that word (``_LOCAL_STEPS``); remembered per tokenizer."""
-    try:
-        return _LOCAL[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    local = backend is not None and all(
-        _local(json.loads(step.__getstate__())) for step in (backend.normalizer, backend.pre_tokenizer) if step
+    """Whether ``tokenizer``'s words (but its last few characters') are final in a prefix: its
+    normaliser and pre-tokeniser steps are all ``_LOCAL_STEPS`` and some step splits words."""
+    return _pipeline(tokenizer).words
+
+
+def _pipeline(tokenizer: Any) -> _Pipeline:
+    """``tokenizer``'s :class:`_Pipeline`, remembered per tokenizer."""
+    with contextlib.suppress(KeyError, TypeError):
+        return _PIPELINES[tokenizer]
+    with_specials = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    lead = next(
+        (at for at in range(len(with_specials) - len(bare) + 1) if with_specials[at : at + len(bare)] == bare), 0
     )
-    with contextlib.suppress(TypeError):  # not weakly referable: asked again next time, which only costs time
-        _LOCAL[tokenizer] = local
-    return local
-
-
-def _local(step: dict[str, Any]) -> bool:
-    return all(_local_one(part) for part in _steps(step))
+    trail = len(with_specials) - lead - len(bare)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    words, window = False, _MIN_WINDOW
+    if backend is not None:
+        normaliser = list(_steps(json.loads(backend.normalizer.__getstate__()))) if backend.normalizer else []
+        splitter = list(_steps(json.loads(backend.pre_tokenizer.__getstate__()))) if backend.pre_tokenizer else []
+        steps = normaliser + splitter
+        splits = any(_splits(part) for part in splitter)
+        words = splits and all(_local_one(part) for part in steps)
+        literals = [len(part.get("pattern", {}).get("String", "")) for part in steps]
+        added = [len(token.content) for token in backend.get_added_tokens_decoder().values()]
+        window = max(_MIN_WINDOW, *literals, *added) + 1
+    found = _Pipeline(words, window, lead, trail)
+    with contextlib.suppress(TypeError):  # not weakly referable: worked out again next time
+        _PIPELINES[tokenizer] = found
+    return found
 
 
 def _steps(step: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -215,7 +268,38 @@ def _local_one(step: dict[str, Any]) -> bool:
     kind = step.get("type")
     if kind not in _LOCAL_STEPS:
         return False
+    pattern = step.get("pattern", {})
     if kind == "Replace":
-        pattern = step.get("pattern", {})
         return "String" in pattern or bool(_SPACES_PATTERN.fullmatch(str(pattern.get("Regex", "?"))))
+    if kind == "Split" and "Regex" in pattern:
+        return _bounded_lookarounds(str(pattern["Regex"]))
+    return True
+
+
+def _splits(step: dict[str, Any]) -> bool:
+    """Whether a pre-tokeniser step splits words (Metaspace and ByteLevel only with their option on)."""
+    kind = step.get("type")
+    if kind not in _SPLITTING:
+        return False
+    option = _SPLITTING[kind]
+    return option is None or bool(step.get(option, True))
+
+
+def _bounded_lookarounds(regex: str) -> bool:
+    """Every look-around in ``regex`` holds no quantifier and no group (``(?!\\S)``, not ``(?=.*x)``):
+    a match then depends on at most a character or two past its end."""
+    for found in _LOOKAROUND.finditer(regex):
+        depth, at = 1, found.end()
+        while at < len(regex) and depth:
+            char = regex[at]
+            if char == "\\":
+                at += 2
+                continue
+            if char == "(":
+                return False
+            if char == ")":
+                depth -= 1
+            elif char in "*+{?":
+                return False
+            at += 1
     return True

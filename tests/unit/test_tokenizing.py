@@ -114,3 +114,26 @@ def test_one_open_word_is_tokenised_to_its_end_within_a_token_budget(tiny_bge_m3
     assert isinstance(got, TooManyTokens) and got.open_word and got.unread is not None
     assert got.tokens >= 4_096
     assert max(calls) < 2_000, f"read {calls} characters, far past the budget's worth"
+
+
+def test_special_tokens_written_in_the_text_keep_their_place(minilm_dir: Path) -> None:
+    """``[SEP]`` typed into a text is the special token (the tokenizer splits it out first); in a
+    long truncated text it stays where it is, not dropped with the template's own specials."""
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
+    text = "see [SEP] here " * 10 + "word " * 3_000
+    whole = tokenizer(text, truncation=True, max_length=64)["input_ids"]
+    assert whole.count(tokenizer.sep_token_id) > 2
+    assert tokenize_exact(tokenizer, [text], max_tokens=64, truncate=True, piece_chars=256, max_read=10**6) == [whole]
+
+
+def test_a_contraction_cut_by_the_prefix_is_not_taken_as_final() -> None:
+    """GPT-2's regex makes ``'re`` one word after ``we``; a prefix ending in ``we'r`` has ``'`` and
+    ``r``: the characters just before the cut are never final."""
+    tokenizer = _byte_level_bpe()
+    for cut in range(3, 8):
+        text = "ok " * 30 + "we're" + " fine" * 40
+        size = text.index("we're") + cut
+        for limit in range(30, 40):
+            whole = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+            got = tokenize_exact(tokenizer, [text], max_tokens=limit, truncate=True, piece_chars=size, max_read=10**6)
+            assert got == [whole], (cut, limit)
