@@ -90,6 +90,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_mode: Literal["single", "cluster", "sentinel"] = "single"
     redis_sentinel_master: str = ""  # sentinel mode: the master's name the sentinels know
     redis_max_connections: PositiveInt = 64  # per Redis node; more concurrent calls wait for one
+    # The share of a key's limits a replica may take without asking Redis (far from the limits); 0: every
+    # admission asks Redis, so replicas pass a limit by at most one request each, at a round trip per request.
+    rate_limit_local_share: Annotated[float, msgspec.Meta(ge=0, le=0.05)] = 0.05
     redis_pool_timeout_ms: PositiveInt = 1000  # how long a call waits for a free connection (then: a miss)
     # workers (issue 12)
     workers: PositiveInt = 1  # HTTP worker processes; above 1, one engine process owns the model and the batcher

@@ -486,7 +486,7 @@ class RateLimiter:
     ) -> tuple[float, float] | None:
         """The key's levels after taking ``requests`` and ``tokens`` here, or None when Redis must decide."""
         age = now - view.at
-        if age > self.fresh_s:
+        if age > self.fresh_s or not self.unsettled:  # stale, or every admission asks Redis
             return None
         rv = tv = 0.0
         if rl:

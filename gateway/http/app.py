@@ -206,6 +206,7 @@ def create_app(
         max_connections=settings.redis_max_connections,
         prefix=settings.cache_prefix,
         timeout_s=settings.cache_timeout_ms / 1000,
+        unsettled=settings.rate_limit_local_share,
     )
     clients = ClientHooks(limiter, telemetry)
     answers = _answer_builder(settings, clients)

@@ -296,3 +296,20 @@ async def test_usage_on_its_way_to_redis_counts_against_the_unsettled_share(limi
     assert limiter._local_far(key, requests=0, tokens=share // 2) is not None  # far: taken locally
     view.sending_tokens, view.pending_tokens = view.pending_tokens, 0  # as a settling round does
     assert limiter._local_far(key, requests=0, tokens=share) is None, "another whole share, unsettled"
+
+
+@pytest.mark.anyio
+async def test_with_no_local_share_every_admission_asks_redis(fresh_redis: RedisServer) -> None:
+    """``EMBED_RATE_LIMIT_LOCAL_SHARE=0``: far from the limit too, each admission is a script call."""
+    client = fresh_redis.client()
+    limiter = RateLimiter(redis_url=fresh_redis.url, unsettled=0.0)
+    await limiter.connect()
+    try:
+        key = ApiKey(key="k", name="strict", requests_per_minute=1_000_000, tokens_per_minute=1_000_000_000)
+        before = _evalsha_calls(client)
+        for _ in range(20):
+            assert (await limiter.admit(key)).admitted
+            assert (await limiter.reserve(key, 7)).admitted
+        assert _evalsha_calls(client) - before >= 40
+    finally:
+        await limiter.close()
