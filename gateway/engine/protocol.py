@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -206,18 +207,38 @@ def decode_outputs(encoded: EncodedOutputs, colbert_width: int) -> Outputs:
 
 
 def write_frame(writer: asyncio.StreamWriter, frame: Frame, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
-    """Queue ``frame`` on ``writer``, in as many frames of at most ``max_frame_bytes`` as it takes."""
+    """Queue ``frame`` on ``writer``, in as many frames of at most ``max_frame_bytes`` as it takes.
+
+    Frames written in one turn of the event loop leave together, in one write (one system call, one
+    wake-up of the peer) when the turn ends: a pass's answers to a worker's many callers, or a
+    worker's burst of calls, cross the link as one send, not one each. The order is kept, and a
+    message's frames are queued in one call, so they are never interleaved with another's.
+    """
     payload = _encoder.encode(frame)
     call_id = getattr(frame, "id", 0)
-    if len(payload) <= max_frame_bytes:  # the usual case: one write, one send
-        writer.write(_HEADER.pack(len(payload), call_id, 0) + payload)
+    pending = _pending.get(writer)
+    if pending is None:
+        pending = _pending[writer] = []
+        asyncio.get_running_loop().call_soon(_flush, writer)
+    if len(payload) <= max_frame_bytes:  # the usual case
+        pending.append(_HEADER.pack(len(payload), call_id, 0) + payload)
         return
     view = memoryview(payload)
     for start in range(0, len(view), max_frame_bytes):
         chunk = view[start : start + max_frame_bytes]
         more = _MORE if start + max_frame_bytes < len(view) else 0
-        writer.write(_HEADER.pack(len(chunk), call_id, more))
-        writer.write(chunk)
+        pending.append(_HEADER.pack(len(chunk), call_id, more))
+        pending.append(chunk)
+
+
+# Frames queued per writer in this turn of the event loop, written when it ends (``_flush``).
+_pending: weakref.WeakKeyDictionary[asyncio.StreamWriter, list[bytes | memoryview]] = weakref.WeakKeyDictionary()
+
+
+def _flush(writer: asyncio.StreamWriter) -> None:
+    pending = _pending.pop(writer, None)
+    if pending and not writer.is_closing():
+        writer.writelines(pending)
 
 
 async def read_frame(reader: asyncio.StreamReader, max_frame_bytes: int = MAX_FRAME_BYTES) -> Frame | Unreadable:
