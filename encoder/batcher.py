@@ -537,8 +537,7 @@ class MicroBatcher:
     def _submit(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> _Pass:
         """Hand ``items`` to the forward thread (queued behind a pass in flight, if any)."""
         part = _Pass(items)
-        work, args = self._work(items)
-        part.future = loop.run_in_executor(self._forward, part.timed, work, *args)
+        part.future = loop.run_in_executor(self._forward, part.run, self._work)
         self._passes.append(part)
         return part
 
@@ -552,9 +551,9 @@ class MicroBatcher:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            await self._failed_pass(loop, part.items, exc)
+            await self._failed_pass(loop, part.items if part.computed is None else part.computed, exc)
         else:
-            self._answer(part.items, outcome, part.seconds)
+            self._computed(part, outcome)
         self._passes.remove(part)
         for item in part.items:
             self._done_with(item)
@@ -573,14 +572,13 @@ class MicroBatcher:
             half = len(items) // 2
             for part in (items[:half], items[half:]):  # one at a time: nothing else fits beside them
                 retry = _Pass(part)
-                work, args = self._work(part)
-                retry.future = loop.run_in_executor(self._forward, retry.timed, work, *args)
+                retry.future = loop.run_in_executor(self._forward, retry.run, self._work)
                 try:
                     outcome = await retry.future
                 except Exception as again:
-                    await self._failed_pass(loop, part, again)
+                    await self._failed_pass(loop, part if retry.computed is None else retry.computed, again)
                 else:
-                    self._answer(part, outcome, retry.seconds)
+                    self._computed(retry, outcome)
             return
         if not isinstance(exc, Exception):
             raise exc
@@ -597,6 +595,13 @@ class MicroBatcher:
         if all(item.kinds == DENSE_ONLY for item in items):
             return self.encoder.encode, (token_ids,)
         return self.encoder.encode_outputs, (token_ids, [item.kinds for item in items])
+
+    def _computed(self, part: _Pass, outcome: object) -> None:
+        computed = part.computed or []
+        if len(computed) < len(part.items):
+            self.observer.batcher_event(BatcherEvent.DROPPED, len(part.items) - len(computed))
+        if computed:
+            self._answer(computed, outcome, part.seconds)
 
     def _answer(self, items: list[_Item], outcome: object, seconds: float) -> None:
         token_ids = [item.token_ids for item in items]
@@ -632,20 +637,28 @@ class MicroBatcher:
 class _Pass:
     """One batch handed to the forward thread: its items, the pending result and when it ran."""
 
-    __slots__ = ("future", "items", "padded", "seconds", "started", "tokens")
+    __slots__ = ("computed", "future", "items", "padded", "seconds", "started", "tokens")
 
     def __init__(self, items: list[_Item]) -> None:
         self.items = items
+        self.computed: list[_Item] | None = None  # those still wanted when the pass began
         self.tokens = sum(item.queued_tokens for item in items)
         self.padded = len(items) * max(item.length for item in items)
         self.future: asyncio.Future[object] = cast("asyncio.Future[object]", None)
         self.started: float | None = None  # set by the forward thread when the pass begins
         self.seconds = 0.0
 
-    def timed(self, work: Callable[..., object], *args: object) -> object:
-        """Run ``work`` (in the forward thread), noting when it started and how long it took."""
+    def run(self, plan: Callable[[list[_Item]], tuple[Callable[..., object], tuple[object, ...]]]) -> object:
+        """In the forward thread: compute the items someone still waits for (``plan`` says how),
+        noting when the pass began and how long it took. An item whose callers all left while the
+        pass waited behind another is not computed: a pipelined batch is handed over early, but
+        what nobody wants never reaches the model."""
         self.started = time.perf_counter()
         try:
+            self.computed = [item for item in self.items if item.wanted]
+            if not self.computed:
+                return None
+            work, args = plan(self.computed)
             return work(*args)
         finally:
             self.seconds = time.perf_counter() - self.started

@@ -93,26 +93,33 @@ async def test_every_caller_gets_its_own_vectors_in_order_under_a_pipelined_load
 
 @pytest.mark.anyio
 async def test_a_caller_cancelled_while_its_pass_waits_behind_the_running_one(minilm_encoder: Encoder) -> None:
+    """The next batch is handed to the forward thread early; what nobody waits for any more when its
+    pass begins is not computed (the promise of a dropped input holds with a pipeline too)."""
     gated = GatedEncoder(minilm_encoder)
-    batcher = MicroBatcher(gated, observer=Recorder())  # type: ignore[arg-type]
+    recorder = Recorder()
+    batcher = MicroBatcher(gated, observer=recorder)  # type: ignore[arg-type]
     await batcher.start()
     try:
         gated.gate.clear()
         first = asyncio.create_task(_embed(batcher, ["running"]))
         await asyncio.to_thread(gated.entered.wait, 10)
-        waiting = asyncio.create_task(_embed(batcher, ["handed over, then abandoned"]))
+        leaving = asyncio.create_task(_embed(batcher, ["handed over, then abandoned", "and this one"]))
+        staying = asyncio.create_task(_embed(batcher, ["handed over and wanted"]))
         await _until(lambda: batcher.passes_in_flight == 2, "the second pass to be handed over")
-        waiting.cancel()
+        leaving.cancel()
         queued = asyncio.create_task(_embed(batcher, ["still queued, then abandoned"]))
         await asyncio.sleep(0.05)
         queued.cancel()
         gated.gate.set()
         assert (await first).shape == (1, 384)
-        for task in (waiting, queued):
+        np.testing.assert_allclose(await staying, minilm_encoder.embed(["handed over and wanted"]), atol=1e-5)
+        for task in (leaving, queued):
             with pytest.raises(asyncio.CancelledError):
                 await task
-        await _until(lambda: batcher.in_flight == 0, "the abandoned pass to finish")
-        assert [len(call) for call in gated.calls] == [1, 1], "the handed-over pass ran; the queued input never did"
+        await _until(lambda: batcher.in_flight == 0, "the passes to finish")
+        wanted = len(minilm_encoder.tokenize(["handed over and wanted"])[0])
+        assert gated.calls[1:] == [[wanted]], gated.calls
+        assert recorder.events[BatcherEvent.DROPPED] == 3
         assert batcher.queue_tokens == 0
         again = await _embed(batcher, ["served afterwards"])
         np.testing.assert_allclose(again, minilm_encoder.embed(["served afterwards"]), atol=1e-5)

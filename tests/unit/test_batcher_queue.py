@@ -55,6 +55,9 @@ def anyio_backend() -> str:
 
 
 async def _started(encoder: Any, **kwargs: Any) -> MicroBatcher:
+    # The queue's own order, one pass at a time: pipelined, one batch more is taken while a pass runs
+    # (formed from what was queued then), which tests/unit/test_batcher_pipeline.py covers.
+    kwargs.setdefault("pipeline_depth", 1)
     batcher = MicroBatcher(encoder, observer=Recorder(), **kwargs)
     await batcher.start()
     return batcher
