@@ -310,7 +310,8 @@ class MicroBatcher:
                 await self._worker
             self._worker = None
         self._fail_all(InputFailedError("the encoder is shutting down"))
-        self._forward.shutdown(wait=True)
+        # The pass running ends; one handed over behind it is not started (its callers have failed).
+        self._forward.shutdown(wait=True, cancel_futures=True)
 
     async def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
         """Tokenise; large inputs off the event loop (the Rust tokenizer releases the GIL).
@@ -352,7 +353,8 @@ class MicroBatcher:
         in_flight = self._in_flight
         new_tokens = 0
         for text, ids in zip(texts, token_ids, strict=True):
-            if (kinds, text) not in in_flight:
+            held = in_flight.get((kinds, text))
+            if held is None or not held.wanted or held.done:  # queued anew below (the join's own test)
                 new_tokens += len(ids)
         if self._queue_tokens and self._queue_tokens + new_tokens > self.max_queue_tokens:
             self.observer.batcher_event(BatcherEvent.REJECTED)
@@ -479,26 +481,18 @@ class MicroBatcher:
                 waiter.cancel()
 
     async def _linger(self, running: _Pass) -> None:
-        """Wait, while ``running`` is in flight, until a full batch is queued or the pass is about to
-        end (its smoothed duration, less a margin for taking and handing over the next batch)."""
+        """Wait, while ``running`` is in flight, until it is about to end (its smoothed duration for
+        its size, less a margin for taking and handing over the next batch). Even with a full batch
+        queued: the device is busy meanwhile, and a batch taken later serves a caller who came
+        meanwhile in its turn (a query behind a bulk ingest), not one pass after it."""
         expected = self._pass_times.expect(running.padded)
-        margin = 0.0005 + 0.3 * expected
-        while not running.future.done() and not self._batch_full():
-            # Not started yet (a hair after the pass before it ended): it has all of its time ahead.
-            began = running.started if running.started is not None else time.perf_counter()
-            left = began + expected - margin - time.perf_counter()
-            if left <= 0:
-                return
-            self._wakeup.clear()
-            waiter = asyncio.ensure_future(self._wakeup.wait())
-            try:
-                await asyncio.wait((waiter, running.future), timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-
-    def _batch_full(self) -> bool:
-        waiting = self._queue_tokens - sum(part.tokens for part in self._passes)
-        return len(self._queue) >= self.max_batch_size or waiting >= self.max_batch_tokens
+        if not expected or running.future.done():
+            return
+        # Not started yet (a hair after the pass before it ended): it has all of its time ahead.
+        began = running.started if running.started is not None else time.perf_counter()
+        left = began + expected - (0.0005 + 0.3 * expected) - time.perf_counter()
+        if left > 0:
+            await asyncio.wait((running.future,), timeout=left)
 
     def _next_batch(self) -> list[_Item]:
         """Take the next batch from the queue (see :meth:`BatchQueue.take`); [] when it is empty.
@@ -538,6 +532,7 @@ class MicroBatcher:
         """Hand ``items`` to the forward thread (queued behind a pass in flight, if any)."""
         part = _Pass(items)
         part.future = loop.run_in_executor(self._forward, part.run, self._work)
+        part.future.add_done_callback(_retrieved)
         self._passes.append(part)
         return part
 
@@ -573,6 +568,7 @@ class MicroBatcher:
             for part in (items[:half], items[half:]):  # one at a time: nothing else fits beside them
                 retry = _Pass(part)
                 retry.future = loop.run_in_executor(self._forward, retry.run, self._work)
+                retry.future.add_done_callback(_retrieved)
                 try:
                     outcome = await retry.future
                 except Exception as again:
@@ -632,6 +628,13 @@ class MicroBatcher:
             item.error = error
             for call in item.waiters():
                 call.fail(error)
+
+
+def _retrieved(future: asyncio.Future[object]) -> None:
+    """Read a pass's outcome, so one nobody awaits any more (the batcher stopped, or crashed and
+    failed its callers) never logs "Future exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Pass:
