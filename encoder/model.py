@@ -29,7 +29,7 @@ from encoder.model_files import ModelSpec, read_model_spec, resolve_model_dir
 from encoder.onnx_int8 import GateFloor
 from encoder.packing import default_max_batch_tokens, plan_batches
 from encoder.pooling import Pooling, normalize, pool
-from encoder.tokenizing import TooManyTokens, tokenize_exact
+from encoder.tokenizing import TooManyTokens, template_tokens, tokenize_exact
 
 __all__ = ["Encoder", "InputTooLongError", "load_encoder"]
 
@@ -132,6 +132,11 @@ class Encoder:
         self.pooling: Pooling = spec.pooling
         self.normalize: bool = spec.normalize
         self.max_tokens = max_tokens
+        if max_tokens <= template_tokens(tokenizer):
+            raise ValueError(
+                f"a limit of {max_tokens} tokens leaves no room for text: the model's template adds "
+                f"{template_tokens(tokenizer)} special tokens to every input"
+            )
         self.truncate = truncate
         self.threads = threads
         self.fingerprint = fingerprint

@@ -17,10 +17,13 @@ follows the cut reaches back only that far. The window (16 characters, or the lo
 literal replacement when longer) covers what else reaches back: an added token such as ``</s>`` or
 ``<mask>`` cut by the prefix (added tokens are split out before anything else, and an ``lstrip`` one
 swallows the whitespace before it, which the trailing-whitespace rule covers), or a ``Replace`` of
-several characters. Within one word no rule is sound (Unigram's Viterbi path may hinge on a word's
-last character), so the last word is never final. A tokenizer with another step (``_LOCAL_STEPS``),
-a look-around with a quantifier, or no pre-tokeniser that splits words (Llama's SentencePiece BPE)
-is tokenised whole, up to ``max_read`` characters.
+several characters; and a prefix never ends inside an added token's text. Within one word no rule
+is sound (Unigram's Viterbi path may hinge on a word's last character), so the last word is never
+final. A tokenizer with another step (``_LOCAL_STEPS``), a ``Split`` regex with a quantified
+look-around or a group repeated without bound, an added token matched after a normaliser (which
+may delete characters inside it), or no step that splits words at all (Llama's SentencePiece BPE,
+Gemma's ``Replace(" ", "▁")`` before its split: probed with ``_PROBE``) is tokenised whole, up to
+``max_read`` characters; so is a truncating tokenizer that keeps a text's *last* tokens.
 
 * once the final tokens are more than the model takes, the answer is known: the first
   ``max_tokens`` of them when truncating, ``input too long`` when not;
@@ -45,7 +48,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TOKEN_BUDGET_PER_LIMIT", "TooManyTokens", "token_budget", "tokenize_exact", "words_are_local"]
+__all__ = [
+    "TOKEN_BUDGET_PER_LIMIT",
+    "TooManyTokens",
+    "template_tokens",
+    "token_budget",
+    "tokenize_exact",
+    "words_are_local",
+]
 
 _GROWTH = 4
 # Tokens of one input tokenised at most to decide it, per token the model takes (bge-m3: 524,288,
@@ -64,14 +74,16 @@ _LOCAL_STEPS = frozenset(
         "UnicodeScripts",
     }
 )  # fmt: skip
-# Pre-tokenisers that split a text into words (with the option that makes them split, if any).
-_SPLITTING = {
-    "BertPreTokenizer": None, "Whitespace": None, "WhitespaceSplit": None, "Punctuation": None,
-    "Digits": None, "Split": None, "CharDelimiterSplit": None, "UnicodeScripts": None,
-    "Metaspace": "split", "ByteLevel": "use_regex",
-}  # fmt: skip
-_SPACES_PATTERN = re.compile(r"[ \\s{},0-9+*?]+")
+# A regex of whitespace runs only (" {2,}", "\\s+"): what a space-collapsing Replace may match.
+_SPACES_PATTERN = re.compile(r"(?:(?: |\\s|\\t|\\n|\\r)(?:[+*?]|\{\d+(?:,\d*)?\})?)+")
 _LOOKAROUND = re.compile(r"\(\?<?[=!]")
+# A group repeated without bound ("(?:[a-z]+-)+"): a match that may span many words and be undone
+# by a character far past the cut (backtracking), unlike the GPT-2, cl100k, o200k and Llama-3 patterns.
+_REPEATED_GROUP = re.compile(r"\)(?:[*+]|\{\d+,\})")
+# Normalised and pre-tokenised, a text with word breaks of every kind must come out as several words:
+# a pipeline that lets it through as one (no pre-tokeniser, or Gemma's Replace(" ", "▁") before a
+# Split(" ")) has no final words at all.
+_PROBE = "a b. c\nd,e"
 _MIN_WINDOW = 16
 _PIPELINES: weakref.WeakKeyDictionary[Any, _Pipeline] = weakref.WeakKeyDictionary()
 
@@ -84,6 +96,8 @@ class _Pipeline:
     window: int
     lead: int  # special tokens the post-processor puts before a text's own, and after it
     trail: int
+    added: tuple[str, ...] = ()  # the added tokens' texts: a prefix never ends inside one
+    left: bool = False  # truncation keeps a text's last tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +135,12 @@ def tokenize_exact(
     Texts of at most ``piece_chars`` characters (nearly all) go through one batched call; longer
     ones are tokenised a growing prefix at a time (module docstring).
     """
+    pipeline = _pipeline(tokenizer)
+    if max_tokens < pipeline.lead + pipeline.trail + 1:
+        raise ValueError(
+            f"a limit of {max_tokens} tokens leaves no room for text: the template adds "
+            f"{pipeline.lead + pipeline.trail} special tokens"
+        )
     ids: list[list[int] | TooManyTokens | None] = [None] * len(texts)
     short = [i for i, text in enumerate(texts) if len(text) <= piece_chars]
     if short:
@@ -135,7 +155,6 @@ def tokenize_exact(
         )["input_ids"]
         for i, row in zip(short, encoded, strict=True):
             ids[i] = row
-    pipeline = _pipeline(tokenizer)
     for i, text in enumerate(texts):
         if ids[i] is None:
             ids[i] = _long(
@@ -170,10 +189,16 @@ def _long(
     budget: int,
     pipeline: _Pipeline,
 ) -> list[int] | TooManyTokens:
+    if truncate and pipeline.left:  # the last tokens are the answer: the whole text, within max_read
+        if len(text) > max_read:
+            held = len(tokenizer(text[:max_read], add_special_tokens=True, verbose=False)["input_ids"])
+            return TooManyTokens(0, held, exact=False, unread=max_read)
+        row: list[int] = tokenizer(text, truncation=True, max_length=max_tokens, verbose=False)["input_ids"]
+        return row
     size = piece_chars
     while True:
         whole = size >= len(text)
-        prefix = text[:size]
+        prefix = text if whole else text[: _safe_cut(text, size, pipeline)]
         encoded = tokenizer(
             prefix,
             add_special_tokens=True,
@@ -182,14 +207,17 @@ def _long(
             return_token_type_ids=False,
             verbose=False,
         )
-        row: list[int] = encoded["input_ids"]
+        row = encoded["input_ids"]
         lead, trail = row[: pipeline.lead], row[len(row) - pipeline.trail :] if pipeline.trail else []
         content = range(pipeline.lead, len(row) - pipeline.trail)
         room = max(0, max_tokens - len(lead) - len(trail))  # content tokens the model takes
+        counted = len(content)  # tokens that will still be there once the text goes on
         if whole:
             stable = len(content)
         elif pipeline.words:
-            stable = _final(encoded, content, len(prefix.rstrip()) - pipeline.window)
+            end = len(prefix.rstrip())  # trailing whitespace may yet be swallowed (an lstrip token)
+            stable = _final(encoded, content, end - pipeline.window)
+            counted = sum(1 for k in content if encoded["offset_mapping"][k][1] <= end)
         else:
             stable = 0
         if whole or stable > room:
@@ -198,12 +226,29 @@ def _long(
             if truncate:
                 return lead + row[content.start : content.start + room] + trail
             return TooManyTokens(0, stable + len(lead) + len(trail), exact=whole)
-        if pipeline.words and len(content) >= budget:  # one word still open holds the rest: refused, never cut
-            return TooManyTokens(0, len(content) + len(lead) + len(trail), exact=False, unread=size, open_word=True)
+        if pipeline.words and counted - stable >= budget:  # one word still open holds them: refused, never cut
+            return TooManyTokens(0, counted + len(lead) + len(trail), exact=False, unread=size, open_word=True)
         if size >= max_read:  # undecided after all it may read: refused, never cut
             return TooManyTokens(0, stable + len(lead) + len(trail), exact=False, unread=size)
         # Grow four-fold, or to about the budget when tokens come denser than that allows.
         size = min(size * _GROWTH, max_read, max(2 * size, size * budget // max(len(content), 1)))
+
+
+def _safe_cut(text: str, size: int, pipeline: _Pipeline) -> int:
+    """``size``, moved back before the start of any added token's text that could straddle it (added
+    tokens are split out of the whole text before anything else; the whitespace an ``lstrip`` one
+    swallows then trails the prefix, where it is never final)."""
+    cut = size
+    moved = True
+    while moved and pipeline.added:
+        moved = False
+        for token in pipeline.added:
+            for k in range(min(len(token) - 1, cut), 0, -1):
+                if text[cut - k : cut] == token[:k]:
+                    cut -= k
+                    moved = True
+                    break
+    return cut
 
 
 def _final(encoded: Any, content: range, limit: int) -> int:
@@ -224,6 +269,12 @@ def _final(encoded: Any, content: range, limit: int) -> int:
     return len(content)
 
 
+def template_tokens(tokenizer: Any) -> int:
+    """The special tokens ``tokenizer``'s template adds to every text ([CLS] and [SEP]: 2)."""
+    pipeline = _pipeline(tokenizer)
+    return pipeline.lead + pipeline.trail
+
+
 def words_are_local(tokenizer: Any) -> bool:
     """Whether ``tokenizer``'s words (but its last few characters') are final in a prefix: its
     normaliser and pre-tokeniser steps are all ``_LOCAL_STEPS`` and some step splits words."""
@@ -241,20 +292,31 @@ def _pipeline(tokenizer: Any) -> _Pipeline:
     )
     trail = len(with_specials) - lead - len(bare)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    words, window = False, _MIN_WINDOW
+    words, window, added = False, _MIN_WINDOW, ()
     if backend is not None:
         normaliser = list(_steps(json.loads(backend.normalizer.__getstate__()))) if backend.normalizer else []
         splitter = list(_steps(json.loads(backend.pre_tokenizer.__getstate__()))) if backend.pre_tokenizer else []
         steps = normaliser + splitter
-        splits = any(_splits(part) for part in splitter)
-        words = splits and all(_local_one(part) for part in steps)
+        tokens = list(backend.get_added_tokens_decoder().values())
+        added = tuple(token.content for token in tokens)
+        # An added token matched after normalising may span characters the normaliser deletes,
+        # further back than any window: such pipelines are tokenised whole.
+        normalised_added = bool(normaliser) and any(token.normalized and len(token.content) > 1 for token in tokens)
+        words = all(_local_one(part) for part in steps) and not normalised_added and _splits(backend)
         literals = [len(part.get("pattern", {}).get("String", "")) for part in steps]
-        added = [len(token.content) for token in backend.get_added_tokens_decoder().values()]
-        window = max(_MIN_WINDOW, *literals, *added) + 1
-    found = _Pipeline(words, window, lead, trail)
+        window = max(_MIN_WINDOW, *literals, *map(len, added)) + 1
+    found = _Pipeline(words, window, lead, trail, added, getattr(tokenizer, "truncation_side", "right") == "left")
     with contextlib.suppress(TypeError):  # not weakly referable: worked out again next time
         _PIPELINES[tokenizer] = found
     return found
+
+
+def _splits(backend: Any) -> bool:
+    """Whether the pipeline splits :data:`_PROBE` into several words (so texts have words at all)."""
+    if backend.pre_tokenizer is None:
+        return False
+    text = backend.normalizer.normalize_str(_PROBE) if backend.normalizer else _PROBE
+    return len(backend.pre_tokenizer.pre_tokenize_str(text)) >= 3
 
 
 def _steps(step: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -272,17 +334,9 @@ def _local_one(step: dict[str, Any]) -> bool:
     if kind == "Replace":
         return "String" in pattern or bool(_SPACES_PATTERN.fullmatch(str(pattern.get("Regex", "?"))))
     if kind == "Split" and "Regex" in pattern:
-        return _bounded_lookarounds(str(pattern["Regex"]))
+        regex = str(pattern["Regex"])
+        return _bounded_lookarounds(regex) and not _REPEATED_GROUP.search(regex)
     return True
-
-
-def _splits(step: dict[str, Any]) -> bool:
-    """Whether a pre-tokeniser step splits words (Metaspace and ByteLevel only with their option on)."""
-    kind = step.get("type")
-    if kind not in _SPLITTING:
-        return False
-    option = _SPLITTING[kind]
-    return option is None or bool(step.get(option, True))
 
 
 def _bounded_lookarounds(regex: str) -> bool:

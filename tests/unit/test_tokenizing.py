@@ -137,3 +137,11 @@ def test_a_contraction_cut_by_the_prefix_is_not_taken_as_final() -> None:
             whole = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
             got = tokenize_exact(tokenizer, [text], max_tokens=limit, truncate=True, piece_chars=size, max_read=10**6)
             assert got == [whole], (cut, limit)
+
+
+def test_a_limit_with_no_room_for_text_is_refused_when_the_model_loads(minilm_dir: Path) -> None:
+    from encoder import load_encoder
+
+    with pytest.raises(ValueError, match="leaves no room for text"):
+        load_encoder(str(minilm_dir), max_tokens=2)  # [CLS] and [SEP] only
+    assert load_encoder(str(minilm_dir), max_tokens=3).tokenize(["hello world"], truncate=True)[0][1:-1] != []
