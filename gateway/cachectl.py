@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyGroup", "WarmReport", "add_parsers", "connect", "parse_key", "purge", "run", "scan_groups", "warm"]
 
-# The text's digest: 32 hex digits (XXH3-128, as keys were first written) or 64 (BLAKE2b-256). Both
+# The text's digest: 32 hex digits (XXH3-128, as keys were first written) or 64 (BLAKE2b-256 then BLAKE2s-256). Both
 # count, so entries written before a digest change are still seen, sized and purged until they expire.
 _HASH = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{64})$")
 _GLOB = re.compile(r"([*?\[\]\\])")
