@@ -7,6 +7,7 @@ way in); everything it does not override goes to the real encoder. ``Recorder`` 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from encoder import Encoder
-from encoder.batcher import BatcherEvent, BatchReport
+from encoder.batcher import BatcherEvent, BatchReport, MicroBatcher
 
 
 class GatedEncoder:
@@ -60,3 +61,20 @@ class Recorder:
     @property
     def inputs(self) -> int:
         return sum(report.size for report in self.reports)
+
+
+async def embed_dense(batcher: MicroBatcher, texts: list[str]) -> np.ndarray:
+    """Tokenise and embed ``texts`` through ``batcher``: their dense vectors, stacked."""
+    results = await batcher.embed(texts, await batcher.tokenize(texts))
+    return np.stack([result.dense for result in results])
+
+
+async def hold_forward_thread(
+    batcher: MicroBatcher, gated: GatedEncoder, text: str = "hold the thread"
+) -> asyncio.Task[np.ndarray]:
+    """Close the gate and start one request of ``text``, returning once the forward thread is stuck
+    in it: everything submitted from now on queues behind that pass."""
+    gated.gate.clear()
+    blocker = asyncio.create_task(embed_dense(batcher, [text]))
+    await asyncio.to_thread(gated.entered.wait, 10)
+    return blocker

@@ -18,15 +18,8 @@ from encoder.batcher import (
     WorkerCrashedError,
 )
 from tests.gates import GatedEncoder, Recorder
-
-
-async def _hold_forward_thread(batcher: MicroBatcher, gated: GatedEncoder) -> asyncio.Task[np.ndarray]:
-    """Close the gate and start one request, returning once the forward thread is stuck in it:
-    everything submitted from now on queues into the next window."""
-    gated.gate.clear()
-    blocker = asyncio.create_task(_embed(batcher, ["hold the thread"]))
-    await asyncio.to_thread(gated.entered.wait, 10)
-    return blocker
+from tests.gates import embed_dense as _embed
+from tests.gates import hold_forward_thread as _hold_forward_thread
 
 
 async def _started(encoder: Any, **kwargs: Any) -> MicroBatcher:
@@ -39,11 +32,6 @@ def _seen(batcher: MicroBatcher) -> Recorder:
     recorder = batcher.observer
     assert isinstance(recorder, Recorder)
     return recorder
-
-
-async def _embed(batcher: MicroBatcher, texts: list[str]) -> np.ndarray:
-    results = await batcher.embed(texts, await batcher.tokenize(texts))
-    return np.stack([result.dense for result in results])
 
 
 @pytest.mark.anyio

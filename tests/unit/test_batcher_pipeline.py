@@ -15,17 +15,13 @@ import pytest
 from encoder import Encoder
 from encoder.batcher import BatcherEvent, BatchReport, MicroBatcher, WorkerCrashedError
 from support.emulated_device import emulated_encoder
-from tests.gates import GatedEncoder, Recorder
+from tests.gates import GatedEncoder, Recorder, hold_forward_thread
+from tests.gates import embed_dense as _embed
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-async def _embed(batcher: MicroBatcher, texts: list[str]) -> np.ndarray:
-    results = await batcher.embed(texts, await batcher.tokenize(texts))
-    return np.stack([result.dense for result in results])
 
 
 async def _until(check: Callable[[], bool], what: str, within: float = 5.0) -> None:
@@ -44,9 +40,7 @@ async def test_the_next_batch_waits_on_the_forward_thread_while_a_pass_runs(
     batcher = MicroBatcher(gated, pipeline_depth=depth)  # type: ignore[arg-type]
     await batcher.start()
     try:
-        gated.gate.clear()
-        first = asyncio.create_task(_embed(batcher, ["the pass that runs"]))
-        await asyncio.to_thread(gated.entered.wait, 10)
+        first = await hold_forward_thread(batcher, gated, "the pass that runs")
         later = asyncio.create_task(_embed(batcher, ["queued while it runs", "and another"]))
         if depth == 2:
             await _until(lambda: batcher.passes_in_flight == 2, "the next pass to be handed over")
@@ -100,9 +94,7 @@ async def test_a_caller_cancelled_while_its_pass_waits_behind_the_running_one(mi
     batcher = MicroBatcher(gated, observer=recorder)  # type: ignore[arg-type]
     await batcher.start()
     try:
-        gated.gate.clear()
-        first = asyncio.create_task(_embed(batcher, ["running"]))
-        await asyncio.to_thread(gated.entered.wait, 10)
+        first = await hold_forward_thread(batcher, gated, "running")
         leaving = asyncio.create_task(_embed(batcher, ["handed over, then abandoned", "and this one"]))
         staying = asyncio.create_task(_embed(batcher, ["handed over and wanted"]))
         await _until(lambda: batcher.passes_in_flight == 2, "the second pass to be handed over")
@@ -138,9 +130,7 @@ async def test_out_of_memory_in_a_pass_splits_it_while_the_next_pass_waits(minil
     batcher = MicroBatcher(gated, observer=recorder)  # type: ignore[arg-type]
     await batcher.start()
     try:
-        gated.gate.clear()
-        first = asyncio.create_task(_embed(batcher, ["holds the thread"]))
-        await asyncio.to_thread(gated.entered.wait, 10)
+        first = await hold_forward_thread(batcher, gated, "holds the thread")
         calls = [asyncio.create_task(batcher.embed([text], [row])) for text, row in zip(texts, ids, strict=True)]
         behind = asyncio.create_task(_embed(batcher, ["after the split, and fine"]))
         await _until(lambda: batcher.passes_in_flight == 2, "the batch to be handed over")
@@ -178,9 +168,7 @@ async def test_a_worker_crash_fails_both_passes_it_held_and_a_new_worker_serves(
     batcher = MicroBatcher(gated, observer=observer)  # type: ignore[arg-type]
     await batcher.start()
     try:
-        gated.gate.clear()
-        first = asyncio.create_task(_embed(batcher, ["the worker dies answering this"]))
-        await asyncio.to_thread(gated.entered.wait, 10)
+        first = await hold_forward_thread(batcher, gated, "the worker dies answering this")
         behind = asyncio.create_task(_embed(batcher, ["handed over behind it"]))
         await _until(lambda: batcher.passes_in_flight == 2, "the second pass to be handed over")
         gated.gate.set()
