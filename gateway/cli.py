@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.settings import ENV_PREFIX, Settings, SettingsError
+
+logger = logging.getLogger("gateway")
 
 __all__ = ["main"]
 
@@ -58,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(role, help=f"{text}; reads its settings as one JSON line on stdin")
         sub.add_argument("--socket", type=Path, required=True, help="the engine's Unix socket")
         sub.add_argument("--restarts-file", type=Path, default=None, help="restart counts the supervisor writes")
+        sub.add_argument("--supervisor-pid", type=int, default=None, help="a worker stops when this parent is gone")
     return parser
 
 
@@ -125,7 +129,7 @@ def preflight(settings: Settings) -> str | None:
     try:
         spec = read_model_spec(resolve_model_dir(settings.model, settings.revision or None))
     except (ModelNotFoundError, ValueError, OSError) as exc:
-        return f"{ENV_PREFIX}MODEL (--model): {exc}"
+        return _model_line(exc)
     if settings.quantize == "int8":
         problem = _int8_preflight(device.type)
         if problem is not None:
@@ -140,6 +144,22 @@ def preflight(settings: Settings) -> str | None:
             f"{ENV_PREFIX}MAX_INPUT_TOKENS (--max-input-tokens): {settings.max_input_tokens} is above the model's "
             f"limit of {spec.max_tokens} tokens; use at most {spec.max_tokens}, or 0 for the model's limit"
         )
+    return None
+
+
+def _model_line(exc: Exception) -> str:
+    return f"{ENV_PREFIX}MODEL (--model): {exc}"
+
+
+def _model_problem(settings: Settings) -> str | None:
+    """A model that can't be found or read, as one line (the int8 Job's log must not start with a traceback)."""
+    from encoder import ModelNotFoundError
+    from encoder.model_files import read_model_spec, resolve_model_dir
+
+    try:
+        read_model_spec(resolve_model_dir(settings.model, settings.revision or None))
+    except (ModelNotFoundError, ValueError, OSError) as exc:
+        return _model_line(exc)
     return None
 
 
@@ -230,22 +250,27 @@ def _engine(settings: Settings, socket_path: Path, restarts_file: Path | None) -
     return run_engine(settings, socket_path, load_model, restarts_file, stop_pipe=sys.stdin.buffer)
 
 
-def _watch_parent() -> None:
-    """A worker whose supervisor was killed stops (drains) instead of serving on alone."""
-    import os
-    import threading
+def _watch_parent(parent: int, server: Any) -> None:
+    """A worker whose supervisor (``parent``) was killed drains and stops instead of serving on alone.
 
-    parent = os.getppid()
+    A started worker drains by uvicorn's own stop flag (``server.should_exit``). One still starting
+    has nothing to drain and may never finish starting (its start-up waits for an engine that died
+    with the supervisor), so it exits at once.
+    """
+    import threading
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
+        logger.warning("the supervisor (pid %d) is gone: this worker stops", parent)
+        server.should_exit = True
+        if not server.started:
+            os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _worker(settings: Settings, socket_path: Path) -> int:
+def _worker(settings: Settings, socket_path: Path, supervisor_pid: int) -> int:
     import uvicorn
 
     from gateway.engine.supervisor import reuseport_socket
@@ -259,7 +284,7 @@ def _worker(settings: Settings, socket_path: Path) -> int:
     server = uvicorn.Server(config)
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: None)  # as in _serve: a drained stop exits 0
-    _watch_parent()
+    _watch_parent(supervisor_pid, server)
     server.run(sockets=[listener])
     return 0 if server.started else 1
 
@@ -372,28 +397,38 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings_from_stdin()
         if args.command == "engine":
             return _engine(settings, args.socket, args.restarts_file)
-        return _worker(settings, args.socket)
-    overrides = {name: getattr(args, name) for name in Settings.field_names()}
+        return _worker(settings, args.socket, args.supervisor_pid or os.getppid())
+    loaded = _load_settings(args)
+    if loaded is None:
+        return 2
+    return _check(loaded) if args.command == "check" else _serve(loaded)
+
+
+def _load_settings(args: argparse.Namespace, *, serving: bool = True) -> Settings | None:
+    """The settings of a command that reads the environment, or None after one line on stderr.
+
+    Every such command (serve, check, int8 build, cache) names a misspelt ``EMBED_*`` variable the
+    same way: a typo must not pass for a default, silently, in a Job any more than in the server.
+    """
     try:
-        settings = Settings.load(overrides=overrides)
-        settings.api_key_set()  # an unreadable key file is a start-up error, not a 500 later
+        settings = Settings.load(overrides={name: getattr(args, name) for name in Settings.field_names()})
+        if serving:
+            settings.api_key_set()  # an unreadable key file is a start-up error, not a 500 later
     except SettingsError as exc:
         print(f"embedding-gateway: invalid setting: {exc}", file=sys.stderr)
-        return 2
-    for line in Settings.unknown_variables():  # a typo must not pass for a default, silently
+        return None
+    for line in Settings.unknown_variables():
         print(f"embedding-gateway: warning: {line}", file=sys.stderr)
-    return _check(settings) if args.command == "check" else _serve(settings)
+    return settings
 
 
 def _int8(args: argparse.Namespace) -> int:
     """``int8 build``: the int8 cache of EMBED_MODEL, built once (README "int8 on CPU")."""
-    try:
-        settings = Settings.load(overrides={name: getattr(args, name) for name in Settings.field_names()})
-    except SettingsError as exc:
-        print(f"embedding-gateway: invalid setting: {exc}", file=sys.stderr)
+    settings = _load_settings(args, serving=False)
+    if settings is None:
         return 2
     configure_logging(settings)
-    problem = _int8_preflight("cpu")
+    problem = _int8_preflight("cpu") or _model_problem(settings)
     if problem is not None:
         print(f"embedding-gateway: {problem}", file=sys.stderr)
         return 2
@@ -414,10 +449,8 @@ def _cache(args: argparse.Namespace) -> int:
 
     if args.cache_command == "warm":  # talks to a running gateway, not to Redis
         return cachectl.run(args)
-    try:
-        settings = Settings.load(overrides={name: getattr(args, name) for name in Settings.field_names()})
-    except SettingsError as exc:
-        print(f"embedding-gateway: invalid setting: {exc}", file=sys.stderr)
+    settings = _load_settings(args, serving=False)
+    if settings is None:
         return 2
     return cachectl.run(args, settings.redis_url, settings.cache_prefix)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -34,8 +35,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.engine.ledger import FOLDER, Ledger
-from gateway.engine.server import Restarts
+from gateway.engine.ledger import FOLDER, RESTARTS_FILE, Ledger, Restarts
 from gateway.settings import Settings
 
 __all__ = ["Supervisor", "reuseport_socket"]
@@ -60,7 +60,7 @@ class Supervisor:
         self.settings = settings
         self.folder = Path(tempfile.mkdtemp(prefix="embedding-gateway-"))
         self.socket_path = self.folder / "engine.sock"
-        self.restarts_path = self.folder / "restarts.json"
+        self.restarts_path = self.folder / RESTARTS_FILE
         self.restarts = Restarts(workers=settings.workers)
         (self.folder / FOLDER).mkdir(mode=0o700)
         self.ledger = Ledger(self.folder / FOLDER)
@@ -74,6 +74,10 @@ class Supervisor:
         args = [sys.executable, "-m", "gateway", role, "--socket", str(self.socket_path)]
         if role == "engine":
             args += ["--restarts-file", str(self.restarts_path)]
+        else:
+            # The worker compares its parent with this pid from its first line on: read later, a
+            # supervisor killed while the worker imports would already look like its parent (init).
+            args += ["--supervisor-pid", str(os.getpid())]
         return args
 
     def _spawn(self, role: str) -> subprocess.Popen[bytes]:
