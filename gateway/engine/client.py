@@ -32,7 +32,7 @@ from encoder.kinds import OutputKind, Outputs
 from encoder.model_files import read_model_spec
 from gateway.core.telemetry import Telemetry, TelemetryState
 from gateway.engine import protocol
-from gateway.engine.ledger import Ledger
+from gateway.engine.ledger import RESTARTS_FILE, Ledger, read_restarts
 from gateway.engine.protocol import (
     Cancel,
     Collect,
@@ -263,13 +263,42 @@ class EngineLink:
         return [decode_outputs(item, width) for item in answer.outputs]
 
     async def whole_server(self) -> StatsAnswer:
-        """The engine's counters and every worker's, this worker's sent fresh with the question."""
+        """The engine's counters and every worker's, this worker's sent fresh with the question.
+
+        While the engine is away (restarting: minutes of a model load) the answer comes from the
+        ledger alone, with the queue empty as a restarted engine's is: a scrape must not fail
+        exactly while the replica is in trouble (Prometheus would lose its series then).
+        """
         ask_id = next(self._ids)
-        answer = await self._ask(ask_id, StatsAsk(ask_id, os.getpid(), self._keep()))
+        try:
+            answer = await self._ask(ask_id, StatsAsk(ask_id, os.getpid(), self._keep()))
+        except QueueFullError:
+            if self.ledger is None:
+                raise
+            return self._from_ledger(ask_id, self.ledger)
         if not isinstance(answer, StatsAnswer):
             raise EngineUnavailableError(f"its counters did not come back ({type(answer).__name__})")
         self._queue_tokens = answer.queue_tokens
         return answer
+
+    def _from_ledger(self, ask_id: int, ledger: Ledger) -> StatsAnswer:
+        own = self._keep()
+        kept = ledger.read()
+        kept.pop(self.ledger_name, None)
+        restarts = read_restarts(self.socket_path.parent / RESTARTS_FILE)
+        self._queue_tokens = 0
+        return StatsAnswer(
+            id=ask_id,
+            engine=own,
+            workers=list(kept.values()),
+            queue_tokens=0,
+            in_flight=0,
+            tokens_per_second=0.0,
+            gpu=None,
+            worker_count=restarts.workers,
+            engine_restarts=restarts.engine,
+            worker_restarts=restarts.worker_restarts,
+        )
 
     # --- the connection --------------------------------------------------------------------
     async def _ask(self, call_id: int, frame: Frame) -> Frame:

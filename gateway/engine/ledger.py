@@ -29,13 +29,32 @@ import msgspec
 
 from gateway.core.telemetry import Telemetry, TelemetryState
 
-__all__ = ["FOLDER", "Ledger"]
+__all__ = ["FOLDER", "RESTARTS_FILE", "Ledger", "Restarts", "read_restarts"]
 
 logger = logging.getLogger("gateway.engine")
 
 FOLDER = "telemetry"  # next to the engine's socket, in the supervisor's private temporary folder
 _SUFFIX = ".state"
+RESTARTS_FILE = "restarts.json"  # the supervisor's restart counts, next to the engine's socket
 _READ_ATTEMPTS = 100  # a fold between listing and reading costs one more attempt; folds are rare
+
+
+class Restarts(msgspec.Struct):
+    """Written by the supervisor next to the socket (:data:`RESTARTS_FILE`); read for /stats."""
+
+    workers: int = 0
+    engine: int = 0
+    worker_restarts: int = 0
+
+
+def read_restarts(path: Path | None) -> Restarts:
+    """The supervisor's restart counts at ``path``; zeros where there is none (an engine on its own)."""
+    if path is None:
+        return Restarts()
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Restarts)
+    except (OSError, msgspec.DecodeError):
+        return Restarts()
 
 
 class _Entry(msgspec.Struct, array_like=True):

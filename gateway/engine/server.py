@@ -26,14 +26,12 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-import msgspec
-
 from encoder import Encoder
 from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError, WorkerCrashedError
 from encoder.kinds import OutputKind
 from gateway.core.telemetry import Telemetry, TelemetryState, gpu_stats
 from gateway.engine import protocol
-from gateway.engine.ledger import Ledger
+from gateway.engine.ledger import Ledger, Restarts, read_restarts
 from gateway.engine.protocol import (
     Cancel,
     Collect,
@@ -60,14 +58,6 @@ logger = logging.getLogger("gateway.engine")
 
 COLLECT_TIMEOUT_S = 0.25  # a worker too busy to send its counters by then is reported as last pushed
 KEEP_INTERVAL_S = 1.0  # how often the engine writes its counters to the ledger (and before each answer)
-
-
-class Restarts(msgspec.Struct):
-    """Written by the supervisor next to the socket; read by the engine for /stats."""
-
-    workers: int = 0
-    engine: int = 0
-    worker_restarts: int = 0
 
 
 class EngineServer:
@@ -271,17 +261,9 @@ class EngineServer:
         if not asker.is_closing():
             self._write(asker, answer)
 
-    def _restarts(self) -> Restarts:
-        if self.restarts_path is None:
-            return Restarts()
-        try:
-            return msgspec.json.decode(self.restarts_path.read_bytes(), type=Restarts)
-        except (OSError, msgspec.DecodeError):
-            return Restarts()
-
     def _stats(self, ask_id: int) -> StatsAnswer:
         gpu = gpu_stats(self.encoder.torch_device)
-        restarts = self._restarts()
+        restarts = read_restarts(self.restarts_path)
         engine = self._keep()
         if self.ledger is None:
             others = list(self.worker_states.values())
