@@ -42,7 +42,7 @@ from gateway.http.auth import ApiKeyMiddleware
 from gateway.http.clients import ClientHooks
 from gateway.http.compression import AnswerCompressor, compression_middleware
 from gateway.http.errors import exception_handlers
-from gateway.http.middleware import RequestContextMiddleware, request_id
+from gateway.http.middleware import InFlight, RequestContextMiddleware, request_id
 from gateway.http.routes import EMBEDDING_ROUTES, OTHER_ROUTES
 from gateway.http.runtime import Runtime
 from gateway.settings import Settings
@@ -144,9 +144,15 @@ def _middleware(
     settings: Settings, keys: Sequence[ApiKey], telemetry: Telemetry, clients: ClientHooks
 ) -> list[DefineMiddleware]:
     """Request context outermost (it records every status), then the API keys (none: no check at all)."""
+    in_flight = InFlight(settings.max_connections, telemetry)  # one cap for every route's stack
     middleware = [
         DefineMiddleware(
-            partial(RequestContextMiddleware, telemetry=telemetry, json_logs=settings.log_format == "json")
+            partial(
+                RequestContextMiddleware,
+                telemetry=telemetry,
+                json_logs=settings.log_format == "json",
+                in_flight=in_flight,
+            )
         )
     ]
     if keys:

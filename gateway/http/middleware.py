@@ -1,11 +1,16 @@
 """Request context: an ``x-request-id`` on every response, timing, telemetry and one log line per request.
 
-Three marks in a request's ``scope["state"]`` come from the server protocol (:mod:`gateway.http.server`),
-which sees the connection but not the routes: :data:`OVER_CAPACITY` (the in-flight cap was reached
-when the request started: refused here unless the route is a probe or ``/metrics``),
-:data:`CUT_STATUS` (the protocol answered the request itself, 408 or 431, and cut it off), and
-:data:`CLIENT_GONE` (the connection was lost before the answer started, whether or not the app
-asked for more of the body: a 499).
+The in-flight cap (``EMBED_MAX_CONNECTIONS``) is kept here, by :class:`InFlight`, because only
+the routes know when a request becomes work: a request counts once its body is complete. One whose
+body is still arriving holds no slot (a few uploads trickling at a legal rate must not refuse every
+other request while ``/readyz`` says 200); its memory is bounded by the body limits and deadlines
+instead. Routes that read a body (``opt={"embedding": True}``) call :func:`admit` once they have
+it; any other request is counted as it starts. Probes and ``/metrics`` are never counted or refused.
+
+Two marks in a request's ``scope["state"]`` come from the server protocol (:mod:`gateway.http.server`),
+which sees the connection but not the routes: :data:`CUT_STATUS` (the protocol answered the request
+itself, 408 or 431, and cut it off), and :data:`CLIENT_GONE` (the connection was lost before the
+answer started, whether or not the app asked for more of the body: a 499).
 """
 
 from __future__ import annotations
@@ -30,22 +35,24 @@ from litestar.types import (
     Send,
 )
 
+from gateway.core.errors import OverloadedError
 from gateway.core.telemetry import Telemetry
 from gateway.http.errors import ErrorBody, ErrorEnvelope
 
 __all__ = [
     "CLIENT_GONE",
     "CUT_STATUS",
-    "OVER_CAPACITY",
+    "AtCapacityError",
+    "InFlight",
     "RequestContextMiddleware",
     "RequestOutcome",
+    "admit",
     "outcome",
     "request_id",
 ]
 
 logger = logging.getLogger("gateway.access")
 
-OVER_CAPACITY = "gateway.over_capacity"
 CUT_STATUS = "gateway.cut_status"
 CLIENT_GONE = "gateway.client_gone"
 
@@ -57,20 +64,17 @@ _NEVER_REFUSED = frozenset({"/livez", "/readyz", "/health", "/metrics"})
 # (Litestar turns a body cut short into a 500), it is no server error and must not page anyone.
 _CLIENT_LEFT = 499
 
+_AT_CAPACITY = "The server has as many requests in flight as it takes; retry shortly."
 _OVER_CAPACITY_BODY = msgspec.json.encode(
-    ErrorEnvelope(
-        ErrorBody(
-            message="The server has as many requests in flight as it takes; retry shortly.",
-            type="server_error",
-            code="overloaded",
-        )
-    )
+    ErrorEnvelope(ErrorBody(message=_AT_CAPACITY, type="server_error", code="overloaded"))
 )
 _OVER_CAPACITY_HEADERS = (
     (b"content-type", b"application/json"),
     (b"content-length", str(len(_OVER_CAPACITY_BODY)).encode()),
     (b"retry-after", b"1"),
 )
+_ADMISSION = "gateway.admission"
+_REFUSED = "gateway.refused_at_cap"  # the request's pending admission (a route with a body calls admit)
 
 
 async def _refuse_over_capacity(send: Send) -> None:
@@ -82,6 +86,49 @@ async def _refuse_over_capacity(send: Send) -> None:
     body: HTTPResponseBodyEvent = {"type": "http.response.body", "body": _OVER_CAPACITY_BODY, "more_body": False}
     await send(start)
     await send(body)
+
+
+class AtCapacityError(OverloadedError):
+    """``EMBED_MAX_CONNECTIONS`` requests are in flight: this one is refused (503, Retry-After 1)."""
+
+    def __init__(self) -> None:
+        super().__init__(_AT_CAPACITY, retry_after=1.0)
+
+
+class InFlight:
+    """The requests of this process that count against the cap ``cap`` (None: no cap), shared by
+    every route's middleware (Litestar builds one middleware stack per route)."""
+
+    def __init__(self, cap: int | None, telemetry: Telemetry) -> None:
+        self.cap = cap
+        self.telemetry = telemetry
+        self.count = 0
+
+    def take(self) -> bool:
+        """Count one more request; False (and counted as refused) when the cap is reached."""
+        if self.cap is not None and self.count >= self.cap:
+            self.telemetry.refused_at_capacity()
+            return False
+        self.count += 1
+        return True
+
+
+class _Admission:
+    __slots__ = ("admitted", "in_flight")
+
+    def __init__(self, in_flight: InFlight) -> None:
+        self.in_flight = in_flight
+        self.admitted = False
+
+
+def admit(scope: Scope) -> None:
+    """Count this request, whose body is now complete, against the in-flight cap; raise
+    :class:`AtCapacityError` at the cap. A second call, or one outside the middleware, does nothing."""
+    admission = scope.get("state", {}).get(_ADMISSION)
+    if isinstance(admission, _Admission) and not admission.admitted:
+        if not admission.in_flight.take():
+            raise AtCapacityError
+        admission.admitted = True
 
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -137,14 +184,17 @@ class RequestContextMiddleware:
     The endpoint label is the matched route's path template, so labels stay bounded whatever
     paths clients send; routes with ``opt={"embedding": True}`` count as embedding requests. A
     request whose client left before its answer started is a 499 (or the 408/431 the protocol
-    sent before cutting it off); one marked :data:`OVER_CAPACITY` is answered 503 here, unless
-    its route is a probe or ``/metrics``, and counted as refused at the cap.
+    sent before cutting it off). ``in_flight`` is the process's cap (see the module's docstring):
+    a request past it gets 503 ``overloaded`` here (or from :func:`admit`), counted as refused.
     """
 
-    def __init__(self, app: ASGIApp, telemetry: Telemetry, json_logs: bool = False) -> None:
+    def __init__(
+        self, app: ASGIApp, telemetry: Telemetry, json_logs: bool = False, in_flight: InFlight | None = None
+    ) -> None:
         self.app = app
         self.telemetry = telemetry
         self.json_logs = json_logs
+        self.in_flight = in_flight if in_flight is not None else InFlight(None, telemetry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -169,18 +219,25 @@ class RequestContextMiddleware:
             return message
 
         state: dict[str, Any] = scope["state"]  # request_id() made sure of it
-        refused = bool(state.get(OVER_CAPACITY)) and scope.get("path_template") not in _NEVER_REFUSED
+        handler = scope.get("route_handler")
+        admission = _Admission(self.in_flight)
+        refused = False
+        if handler is not None and handler.opt.get("embedding"):
+            state[_ADMISSION] = admission  # counted once the route has its body (admit)
+        elif scope.get("path_template") not in _NEVER_REFUSED:
+            admission.admitted = self.in_flight.take()
+            refused = not admission.admitted
         try:
             if refused:
-                self.telemetry.refused_at_capacity()
                 await _refuse_over_capacity(send_with_status)
             else:
                 await self.app(scope, receive_watching, send_with_status)
         finally:
+            if admission.admitted:
+                self.in_flight.count -= 1
             if client_left or state.get(CLIENT_GONE):
                 status = state.get(CUT_STATUS, _CLIENT_LEFT)
             seconds = time.perf_counter() - started
-            handler = scope.get("route_handler")
             embedding = bool(handler is not None and handler.opt.get("embedding"))
             endpoint = str(scope.get("path_template") or "other")
             self.telemetry.request_done(endpoint, status, seconds, embedding=embedding)

@@ -6,9 +6,8 @@ it counts open connections, idle keep-alive ones included, and answers 503 befor
 so a handful of idle sockets (a proxy's keep-alive pool) made ``/livez`` and ``/readyz`` fail, the
 kubelet restarted busy pods, and no counter saw the refusals (issue 27). Idle connections cost a
 few KB and their deadlines close them; what needs a cap is the work in flight. So the cap counts
-requests in flight (uvicorn's tasks): a request that starts at the cap is marked (a pipelined one
-when it starts, its own predecessor not counted), and the request middleware, which sees the route,
-refuses it with 503 (counted) unless it is a probe or ``/metrics``.
+requests in flight, and is kept by the request middleware (:class:`~gateway.http.middleware.InFlight`),
+which sees the route: a request counts once its body is complete, and probes and ``/metrics`` never.
 
 What uvicorn's httptools protocol lacks, a small subclass adds, each measured as an attack first
 (README, Reliability):
@@ -55,7 +54,7 @@ from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.http.errors import ErrorBody, ErrorEnvelope
-from gateway.http.middleware import CLIENT_GONE, CUT_STATUS, OVER_CAPACITY
+from gateway.http.middleware import CLIENT_GONE, CUT_STATUS
 from gateway.settings import Settings
 
 __all__ = ["ConnectionLimits", "guarded_protocol", "uvicorn_config"]
@@ -93,7 +92,6 @@ class ConnectionLimits:
     header_timeout_s: float
     body_timeout_s: float  # idle: any byte of the body restarts it
     body_min_bytes_per_s: int = 0  # 0: no minimum rate
-    max_requests_in_flight: int | None = None
 
 
 def _refusal(status: bytes, code: str, message: str) -> bytes:
@@ -305,15 +303,6 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 self.cycle.keep_alive = False
 
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-            # The cap is checked when a request starts, not when its head arrives: a pipelined request
-            # starts when the one before it on this connection has answered, and that one's task
-            # (still finishing) is no request in flight.
-            cap = limits.max_requests_in_flight
-            if cap is not None:
-                before = self._running_task
-                in_flight = len(self.tasks) - (before is not None and before in self.tasks)
-                if in_flight >= cap:
-                    cycle.scope["state"][OVER_CAPACITY] = True
             # uvicorn's own, keeping the task.
             if self.config.reset_contextvars:
                 task = self.loop.create_task(cycle.run_asgi(app), context=contextvars.Context())
@@ -510,7 +499,6 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         body_min_bytes_per_s=settings.body_min_bytes_per_s,
-        max_requests_in_flight=settings.max_connections,
     )
     return uvicorn.Config(
         app,

@@ -33,7 +33,7 @@ from gateway.core.schemas import (
     decode_outputs_request,
 )
 from gateway.http.auth import client_name, token_reservation
-from gateway.http.middleware import outcome
+from gateway.http.middleware import admit, outcome
 from gateway.http.routes.common import ERRORS, runtime_of
 from gateway.http.routes.models import check_model
 from gateway.http.runtime import Runtime
@@ -134,7 +134,9 @@ async def _accept(request: Request[Any, Any, Any], decode: Callable[[bytes], B])
     runtime = runtime_of(request)
     if runtime.draining:
         raise ShuttingDownError("the server is shutting down; retry on another replica", retry_after=1)
-    data = decode(await request.body())
+    body = await request.body()
+    admit(request.scope)  # counted in flight from here: an upload still arriving holds no slot
+    data = decode(body)
     check_model(runtime, data.model)
     return runtime, data
 
