@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         ("worker", "(started by serve) one HTTP worker process in front of the engine"),
     ):
         sub = commands.add_parser(role, help=f"{text}; reads its settings as one JSON line on stdin")
-        sub.add_argument("--socket", type=Path, required=True, help="the engine's Unix socket")
+        sub.add_argument(
+            "--socket", type=Path, action="append", required=True, help="an engine's Unix socket (a worker: each)"
+        )
         sub.add_argument("--restarts-file", type=Path, default=None, help="restart counts the supervisor writes")
         sub.add_argument("--supervisor-pid", type=int, default=None, help="a worker stops when this parent is gone")
     return parser
@@ -118,10 +120,11 @@ def preflight(settings: Settings) -> str | None:
     problem = unshared_limits_problem(settings, keys)  # EMBED_WORKERS > 1 without Redis: every limit x workers
     if problem is not None:
         return problem
+    where = f"{ENV_PREFIX}DEVICES (--devices)" if settings.devices else f"{ENV_PREFIX}DEVICE (--device)"
     try:
-        device = resolve_device(settings.device)
+        device, *_ = [resolve_device(entry) for entry in settings.engine_devices]  # each engine's
     except DeviceNotAvailableError as exc:
-        return f"{ENV_PREFIX}DEVICE (--device): {exc}"
+        return f"{where}: {exc}"
     try:
         resolve_dtype(device, settings.dtype)
     except (DeviceNotAvailableError, ValueError) as exc:
@@ -191,7 +194,7 @@ def _serve(settings: Settings) -> int:
     if problem is not None:
         print(f"embedding-gateway: invalid setting: {problem}", file=sys.stderr)
         return 2
-    if settings.workers > 1:
+    if settings.supervised:  # EMBED_WORKERS > 1 or several EMBED_DEVICES
         from gateway.engine.supervisor import Supervisor
 
         # Every engine (re)start loads the commit resolved now, never whatever the hub's branch
@@ -270,7 +273,7 @@ def _watch_parent(parent: int, server: Any) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _worker(settings: Settings, socket_path: Path, supervisor_pid: int) -> int:
+def _worker(settings: Settings, socket_paths: list[Path], supervisor_pid: int) -> int:
     import uvicorn
 
     from gateway.engine.supervisor import reuseport_socket
@@ -280,7 +283,7 @@ def _worker(settings: Settings, socket_path: Path, supervisor_pid: int) -> int:
     configure_logging(settings)
     listener = reuseport_socket(settings.host, settings.port)
     listener.listen(2048)
-    config = uvicorn_config(create_app(settings, engine_socket=socket_path), settings)
+    config = uvicorn_config(create_app(settings, engine_sockets=socket_paths), settings)
     server = uvicorn.Server(config)
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, lambda *_: None)  # as in _serve: a drained stop exits 0
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(stop, signal.SIG_IGN)
         settings = _settings_from_stdin()
         if args.command == "engine":
-            return _engine(settings, args.socket, args.restarts_file)
+            return _engine(settings, args.socket[0], args.restarts_file)
         return _worker(settings, args.socket, args.supervisor_pid or os.getppid())
     loaded = _load_settings(args)
     if loaded is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
@@ -96,6 +97,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_pool_timeout_ms: PositiveInt = 1000  # how long a call waits for a free connection (then: a miss)
     # workers (issue 12)
     workers: PositiveInt = 1  # HTTP worker processes; above 1, one engine process owns the model and the batcher
+    # several engines (issue 20): one engine process per entry (cuda:0,cuda:1 / cuda:0,cuda:0 / cpu,cpu);
+    # empty: one engine on EMBED_DEVICE (in this process when EMBED_WORKERS is 1)
+    devices: tuple[str, ...] = ()
     engine_start_timeout_s: PositiveFloat = 600.0  # a (re)started engine must load and warm up within this
     # int8 (issue 15)
     quantize: Literal["none", "int8"] = "none"  # int8: ONNX Runtime on the CPU, gated against float32
@@ -114,6 +118,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                 f"{', '.join(_REDIS_SCHEMES)} (empty: an in-process cache)"
             )
         _check_redis_mode(self.redis_mode, url, self.redis_sentinel_master.strip())
+        _check_devices(self.devices)
+
+    @property
+    def engine_devices(self) -> tuple[str, ...]:
+        """One device per engine: ``devices``, or ``device`` alone."""
+        return self.devices or (self.device,)
+
+    @property
+    def supervised(self) -> bool:
+        """Whether ``serve`` runs a supervisor of engine and worker processes (else one process)."""
+        return self.workers > 1 or len(self.engine_devices) > 1
 
     @property
     def served_model(self) -> str:
@@ -183,8 +198,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if value is not None and value.strip() != "":
                 raw[name] = value.strip()
         raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
-        if isinstance(raw.get("model_aliases"), str):
-            raw["model_aliases"] = tuple(alias.strip() for alias in raw["model_aliases"].split(",") if alias.strip())
+        for listed in ("model_aliases", "devices"):  # comma lists
+            if isinstance(raw.get(listed), str):
+                raw[listed] = tuple(entry.strip() for entry in raw[listed].split(",") if entry.strip())
         for info in msgspec.structs.fields(cls):  # operators write on/off and yes/no too
             if info.type is bool and isinstance(raw.get(info.name), str):
                 raw[info.name] = _BOOLEANS.get(raw[info.name].lower(), raw[info.name])
@@ -200,6 +216,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         if unknown:
             raise SettingsError(f"{unknown[0].removesuffix('; it is ignored')} ({ENV_PREFIX}STRICT_SETTINGS is on)")
         return settings
+
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]+)?)$")
+MAX_ENGINES = 16
+
+
+def _check_devices(devices: tuple[str, ...]) -> None:
+    """Every engine's device is a concrete one, and all of one kind: the cache namespace holds one
+    model's numerics, so a CPU engine's float32 vectors must not mix with a GPU's float16 ones."""
+    where = f"{ENV_PREFIX}DEVICES (--devices)"
+    for device in devices:
+        if not _DEVICE.match(device):
+            raise ValueError(f"{where}: {device!r} is not cpu, mps, cuda or cuda:N")
+    if len({device.partition(":")[0] for device in devices}) > 1:
+        raise ValueError(f"{where}: {','.join(devices)} mixes kinds of device; use one kind (cpu,cpu or cuda:0,cuda:1)")
+    if len(devices) > MAX_ENGINES:
+        raise ValueError(f"{where}: {len(devices)} engines; at most {MAX_ENGINES}")
 
 
 def _check_redis_mode(mode: str, url: str, master: str) -> None:

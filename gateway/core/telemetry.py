@@ -43,6 +43,7 @@ __all__ = [
     "PROMETHEUS_CONTENT_TYPE",
     "REQUEST_SECONDS_BUCKETS",
     "Buckets",
+    "EngineStats",
     "GpuStats",
     "KeyStats",
     "LiveState",
@@ -106,6 +107,7 @@ class LiveState(msgspec.Struct, kw_only=True):
     cache_namespace: str = ""
     backend: str = "torch"
     quantization: str = "none"
+    engines: list[EngineStats] = msgspec.field(default_factory=list)
 
 
 class RequestCounts(msgspec.Struct):
@@ -145,6 +147,40 @@ class EncoderStats(msgspec.Struct):
     worker_restarts: int
     backend: str = "torch"
     quantization: str = "none"
+
+
+class EngineStats(msgspec.Struct):
+    """One engine (a model on one device) as /stats lists it: ``EMBED_DEVICES`` has one per entry.
+
+    ``batches`` and ``busy_fraction`` (forward-pass seconds over the engine's uptime) count since
+    this engine process started; the whole server's totals, which survive restarts, are under
+    ``encoder``. ``up`` is false while the engine is away (restarting): its work goes to the others.
+    """
+
+    index: int
+    device: str
+    up: bool
+    batches: int = 0
+    forward_seconds: float = 0.0
+    busy_fraction: float = 0.0
+    queue_tokens: int = 0
+    uptime_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, index: int, device: str, state: TelemetryState, queue_tokens: int) -> EngineStats:
+        """Engine ``index``'s figures from its own counters ``state``."""
+        batches = state.counts[_COUNTS.index("batches")]
+        uptime = max(time.time() - state.started_at, 1e-9)
+        return cls(
+            index=index,
+            device=device,
+            up=True,
+            batches=batches,
+            forward_seconds=round(state.batch_seconds, 3),
+            busy_fraction=round(min(1.0, state.batch_seconds / uptime), 4),
+            queue_tokens=queue_tokens,
+            uptime_seconds=round(uptime, 3),
+        )
 
 
 class LatencyStats(msgspec.Struct):
@@ -191,6 +227,7 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     keys: dict[str, KeyStats] = msgspec.field(default_factory=dict)  # by key name (EMBED_API_KEYS_FILE)
     # EMBED_WORKERS > 1 only (issue 12): the whole server's counters, summed over these processes
     workers: int = 0  # HTTP worker processes
+    engines: list[EngineStats] = msgspec.field(default_factory=list)  # one per engine (EMBED_DEVICES)
     engine_restarts: int = 0  # times the supervisor restarted the engine process
     worker_restarts: int = 0  # times it restarted a worker process
 
@@ -475,6 +512,7 @@ class Telemetry:
             ),
             gpu=live.gpu,
             keys={name: msgspec.structs.replace(stats) for name, stats in sorted(c.by_key.items())},
+            engines=list(live.engines),
         )
 
     def render_prometheus(self, live: LiveState) -> bytes:
@@ -490,6 +528,31 @@ def _add_buckets(family: HistogramMetricFamily, labels: list[str], bounds: tuple
         running += count
         cumulative.append(("+Inf" if bound is None else repr(float(bound)), float(running)))
     family.add_metric(labels, cumulative, buckets.sum)
+
+
+def _engine_families(engines: list[EngineStats]) -> Iterator[Metric]:
+    """Per-engine gauges, labelled by engine index and device (``EMBED_DEVICES``). Gauges, not
+    counters: an engine's figures start again when it restarts (the totals above do not)."""
+    labels = ["engine", "device"]
+    families = [
+        (GaugeMetricFamily("embedding_engine_up", "1 while the engine is connected", labels=labels), "up"),
+        (GaugeMetricFamily("embedding_engine_queue_tokens", "tokens queued there", labels=labels), "queue_tokens"),
+        (
+            GaugeMetricFamily("embedding_engine_batches", "forward passes since the engine started", labels=labels),
+            "batches",
+        ),
+        (
+            GaugeMetricFamily(
+                "embedding_engine_busy_ratio", "forward-pass time over uptime since the engine started", labels=labels
+            ),
+            "busy_fraction",
+        ),
+    ]
+    for engine in engines:
+        for family, name in families:
+            family.add_metric([str(engine.index), engine.device], float(getattr(engine, name)))
+    for family, _ in families:
+        yield family
 
 
 class _SnapshotCollector:
@@ -541,6 +604,7 @@ class _SnapshotCollector:
             _add_buckets(histogram, [], bounds, buckets)
             yield histogram
         yield GaugeMetricFamily("embedding_queue_tokens", "tokens waiting for the encoder", value=encoder.queue_tokens)
+        yield from _engine_families(snapshot.engines)
         yield GaugeMetricFamily(
             "embedding_cache_circuit_open",
             "1 while the cache breaker skips the cache",

@@ -168,6 +168,7 @@ class EngineLink:
         self._generation = 0  # counts the models adopted: which tokenizer made some ids
         self._stopped = False
         self.reconnects = 0
+        self.sent_tokens = 0  # tokens of this worker's calls the engine has not answered yet
 
     # --- the batcher's face ----------------------------------------------------------------
     @property
@@ -244,10 +245,13 @@ class EngineLink:
             # Tokenised for the model the engine served before it restarted: retry under the new one.
             raise EngineUnavailableError("it now serves another model")
         call_id = next(self._ids)
-        answer = await self._ask(
-            call_id,
-            EmbedCall(call_id, list(texts), [list(ids) for ids in token_ids], [str(kind) for kind in kinds], tenant),
-        )
+        tokens = sum(len(ids) for ids in token_ids)
+        call = EmbedCall(call_id, list(texts), [list(ids) for ids in token_ids], [str(kind) for kind in kinds], tenant)
+        self.sent_tokens += tokens  # the router's fresh half of this engine's load
+        try:
+            answer = await self._ask(call_id, call)
+        finally:
+            self.sent_tokens -= tokens
         if isinstance(answer, EmbedFailed):
             if answer.kind == "queue_full":
                 self._queue_tokens = answer.queued
@@ -298,6 +302,7 @@ class EngineLink:
             worker_count=restarts.workers,
             engine_restarts=restarts.engine,
             worker_restarts=restarts.worker_restarts,
+            from_engine=False,
         )
 
     # --- the connection --------------------------------------------------------------------
@@ -382,7 +387,12 @@ class EngineLink:
                     future.set_result(frame)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             if not self._stopped:
-                logger.warning("lost the engine process (%s); answering 503 until it is back", type(exc).__name__)
+                logger.warning(
+                    "lost the engine process at %s (%s); its work goes to the other engines, if any, else 503, "
+                    "until it is back",
+                    self.socket_path.name,
+                    type(exc).__name__,
+                )
         finally:
             writer.close()
             if self._writer is writer:

@@ -148,6 +148,7 @@ class StatsAnswer(msgspec.Struct, tag="stats_answer", array_like=True):
     worker_count: int
     engine_restarts: int
     worker_restarts: int
+    from_engine: bool = True  # False: the worker's own answer from the ledger while the engine is away
 
 
 Frame = (

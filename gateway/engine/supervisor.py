@@ -1,12 +1,15 @@
-"""``EMBED_WORKERS > 1``: the ``serve`` process becomes a supervisor of one engine and N workers.
+"""``EMBED_WORKERS > 1`` or several ``EMBED_DEVICES``: ``serve`` becomes a supervisor of the engines and N workers.
 
-* the engine (``python -m gateway engine``) loads the model and listens on a Unix socket in a
-  private temporary folder; workers start once it answers;
+* each engine (``python -m gateway engine``, one per ``EMBED_DEVICES`` entry, else one) loads the
+  model on its device and listens on its Unix socket in a private temporary folder; workers start
+  once every engine answers, and each worker links to every engine
+  (:class:`~gateway.engine.router.EngineRouter`);
 * each worker (``python -m gateway worker``) binds the HTTP port with ``SO_REUSEPORT``, so the
   kernel spreads new connections over the workers (no accept lock, no shared socket to hand over);
 * each child reads its settings as one JSON line on its stdin, never from its command line (which
   any local user can read: the settings hold the API keys and the Redis password);
-* an engine that dies is restarted (workers answer 503 + Retry-After meanwhile and reconnect);
+* an engine that dies is restarted (its work goes to the other engines meanwhile, else workers
+  answer 503 + Retry-After; they reconnect);
   a worker that dies is restarted; both are logged and counted for /stats;
 * every child keeps its counters in the ledger, ``telemetry/`` in the supervisor's folder
   (:mod:`gateway.engine.ledger`); the supervisor folds a dead child's into the retired sum before
@@ -56,37 +59,52 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 class Supervisor:
+    """Runs one engine per entry of ``EMBED_DEVICES`` (or one on ``EMBED_DEVICE``) and
+    ``EMBED_WORKERS`` HTTP workers, each worker linked to every engine."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.folder = Path(tempfile.mkdtemp(prefix="embedding-gateway-"))
-        self.socket_path = self.folder / "engine.sock"
+        self.devices = settings.engine_devices
+        # engine 0 keeps the one-engine name: scripts and tests find the folder by it
+        self.socket_paths = [
+            self.folder / ("engine.sock" if i == 0 else f"engine-{i}.sock") for i in range(len(self.devices))
+        ]
         self.restarts_path = self.folder / RESTARTS_FILE
         self.restarts = Restarts(workers=settings.workers)
         (self.folder / FOLDER).mkdir(mode=0o700)
         self.ledger = Ledger(self.folder / FOLDER)
-        self.engine: subprocess.Popen[bytes] | None = None
-        self.engine_ready = False  # the engine of self.engine has opened its socket
+        self.engines: list[subprocess.Popen[bytes] | None] = [None] * len(self.devices)
+        self.engines_ready = [False] * len(self.devices)  # each engine has opened its socket
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
         self.stopping = threading.Event()
-        self._settings_line = b""
+        self._worker_line = b""
+        self._engine_lines: list[bytes] = []
 
-    def _command(self, role: str) -> list[str]:
-        args = [sys.executable, "-m", "gateway", role, "--socket", str(self.socket_path)]
+    @property
+    def socket_path(self) -> Path:
+        """Engine 0's socket (the one engine's, where there is one)."""
+        return self.socket_paths[0]
+
+    def _command(self, role: str, index: int = 0) -> list[str]:
+        args = [sys.executable, "-m", "gateway", role]
         if role == "engine":
-            args += ["--restarts-file", str(self.restarts_path)]
+            args += ["--socket", str(self.socket_paths[index]), "--restarts-file", str(self.restarts_path)]
         else:
+            for path in self.socket_paths:
+                args += ["--socket", str(path)]
             # The worker compares its parent with this pid from its first line on: read later, a
             # supervisor killed while the worker imports would already look like its parent (init).
             args += ["--supervisor-pid", str(os.getpid())]
         return args
 
-    def _spawn(self, role: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, role: str, index: int = 0) -> subprocess.Popen[bytes]:
         """Start ``role`` and hand it the settings on its stdin. A worker's stdin is closed then; the
         engine's stays open as its stop pipe (closed by :meth:`_stop_engine`, or by our death)."""
-        process = subprocess.Popen(self._command(role), stdin=subprocess.PIPE)
+        process = subprocess.Popen(self._command(role, index), stdin=subprocess.PIPE)
         assert process.stdin is not None
         try:
-            process.stdin.write(self._settings_line)
+            process.stdin.write(self._engine_lines[index] if role == "engine" else self._worker_line)
             process.stdin.flush()
         except OSError:
             pass  # it died at once: the caller sees it exit
@@ -94,29 +112,47 @@ class Supervisor:
             _close_stdin(process)
         return process
 
+    def _settings_lines(self, settings: Settings) -> None:
+        """The workers' settings, and each engine's: its own device, and on the CPU its share of
+        the cores when ``EMBED_CPU_THREADS`` is 0 (``cpu,cpu`` on 16 cores: 8 threads each)."""
+        # msgspec's JSON has no raw newline: the settings are exactly one line.
+        self._worker_line = msgspec.json.encode(settings) + b"\n"
+        share = max(1, (os.cpu_count() or 1) // len(self.devices))
+        for device in self.devices:
+            threads = settings.cpu_threads or (share if device == "cpu" and len(self.devices) > 1 else 0)
+            engine = msgspec.structs.replace(settings, device=device, devices=(), cpu_threads=threads)
+            self._engine_lines.append(msgspec.json.encode(engine) + b"\n")
+
     def _write_restarts(self) -> None:
         staging = self.restarts_path.with_suffix(".tmp")
         staging.write_bytes(msgspec.json.encode(self.restarts))
         staging.replace(self.restarts_path)
 
-    def _start_engine(self) -> bool:
-        """Start the engine and wait for its socket; False when it died or never answered."""
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
-        if self.engine is not None:
-            _close_stdin(self.engine)  # the last engine's stop pipe (it has exited)
-        self.engine_ready = False
-        self.engine = engine = self._spawn("engine")
+    def _start_engines(self, indices: list[int]) -> bool:
+        """Start the engines ``indices`` together (their models load side by side) and wait for
+        their sockets; False when one died or never answered (the others are left running)."""
+        for index in indices:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_paths[index].unlink()
+            old = self.engines[index]
+            if old is not None:
+                _close_stdin(old)  # the last engine's stop pipe (it has exited)
+            self.engines_ready[index] = False
+            self.engines[index] = self._spawn("engine", index)
         deadline = time.monotonic() + self.settings.engine_start_timeout_s
-        while time.monotonic() < deadline and not self.stopping.is_set():
-            if engine.poll() is not None:
-                logger.error("the engine exited with %s while starting", engine.returncode)
-                return False
-            if self.socket_path.exists():
-                self.engine_ready = True
-                return True
+        waiting = list(indices)
+        while waiting and time.monotonic() < deadline and not self.stopping.is_set():
+            for index in list(waiting):
+                engine = self.engines[index]
+                assert engine is not None
+                if engine.poll() is not None:
+                    logger.error("engine %d exited with %s while starting", index, engine.returncode)
+                    return False
+                if self.socket_paths[index].exists():
+                    self.engines_ready[index] = True
+                    waiting.remove(index)
             time.sleep(POLL_S)
-        return False
+        return not waiting
 
     def _start_worker(self, index: int) -> None:
         self.workers[index] = self._spawn("worker")
@@ -130,15 +166,21 @@ class Supervisor:
             print(f"embedding-gateway: cannot bind {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
             return 1
         port = holder.getsockname()[1]
-        # msgspec's JSON has no raw newline: the settings are exactly one line.
-        self._settings_line = msgspec.json.encode(msgspec.structs.replace(settings, port=port)) + b"\n"
+        self._settings_lines(msgspec.structs.replace(settings, port=port))
         for stop in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop, lambda *_: self.stopping.set())
         try:
             self._write_restarts()
-            if not self._start_engine():
+            if not self._start_engines(list(range(len(self.devices)))):
                 return 1
-            logger.info("engine ready (pid %d); starting %d workers on port %d", self._pid(), settings.workers, port)
+            logger.info(
+                "%d engine(s) ready (%s; pids %s); starting %d workers on port %d",
+                len(self.devices),
+                ",".join(self.devices),
+                ",".join(str(pid) for pid in self._pids()),
+                settings.workers,
+                port,
+            )
             for index in range(settings.workers):
                 self._start_worker(index)
             self._watch()
@@ -148,28 +190,14 @@ class Supervisor:
             holder.close()
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _pid(self) -> int:
-        return self.engine.pid if self.engine is not None else 0
+    def _pids(self) -> list[int]:
+        return [engine.pid if engine is not None else 0 for engine in self.engines]
 
     def _watch(self) -> None:
         while not self.stopping.wait(POLL_S):
-            engine = self.engine
-            if engine is not None and engine.poll() is not None:
-                self.restarts.engine += 1
-                self._write_restarts()
-                self._retire(engine.pid)
-                logger.error(
-                    "the engine process (pid %d) exited with %s; restarting it (restart %d); workers answer 503 "
-                    "meanwhile",
-                    engine.pid,
-                    engine.returncode,
-                    self.restarts.engine,
-                )
-                started = time.monotonic()
-                if self._start_engine():
-                    logger.info("engine back after %.1f s (pid %d)", time.monotonic() - started, self._pid())
-                elif not self.stopping.is_set():
-                    time.sleep(1.0)  # it failed to start: try again, but not in a tight loop
+            for index, engine in enumerate(self.engines):
+                if engine is not None and engine.poll() is not None and not self.stopping.is_set():
+                    self._restart_engine(index, engine)
             for index, worker in enumerate(self.workers):
                 if worker is not None and worker.poll() is not None and not self.stopping.is_set():
                     self.restarts.worker_restarts += 1
@@ -177,6 +205,26 @@ class Supervisor:
                     logger.error("worker %d (pid %d) exited with %s; restarting", index, worker.pid, worker.returncode)
                     self._retire(worker.pid)
                     self._start_worker(index)
+
+    def _restart_engine(self, index: int, engine: subprocess.Popen[bytes]) -> None:
+        self.restarts.engine += 1
+        self._write_restarts()
+        self._retire(engine.pid)
+        others = len(self.devices) - 1
+        logger.error(
+            "engine %d (%s, pid %d) exited with %s; restarting it (restart %d); %s meanwhile",
+            index,
+            self.devices[index],
+            engine.pid,
+            engine.returncode,
+            self.restarts.engine,
+            f"the other {others} engine(s) take its work" if others else "workers answer 503",
+        )
+        started = time.monotonic()
+        if self._start_engines([index]):
+            logger.info("engine %d back after %.1f s (pid %d)", index, time.monotonic() - started, self._pids()[index])
+        elif not self.stopping.is_set():
+            time.sleep(1.0)  # it failed to start: try again, but not in a tight loop
 
     def _retire(self, pid: int) -> None:
         """Fold reaped child ``pid``'s counts into the retired sum, before its pid can be reused."""
@@ -186,8 +234,8 @@ class Supervisor:
             logger.exception("could not fold the counters of process %d", pid)
 
     def _drain(self) -> int:
-        """Workers first (they finish requests that still need the engine), then the engine."""
-        logger.info("stopping: draining %d workers, then the engine", len(self.workers))
+        """Workers first (they finish requests that still need the engines), then the engines."""
+        logger.info("stopping: draining %d workers, then the engines", len(self.workers))
         live = [worker for worker in self.workers if worker is not None and worker.poll() is None]
         for worker in live:
             worker.send_signal(signal.SIGTERM)
@@ -199,14 +247,15 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 clean = False
-        return 0 if self._stop_engine() and clean else 1
+        stopped = [self._stop_engine(index) for index in range(len(self.engines))]
+        return 0 if all(stopped) and clean else 1
 
-    def _stop_engine(self) -> bool:
-        """Close the engine's stop pipe and wait for it; False when it had to be killed."""
-        engine = self.engine
+    def _stop_engine(self, index: int) -> bool:
+        """Close engine ``index``'s stop pipe and wait for it; False when it had to be killed."""
+        engine = self.engines[index]
         if engine is None or engine.poll() is not None:
             return True
-        if not self.engine_ready:
+        if not self.engines_ready[index]:
             engine.kill()  # still loading the model: nothing in it to finish
             engine.wait(timeout=10)
             return True
@@ -219,7 +268,7 @@ class Supervisor:
         return True
 
     def _kill_all(self) -> None:
-        for process in [*self.workers, self.engine]:
+        for process in [*self.workers, *self.engines]:
             if process is not None:
                 _close_stdin(process)
                 if process.poll() is None:

@@ -37,6 +37,7 @@ from gateway.core.schemas import request_schema_components
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import Telemetry
 from gateway.engine.client import EngineLink
+from gateway.engine.router import EngineRouter
 from gateway.http.answers import AnswerBuilder
 from gateway.http.auth import ApiKeyMiddleware
 from gateway.http.clients import ClientHooks
@@ -195,13 +196,14 @@ def create_app(
     encoder: Encoder | None = None,
     cache: BlobCache | None = None,
     telemetry: Telemetry | None = None,
-    engine_socket: Path | None = None,
+    engine_sockets: Sequence[Path] = (),
 ) -> Litestar:
     """The app for ``settings``. ``encoder``, ``cache`` and ``telemetry`` replace what the lifespan
     would build (tests share one loaded model, or observe or break the telemetry).
 
-    ``engine_socket`` makes this an HTTP worker (``EMBED_WORKERS > 1``): no model here; misses go
-    to the engine process listening there, which owns the model and the one micro-batcher."""
+    ``engine_sockets`` make this an HTTP worker (``EMBED_WORKERS > 1`` or several ``EMBED_DEVICES``):
+    no model here; misses go to the engine processes listening there, each owning the model on its
+    device and its micro-batcher (:class:`~gateway.engine.router.EngineRouter` picks one per batch)."""
     telemetry = telemetry or Telemetry()
     keys = load_keys(settings)
     limited = any(entry.limited for entry in keys)
@@ -223,8 +225,10 @@ def create_app(
         model: EncoderInfo
         batcher: Batcher
         link = None
-        if engine_socket is not None:
-            link = EngineLink(engine_socket, truncate=settings.truncate, telemetry=telemetry)
+        if engine_sockets:
+            link = EngineRouter(
+                [EngineLink(path, truncate=settings.truncate, telemetry=telemetry) for path in engine_sockets]
+            )
             await link.start(timeout_s=settings.engine_start_timeout_s)
             assert link.encoder is not None
             model, batcher = link.encoder, link
@@ -306,7 +310,7 @@ def create_app(
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
         middleware=_middleware(settings, keys, telemetry, clients),
-        before_send=[_response_headers(clients, worker=engine_socket is not None)],
+        before_send=[_response_headers(clients, worker=bool(engine_sockets))],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=_openapi(settings),
         debug=False,

@@ -13,8 +13,8 @@ from gateway.core.errors import OverloadedError
 from gateway.core.history import HistoryRing
 from gateway.core.inputs import TokenIdDecoder
 from gateway.core.service import EmbeddingService
-from gateway.core.telemetry import LiveState, StatsSnapshot, Telemetry, gpu_stats
-from gateway.engine.client import EngineLink
+from gateway.core.telemetry import EngineStats, LiveState, StatsSnapshot, Telemetry, gpu_stats
+from gateway.engine.router import EngineRouter
 from gateway.http.answers import AnswerBuilder
 from gateway.settings import Settings
 
@@ -33,7 +33,7 @@ class Runtime:
     answers: AnswerBuilder
     draining: bool = False
     history: HistoryRing | None = None  # /stats/history (issue 13)
-    engine: EngineLink | None = None  # EMBED_WORKERS > 1: this worker's link to the engine process
+    engine: EngineRouter | None = None  # a worker (EMBED_WORKERS > 1 or EMBED_DEVICES): its links to the engines
 
     @property
     def ready(self) -> bool:
@@ -78,10 +78,12 @@ class Runtime:
         ``EMBED_WORKERS > 1`` the engine's counters plus every worker's (asked of the engine)."""
         live = self.live_state()
         if self.engine is None:
+            state = self.telemetry.state()
+            live.engines = [EngineStats.of(0, live.device, state, live.queue_tokens)]
             return self.telemetry, live, self.telemetry.snapshot(live)
         try:
-            answer = await self.engine.whole_server()
-        except QueueFullError as exc:  # the engine is being restarted: its counters are not reachable
+            answer, live.engines = await self.engine.whole_server()
+        except QueueFullError as exc:  # no engine and no ledger to answer from
             raise OverloadedError(str(exc), retry_after=exc.retry_after) from None
         telemetry = Telemetry.combined([answer.engine, *answer.workers])
         live.queue_tokens = answer.queue_tokens
