@@ -5,7 +5,9 @@ An HTTP worker holds one :class:`~gateway.engine.client.EngineLink` per engine p
 
 * **routing**: a miss batch goes to the connected engine with the fewest tokens waiting: what it
   last reported queued, plus what this worker has sent it and not had back (a burst between two
-  reports would otherwise all go to one engine);
+  reports would otherwise all go to one engine). A batch of more than :data:`SPLIT_TOKENS` is cut
+  into one contiguous part per connected engine (equal in tokens), so one big request uses every
+  engine (``cuda:0,cuda:1``) rather than one;
 * **failover**: an engine that is gone (its connection lost, or restarting) or whose queue is
   full: the batch goes to the next engine, each tried once. A batch whose engine crashed *on it*
   (:class:`~encoder.batcher.WorkerCrashedError`) is not retried elsewhere: the input may be what
@@ -28,7 +30,11 @@ from gateway.core.telemetry import EngineStats
 from gateway.engine.client import EngineLink, EngineUnavailableError, RemoteEncoder
 from gateway.engine.protocol import StatsAnswer
 
-__all__ = ["EngineRouter", "EnginesDisagreeError"]
+__all__ = ["SPLIT_TOKENS", "EngineRouter", "EnginesDisagreeError"]
+
+# Above this many tokens a batch is shared out: each part still fills whole passes (a GPU's budget
+# is 16,384 tokens), and below it the second round trip would cost more than it saves.
+SPLIT_TOKENS = 16_384
 
 
 class EnginesDisagreeError(RuntimeError):
@@ -100,6 +106,22 @@ class EngineRouter:
         kinds: frozenset[OutputKind] = DENSE_ONLY,
         tenant: str = "",
     ) -> list[Outputs]:
+        parts = _parts(token_ids, sum(link.running for link in self.links))
+        if len(parts) > 1:
+            answers = await asyncio.gather(
+                *(self._embed_part(texts[a:b], token_ids[a:b], kinds=kinds, tenant=tenant) for a, b in parts)
+            )
+            return [outputs for answer in answers for outputs in answer]
+        return await self._embed_part(texts, token_ids, kinds=kinds, tenant=tenant)
+
+    async def _embed_part(
+        self,
+        texts: Sequence[str],
+        token_ids: Sequence[list[int]],
+        *,
+        kinds: frozenset[OutputKind],
+        tenant: str,
+    ) -> list[Outputs]:
         tried: set[int] = set()
         failure: QueueFullError | None = None
         while len(tried) < len(self.links):
@@ -152,3 +174,21 @@ class EngineRouter:
             raise EngineUnavailableError("no engine answered for its counters")
         whole.queue_tokens, whole.in_flight = queued, in_flight
         return whole, engines
+
+
+def _parts(token_ids: Sequence[list[int]], engines: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges cutting a batch into ``engines`` parts of about equal tokens, or one
+    range when it is under :data:`SPLIT_TOKENS` (or there is one engine)."""
+    total = sum(len(ids) for ids in token_ids)
+    count = min(engines, len(token_ids))
+    if count < 2 or total <= SPLIT_TOKENS:
+        return [(0, len(token_ids))]
+    bounds: list[tuple[int, int]] = []
+    running = start = 0
+    for index, ids in enumerate(token_ids):
+        running += len(ids)
+        if running >= total * (len(bounds) + 1) / count and len(bounds) < count - 1 and index + 1 < len(token_ids):
+            bounds.append((start, index + 1))
+            start = index + 1
+    bounds.append((start, len(token_ids)))
+    return bounds

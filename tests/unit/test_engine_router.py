@@ -10,7 +10,7 @@ import pytest
 
 from encoder.batcher import QueueFullError, WorkerCrashedError
 from gateway.engine.client import EngineLink, EngineUnavailableError
-from gateway.engine.router import EngineRouter
+from gateway.engine.router import SPLIT_TOKENS, EngineRouter
 
 
 class FakeLink:
@@ -99,3 +99,31 @@ def test_when_every_engine_fails_the_last_failure_is_raised_after_one_try_each()
         asyncio.run(_embed(_router(a, b)))
     assert raised.value.retry_after == 3.0
     assert (a.calls, b.calls) == (1, 1)
+
+
+def test_a_big_batch_is_shared_out_over_every_connected_engine_in_order() -> None:
+    a, b, away = FakeLink("a"), FakeLink("b"), FakeLink("away", running=False)
+    router = _router(a, away, b)
+    texts = [f"t{i}" for i in range(40)]
+    ids = [[1] * (SPLIT_TOKENS // 20)] * 40  # twice the threshold
+    answer = asyncio.run(router.embed(texts, ids))
+    assert answer == ["a"] * 20 + ["b"] * 20 or answer == ["b"] * 20 + ["a"] * 20
+    assert (a.calls, b.calls, away.calls) == (1, 1, 0)
+
+
+def test_a_batch_under_the_threshold_goes_to_one_engine() -> None:
+    a, b = FakeLink("a"), FakeLink("b", queued=1)
+    ids = [[1] * (SPLIT_TOKENS // 40)] * 40
+    assert set(asyncio.run(cast(Any, _router(a, b).embed([str(i) for i in range(40)], ids)))) == {"a"}
+    assert b.calls == 0
+
+
+@pytest.mark.parametrize("engines", [2, 3, 4])
+def test_the_parts_cover_the_batch_once_with_tokens_about_equal(engines: int) -> None:
+    from gateway.engine.router import _parts
+
+    lengths = [(i * 37) % 500 + 1 for i in range(300)]
+    parts = _parts([[0] * n for n in lengths], engines)
+    assert [start for start, _ in parts] == [0, *(end for _, end in parts[:-1])] and parts[-1][1] == 300
+    sizes = [sum(lengths[a:b]) for a, b in parts]
+    assert len(parts) == engines and max(sizes) - min(sizes) <= 2 * max(lengths), sizes
