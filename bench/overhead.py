@@ -2,13 +2,16 @@
 
     .venv/bin/python -m bench.overhead                      # all-MiniLM-L6-v2, CPU, 400 texts, 3 rounds
     .venv/bin/python -m bench.overhead --bge-m3-shape --device cuda --texts 2000   # a GPU, fp16
+    bash bench/gpu_check.sh                                  # issue 20's whole GPU check, under 8 minutes
 
 Rows, with the cache off and truncation on (so every request is pure miss path), base64 bodies
 prebuilt, load from a separate process (bench/loadgen.py):
 * ``Encoder.embed`` in this process: the reference (1.00);
 * sentence-transformers ``encode(batch_size=32)`` in this process;
 * one request holding every text; 128-text requests at concurrency 1; 32-text requests at
-  concurrency 1, 4 and 13; 1-text requests at concurrency 16.
+  concurrency 1, 4 and 13; 1-text requests at concurrency 16 and 64 (p50 and p99 per request);
+* ``--workers N`` and ``--devices cuda:0,cuda:0`` run the server with several workers or engines;
+  ``--profile`` prints a torch-profiler summary of one small pass (top ops, kernel launches, syncs).
 Rounds alternate over every row (so background load hits all of them alike) after one untimed
 warm-up pass; the table shows medians, and ``batch``/``pad`` (inputs per forward pass, padding
 ratio) from the server's /stats. Writes JSON and an SVG bar chart (one bar per shape, the ratio
@@ -36,6 +39,7 @@ from bench.loadgen import run_load
 
 SHAPES = [("one request of all", 0, 1), ("128/request, c=1", 128, 1), ("32/request, c=1", 32, 1)]
 SHAPES += [("32/request, c=4", 32, 4), ("32/request, c=13", 32, 13), ("1/request, c=16", 1, 16)]
+SHAPES += [("1/request, c=64", 1, 64)]
 
 
 def _cpu_flags() -> str:
@@ -94,6 +98,38 @@ def _svg(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(parts)
 
 
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+
+
+def _profile(encoder: Any, texts: list[str]) -> dict[str, Any]:
+    """A torch-profiler summary of one 1-text and one 32-text ``Encoder.embed``: the top ops by
+    self time, kernel launches and the calls that make the host wait for the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if encoder.torch_device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    summary: dict[str, Any] = {}
+    for size in (1, 32):
+        batch = texts[:size]
+        encoder.embed(batch)  # warm
+        with profile(activities=activities) as prof:
+            started = time.perf_counter()
+            encoder.embed(batch)
+            if encoder.torch_device.type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key in _LAUNCHES)
+        syncs = {e.key: e.count for e in events if e.key in _SYNCS}
+        sort = "self_cuda_time_total" if encoder.torch_device.type == "cuda" else "self_cpu_time_total"
+        print(f"\nprofile: one {size}-text pass, {wall * 1e3:.2f} ms wall, {launches} kernel launches, syncs {syncs}")
+        print(events.table(sort_by=sort, row_limit=12))
+        summary[str(size)] = {"wall_ms": wall * 1e3, "kernel_launches": launches, "syncs": syncs}
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the bundled all-MiniLM-L6-v2)")
@@ -105,6 +141,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-sentence-transformers", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="EMBED_WORKERS of the server (1: one process)")
+    parser.add_argument("--devices", default="", help="EMBED_DEVICES of the server (cuda:0,cuda:0: two engines)")
+    parser.add_argument("--profile", action="store_true", help="torch-profiler summary of a 1-text and a 32-text pass")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
     args = parser.parse_args()
     if args.bge_m3_shape:
@@ -157,9 +195,11 @@ def main() -> None:
         "EMBED_MAX_REQUEST_TOKENS": str(max(300_000, tokens + 1)),
         "EMBED_LOG_LEVEL": "warning",
         "EMBED_WORKERS": str(args.workers),
+        "EMBED_DEVICES": args.devices,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     stats: dict[str, dict[str, float]] = {}
+    latencies: dict[str, list[tuple[float, float]]] = {}
     with gateway(env, args.out.with_suffix(".gateway.log")) as url:
         for name, per_request, concurrency in SHAPES:
             payloads = bodies(texts, per_request or n)
@@ -172,6 +212,7 @@ def main() -> None:
                 batches = after["batches"] - before["batches"]
                 padded = after["avg_batch_tokens"] * after["batches"] - before["avg_batch_tokens"] * before["batches"]
                 stats[name] = {"batch": (after["inputs"] - before["inputs"]) / max(1, batches), "padded": padded}
+                latencies.setdefault(name, []).append((result.percentile(0.5), result.percentile(0.99)))
                 return result.seconds
 
             jobs.append((name, "http", over_http))
@@ -191,16 +232,23 @@ def main() -> None:
         row: dict[str, Any] = {"run": name, "kind": kind, "texts/s": rate, "tokens/s": rate * tokens / n}
         row["ratio"] = rate / reference
         row.update(stats.get(name, {}))
+        if name in latencies:  # medians over rounds of each round's p50 and p99, in ms
+            row["p50_ms"] = statistics.median(p50 for p50, _ in latencies[name]) * 1e3
+            row["p99_ms"] = statistics.median(p99 for _, p99 in latencies[name]) * 1e3
         rows.append(row)
     print(
         f"\n{n} texts, {tokens} tokens, {args.rounds} rounds, medians; device {encoder.device} {encoder.dtype}; "
-        f"server workers {args.workers}"
+        f"server workers {args.workers}, engines {args.devices or args.device}"
     )
     print(f"CPU: {_cpu_flags()}")
-    print(f"{'run':36} | texts/s | tokens/s | vs Encoder.embed | inputs/pass")
+    print(f"{'run':36} | texts/s | tokens/s | vs Encoder.embed | inputs/pass | p50 ms | p99 ms")
     for row in rows:
         batch = f"{row['batch']:.1f}" if "batch" in row else ""
-        print(f"{row['run']:36} | {row['texts/s']:7.1f} | {row['tokens/s']:8.0f} | {row['ratio']:16.2f} | {batch}")
+        tail = f"{row['p50_ms']:6.1f} | {row['p99_ms']:6.1f}" if "p50_ms" in row else "       |"
+        print(
+            f"{row['run']:36} | {row['texts/s']:7.1f} | {row['tokens/s']:8.0f} | {row['ratio']:16.2f} | "
+            f"{batch:11} | {tail}"
+        )
     if not args.no_sentence_transformers:
         st_rate = rows[1]["texts/s"]
         miss = next(row for row in rows if row["run"] == "32/request, c=4")
@@ -223,6 +271,8 @@ def main() -> None:
         "memory": memory,
         "server_encoder": server["encoder"],
     }
+    if args.profile:
+        result["profile"] = _profile(encoder, texts)
     args.out.write_text(json.dumps(result, indent=2))
     title = f"Miss path over HTTP vs Encoder.embed in-process ({Path(args.model).name}, {encoder.device}, {n} texts)"
     args.out.with_suffix(".svg").write_text(_svg(rows, title))
