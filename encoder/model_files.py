@@ -20,7 +20,15 @@ import xxhash
 
 from encoder.pooling import Pooling
 
-__all__ = ["ModelNotFoundError", "ModelSpec", "pinned_revision", "read_model_spec", "resolve_model_dir"]
+__all__ = [
+    "ModelNotFoundError",
+    "ModelPrompts",
+    "ModelSpec",
+    "pinned_revision",
+    "read_model_spec",
+    "read_prompts",
+    "resolve_model_dir",
+]
 
 # Roberta-style position tables reserve ``pad_token_id + 1`` slots before the first real position.
 _PADDED_POSITION_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer"}
@@ -123,6 +131,30 @@ def pinned_revision(model: str, revision: str | None = None) -> str | None:
     if folder.parent.name == "snapshots" and _COMMIT.fullmatch(folder.name):
         return folder.name
     return revision
+
+
+@dataclass(frozen=True)
+class ModelPrompts:
+    """sentence-transformers' instruction prompts of a model (``config_sentence_transformers.json``):
+    ``prompts`` by name (``{"query": "query: "}``), and the one applied when none is named."""
+
+    prompts: dict[str, str]
+    default_name: str | None = None
+
+
+def read_prompts(path: Path) -> ModelPrompts:
+    """The prompts of the sentence-transformers folder ``path`` (none where it has no such config)."""
+    config_file = path / "config_sentence_transformers.json"
+    if not config_file.is_file():
+        return ModelPrompts({})
+    config = _read_json(config_file)
+    raw = config.get("prompts") or {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise ValueError(f"{config_file}: 'prompts' must map names to strings")
+    default = config.get("default_prompt_name") or None
+    if default is not None and default not in raw:
+        raise ValueError(f"{config_file}: default_prompt_name {default!r} is not one of its prompts {sorted(raw)}")
+    return ModelPrompts(dict(raw), default)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -142,10 +142,30 @@ def preflight(settings: Settings) -> str | None:
         problem = int8_dtype_problem(settings.dtype)
         if problem is not None:
             return f"{ENV_PREFIX}DTYPE (--dtype): {problem}"
+    problem = _prompt_problem(spec.path, settings.default_prompt_name)
+    if problem is not None:
+        return problem
     if settings.max_input_tokens > spec.max_tokens:
         return (
             f"{ENV_PREFIX}MAX_INPUT_TOKENS (--max-input-tokens): {settings.max_input_tokens} is above the model's "
             f"limit of {spec.max_tokens} tokens; use at most {spec.max_tokens}, or 0 for the model's limit"
+        )
+    return None
+
+
+def _prompt_problem(model_path: Path, default_name: str) -> str | None:
+    """A prompts config that cannot be read, or an EMBED_DEFAULT_PROMPT_NAME the model lacks."""
+    from encoder.model_files import read_prompts
+
+    try:
+        prompts = read_prompts(model_path)
+    except (ValueError, OSError) as exc:
+        return _model_line(exc)
+    if default_name and default_name not in prompts.prompts:
+        known = ", ".join(sorted(prompts.prompts)) or "none"
+        return (
+            f"{ENV_PREFIX}DEFAULT_PROMPT_NAME (--default-prompt-name): {default_name!r} is not one of the "
+            f"model's prompts ({known})"
         )
     return None
 

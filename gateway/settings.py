@@ -39,6 +39,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_name: str = ""  # served id; empty: the folder or repo basename
     model_aliases: tuple[str, ...] = ()
     revision: str = ""
+    # the model's prompt applied when a request names none; empty: the model's own default_prompt_name
+    default_prompt_name: str = ""
     device: Annotated[str, msgspec.Meta(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")] = "auto"
     dtype: Literal["auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16"] = "auto"
     cpu_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: every core

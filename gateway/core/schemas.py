@@ -39,6 +39,8 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    prompt_name: str | None = None  # one of the model's prompts (GET /v1/models lists them)
+    input_type: str | None = None  # query / document (Cohere's and Voyage's names too): the prompt for it
 
 
 class OutputsRequest(msgspec.Struct, kw_only=True):
@@ -49,6 +51,8 @@ class OutputsRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"  # multivector only (sparse: 400 unless float)
     return_tokens: bool = False  # sparse only: also the token strings
     user: str | None = None
+    prompt_name: str | None = None
+    input_type: str | None = None
     # Declared so that a client sending it gets a 400, not a silently full-width answer: neither output
     # has a meaningful truncation (sparse weights are per token; ColBERT rows were not trained nested).
     dimensions: int | None = None
@@ -111,11 +115,14 @@ class MultiVectorResponse(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
-class ModelCard(msgspec.Struct):
+class ModelCard(msgspec.Struct, omit_defaults=True):
     id: str
     created: int
     owned_by: str = "embedding-gateway"
     object: Literal["model"] = "model"
+    # the model's instruction prompts by name (request field prompt_name), and the one applied by default
+    prompts: dict[str, str] = msgspec.field(default_factory=dict)
+    default_prompt_name: str | None = None
 
 
 class ModelList(msgspec.Struct):

@@ -26,12 +26,14 @@ from litestar.types import BeforeMessageSendHookHandler, ControllerRouterHandler
 
 from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
+from encoder.model_files import read_prompts
 from encoder.onnx_int8 import GateFloor
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, RedisBlobCache
 from gateway.core.history import HistoryRing, run_sampler
 from gateway.core.inputs import TokenIdDecoder
 from gateway.core.keys import ApiKey, load_keys
+from gateway.core.prompts import PromptBook
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.schemas import request_schema_components
 from gateway.core.service import EmbeddingService
@@ -169,6 +171,12 @@ def _middleware(
     return middleware
 
 
+def prompt_book(model_path: Path, default_name: str) -> PromptBook:
+    """The served model's prompts; ``default_name`` (EMBED_DEFAULT_PROMPT_NAME) overrides its default."""
+    found = read_prompts(model_path)
+    return PromptBook(found.prompts, default_name or found.default_name)
+
+
 def make_cache(settings: Settings) -> BlobCache | None:
     """The configured cache: Redis behind a circuit breaker, an in-process LRU, or none."""
     if not settings.cache:
@@ -264,6 +272,7 @@ def create_app(
             telemetry=telemetry,
             token_decoder=TokenIdDecoder(),
             answers=answers,
+            prompts=prompt_book(model.path, settings.default_prompt_name),
         )
         runtime.history = history
         runtime.engine = link

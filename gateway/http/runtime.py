@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from encoder.batcher import QueueFullError
@@ -12,6 +12,7 @@ from gateway.core.cache import BlobCache, CircuitBreakerCache
 from gateway.core.errors import OverloadedError
 from gateway.core.history import HistoryRing
 from gateway.core.inputs import TokenIdDecoder
+from gateway.core.prompts import PromptBook
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import EngineStats, LiveState, StatsSnapshot, Telemetry, gpu_stats
 from gateway.engine.router import EngineRouter
@@ -31,6 +32,7 @@ class Runtime:
     telemetry: Telemetry
     token_decoder: TokenIdDecoder
     answers: AnswerBuilder
+    prompts: PromptBook = field(default_factory=lambda: PromptBook({}))  # the model's instruction prompts
     draining: bool = False
     history: HistoryRing | None = None  # /stats/history (issue 13)
     engine: EngineRouter | None = None  # a worker (EMBED_WORKERS > 1 or EMBED_DEVICES): its links to the engines

@@ -89,12 +89,15 @@ def _disconnect_guard(
 async def _answer(
     request: Request[Any, Any, Any],
     runtime: Runtime,
-    value: str | list[str | int | list[int]],
+    data: _Body,
     output: OutputSpec[T, R],
     options: ResponseOptions,
 ) -> Response[R]:
-    """Normalise ``input``, compute ``output`` through the service, and build the whole answer."""
-    texts = await normalise_input(value, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
+    """Normalise ``input``, put the asked prompt in front of each text, compute ``output`` through
+    the service, and build the whole answer."""
+    prompt_name = runtime.prompts.name_for(data.prompt_name, data.input_type)  # a bad name: 400 before any work
+    texts = await normalise_input(data.input, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
+    texts = runtime.prompts.prepend(texts, prompt_name)
     # The key's name is the unit the encoder queue is fair between (one tenant's bulk ingest does
     # not freeze another's queries); anonymous requests share one tenant and are fair per request.
     tenant = client_name(request.scope) or ""
@@ -124,6 +127,9 @@ async def _answer(
 
 class _Body(Protocol):
     model: str | None
+    input: str | list[str | int | list[int]]
+    prompt_name: str | None
+    input_type: str | None
 
 
 B = TypeVar("B", bound=_Body)
@@ -169,7 +175,7 @@ async def create_embeddings(request: Request[Any, Any, Any]) -> Response[Embeddi
     if data.dimensions is not None and not 1 <= data.dimensions <= dim:
         raise InvalidInputError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
     options = ResponseOptions(encoding_format=data.encoding_format, dimensions=data.dimensions)
-    return await _answer(request, runtime, data.input, DENSE, options)
+    return await _answer(request, runtime, data, DENSE, options)
 
 
 @post(
@@ -191,7 +197,7 @@ async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseRespo
             param="encoding_format",
         )
     options = ResponseOptions(return_tokens=data.return_tokens, token_names=runtime.encoder.token_names)
-    return await _answer(request, runtime, data.input, SPARSE, options)
+    return await _answer(request, runtime, data, SPARSE, options)
 
 
 @post(
@@ -208,4 +214,4 @@ async def create_multivector(request: Request[Any, Any, Any]) -> Response[MultiV
     runtime, data = await _accept(request, decode_outputs_request)
     _refuse_dimensions(data, "multivector")
     options = ResponseOptions(encoding_format=data.encoding_format)
-    return await _answer(request, runtime, data.input, COLBERT, options)
+    return await _answer(request, runtime, data, COLBERT, options)

@@ -39,11 +39,23 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     created = int(runtime.telemetry.started_at)
     aliases = [alias for alias in runtime.settings.model_aliases if alias != ANY_MODEL]
     names = dict.fromkeys([runtime.settings.served_model, *aliases])
-    return ModelList(data=[ModelCard(id=name, created=created) for name in names])
+    prompts = runtime.prompts
+    return ModelList(
+        data=[
+            ModelCard(id=name, created=created, prompts=prompts.prompts, default_prompt_name=prompts.default_name)
+            for name in names
+        ]
+    )
 
 
 @get("/v1/models/{model_id:str}", summary="Retrieve a model", tags=["models"], responses=ERRORS)
 async def retrieve_model(model_id: str, request: Request[Any, Any, Any]) -> ModelCard:
     runtime = runtime_of(request)
     check_model(runtime, model_id)
-    return ModelCard(id=model_id, created=int(runtime.telemetry.started_at))
+    prompts = runtime.prompts
+    return ModelCard(
+        id=model_id,
+        created=int(runtime.telemetry.started_at),
+        prompts=prompts.prompts,
+        default_prompt_name=prompts.default_name,
+    )
