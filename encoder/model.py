@@ -153,6 +153,11 @@ class Encoder:
         """What this model can produce: always ``dense``; ``sparse``/``colbert`` with bge-m3's heads."""
         return frozenset({DENSE, *self.heads})
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The Hugging Face tokenizer itself (offsets, decoding: TEI's /tokenize and /decode)."""
+        return self.tokenizer
+
     def token_names(self, ids: list[int]) -> list[str]:
         """The tokenizer's strings for ``ids`` (for sparse answers that show their tokens)."""
         names: list[str] = self.tokenizer.convert_ids_to_tokens(ids)

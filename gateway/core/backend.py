@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -50,6 +50,9 @@ class EncoderInfo(Protocol):
 
     @property
     def path(self) -> Path: ...
+
+    @property
+    def hf_tokenizer(self) -> Any: ...  # the Hugging Face tokenizer (TEI's /tokenize and /decode)
 
     def output_width(self, kind: OutputKind) -> int: ...
 

@@ -29,9 +29,20 @@ from gateway.core.schemas import (
     Usage,
 )
 
-__all__ = ["COLBERT", "DENSE", "SPARSE", "Answer", "OutputSpec", "ResponseOptions"]
+__all__ = [
+    "COLBERT",
+    "DENSE",
+    "SPARSE",
+    "Answer",
+    "OutputSpec",
+    "ResponseOptions",
+    "float_json",
+    "normalised",
+    "shorten",
+]
 
 T = TypeVar("T")
+S = TypeVar("S")
 R = TypeVar("R")
 
 
@@ -43,6 +54,7 @@ class ResponseOptions:
     dimensions: int | None = None  # dense: truncate, then re-normalise
     return_tokens: bool = False  # sparse: also the token strings
     token_names: Callable[[list[int]], list[str]] | None = None  # sparse: ids -> token strings
+    normalize: bool = False  # dense: L2-normalise (TEI's default; the model's own normalisation stays)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +82,10 @@ class OutputSpec(Generic[T, R]):
     take: Callable[[Outputs], T]  # this kind's value from the encoder's outputs
     respond: Callable[[Answer[T], ResponseOptions], R]
 
+    def answered_as(self, respond: Callable[[Answer[T], ResponseOptions], S]) -> OutputSpec[T, S]:
+        """The same kind, cache entries and encoder output, answered in another API's shape (TEI's)."""
+        return OutputSpec(self.kind, self.namespace, self.pack, self.unpack, self.take, respond)
+
 
 def _dense(outputs: Outputs) -> np.ndarray:
     assert outputs.dense is not None, "the encoder always computes the dense output"
@@ -91,7 +107,7 @@ def _float32_le(array: np.ndarray) -> memoryview:
     return np.ascontiguousarray(array, dtype="<f4").data
 
 
-def _float_json(array: np.ndarray) -> msgspec.Raw:
+def float_json(array: np.ndarray) -> msgspec.Raw:
     """``array`` as a JSON array in the shortest text that reads back to the identical float32.
 
     orjson prints float32 with float32's own shortest round-trip digits (about 9 where a float64
@@ -110,12 +126,23 @@ def shorten(vectors: Sequence[np.ndarray], dimensions: int | None) -> Sequence[n
     return list((cut / np.where(norms > 0, norms, 1.0)).astype(np.float32))
 
 
+def normalised(vectors: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    """Each vector at unit length (a zero vector stays zero). Vectors already at unit length (a model
+    that normalises) are kept bit for bit: dividing by 0.99999994 would change their last digits."""
+    if not vectors:
+        return vectors
+    stacked = np.stack(vectors).astype(np.float32)
+    norms = np.linalg.norm(stacked.astype(np.float64), axis=1, keepdims=True)
+    scale = np.where((norms > 0) & (np.abs(norms - 1.0) > 1e-6), norms, 1.0)
+    return list((stacked / scale).astype(np.float32))
+
+
 def _dense_response(answer: Answer[np.ndarray], options: ResponseOptions) -> EmbeddingResponse:
     vectors = shorten(answer.values, options.dimensions)
     if options.encoding_format == "base64":
         data = [EmbeddingData(embedding=_float32_le(row), index=i) for i, row in enumerate(vectors)]
     else:
-        data = [EmbeddingData(embedding=_float_json(row), index=i) for i, row in enumerate(vectors)]
+        data = [EmbeddingData(embedding=float_json(row), index=i) for i, row in enumerate(vectors)]
     return EmbeddingResponse(data=data, model=answer.model, usage=answer.usage)
 
 
@@ -131,7 +158,7 @@ def _sparse_response(answer: Answer[SparseWeights], options: ResponseOptions) ->
 def _colbert_response(answer: Answer[np.ndarray], options: ResponseOptions) -> MultiVectorResponse:
     items = [
         MultiVectorData(
-            embedding=_float32_le(matrix) if options.encoding_format == "base64" else _float_json(matrix),
+            embedding=_float32_le(matrix) if options.encoding_format == "base64" else float_json(matrix),
             shape=list(matrix.shape),
             index=index,
         )

@@ -7,6 +7,8 @@ all strings, all token ids or all token-id lists, as OpenAI's four shapes requir
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -27,6 +29,7 @@ __all__ = [
     "Usage",
     "decode_embedding_request",
     "decode_outputs_request",
+    "decode_with",
     "request_schema_components",
 ]
 
@@ -141,6 +144,13 @@ def decode_embedding_request(body: bytes) -> EmbeddingRequest:
 
 def decode_outputs_request(body: bytes) -> OutputsRequest:
     return _decode(_outputs_decoder, body)
+
+
+@functools.cache
+def decode_with(kind: type[T]) -> Callable[[bytes], T]:
+    """A strict decoder of ``kind`` (built once per type) raising InvalidInputError, as the others."""
+    decoder = msgspec.json.Decoder(kind)
+    return functools.partial(_decode, decoder)
 
 
 def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:

@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -116,6 +117,10 @@ class RemoteEncoder:
 
     def token_names(self, ids: list[int]) -> list[str]:
         return self.tokenizer.token_names(ids)
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        return self.tokenizer.hf_tokenizer
 
 
 class _FirstRow(list[int]):

@@ -46,7 +46,7 @@ from gateway.http.clients import ClientHooks
 from gateway.http.compression import AnswerCompressor, compression_middleware
 from gateway.http.errors import exception_handlers
 from gateway.http.middleware import InFlight, RequestContextMiddleware, request_id
-from gateway.http.routes import EMBEDDING_ROUTES, OTHER_ROUTES
+from gateway.http.routes import EMBEDDING_ROUTES, OTHER_ROUTES, TEI_ROUTER
 from gateway.http.runtime import Runtime
 from gateway.settings import Settings
 
@@ -130,7 +130,8 @@ def _compressed(settings: Settings) -> list[DefineMiddleware]:
 
 def _routes(settings: Settings) -> list[ControllerRouterHandler]:
     """Embedding routes compress their own answers (answers.py); the rest go through Litestar's middleware."""
-    return [*EMBEDDING_ROUTES, Router("/", route_handlers=OTHER_ROUTES, middleware=_compressed(settings))]
+    # TEI's routes answer like the embedding routes (their own compression) with TEI's error shape.
+    return [*EMBEDDING_ROUTES, TEI_ROUTER, Router("/", route_handlers=OTHER_ROUTES, middleware=_compressed(settings))]
 
 
 def _openapi(settings: Settings) -> OpenAPIConfig:

@@ -38,7 +38,7 @@ from gateway.http.routes.common import ERRORS, runtime_of
 from gateway.http.routes.models import check_model
 from gateway.http.runtime import Runtime
 
-__all__ = ["create_embeddings", "create_multivector", "create_sparse"]
+__all__ = ["EMBEDDING_OPT", "accept_body", "answer_with", "create_embeddings", "create_multivector", "create_sparse"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -86,7 +86,7 @@ def _disconnect_guard(
     return guarded
 
 
-async def _answer(
+async def answer_with(
     request: Request[Any, Any, Any],
     runtime: Runtime,
     data: _Body,
@@ -126,16 +126,25 @@ async def _answer(
 
 
 class _Body(Protocol):
-    model: str | None
-    input: str | list[str | int | list[int]]
-    prompt_name: str | None
-    input_type: str | None
+    """What every embeddings route's body has (OpenAI's, and TEI's through properties)."""
+
+    @property
+    def model(self) -> str | None: ...
+
+    @property
+    def input(self) -> str | list[str | int | list[int]]: ...
+
+    @property
+    def prompt_name(self) -> str | None: ...
+
+    @property
+    def input_type(self) -> str | None: ...
 
 
 B = TypeVar("B", bound=_Body)
 
 
-async def _accept(request: Request[Any, Any, Any], decode: Callable[[bytes], B]) -> tuple[Runtime, B]:
+async def accept_body(request: Request[Any, Any, Any], decode: Callable[[bytes], B]) -> tuple[Runtime, B]:
     """What every embeddings route does first: refuse while draining, decode strictly, check the model."""
     runtime = runtime_of(request)
     if runtime.draining:
@@ -147,7 +156,7 @@ async def _accept(request: Request[Any, Any, Any], decode: Callable[[bytes], B])
     return runtime, data
 
 
-_EMBEDDING = {"embedding": True}
+EMBEDDING_OPT = {"embedding": True}
 
 
 def _refuse_dimensions(data: OutputsRequest, output: str) -> None:
@@ -167,15 +176,15 @@ def _refuse_dimensions(data: OutputsRequest, output: str) -> None:
     responses=ERRORS,
     tags=["embeddings"],
     operation_class=_documented_body("EmbeddingRequest"),
-    opt=_EMBEDDING,
+    opt=EMBEDDING_OPT,
 )
 async def create_embeddings(request: Request[Any, Any, Any]) -> Response[EmbeddingResponse]:
-    runtime, data = await _accept(request, decode_embedding_request)
+    runtime, data = await accept_body(request, decode_embedding_request)
     dim = runtime.encoder.dim
     if data.dimensions is not None and not 1 <= data.dimensions <= dim:
         raise InvalidInputError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
     options = ResponseOptions(encoding_format=data.encoding_format, dimensions=data.dimensions)
-    return await _answer(request, runtime, data, DENSE, options)
+    return await answer_with(request, runtime, data, DENSE, options)
 
 
 @post(
@@ -186,10 +195,10 @@ async def create_embeddings(request: Request[Any, Any, Any]) -> Response[Embeddi
     responses=ERRORS,
     tags=["embeddings"],
     operation_class=_documented_body("OutputsRequest"),
-    opt=_EMBEDDING,
+    opt=EMBEDDING_OPT,
 )
 async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseResponse]:
-    runtime, data = await _accept(request, decode_outputs_request)
+    runtime, data = await accept_body(request, decode_outputs_request)
     _refuse_dimensions(data, "sparse")
     if data.encoding_format != "float":
         raise InvalidInputError(
@@ -197,7 +206,7 @@ async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseRespo
             param="encoding_format",
         )
     options = ResponseOptions(return_tokens=data.return_tokens, token_names=runtime.encoder.token_names)
-    return await _answer(request, runtime, data, SPARSE, options)
+    return await answer_with(request, runtime, data, SPARSE, options)
 
 
 @post(
@@ -208,10 +217,10 @@ async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseRespo
     responses=ERRORS,
     tags=["embeddings"],
     operation_class=_documented_body("OutputsRequest"),
-    opt=_EMBEDDING,
+    opt=EMBEDDING_OPT,
 )
 async def create_multivector(request: Request[Any, Any, Any]) -> Response[MultiVectorResponse]:
-    runtime, data = await _accept(request, decode_outputs_request)
+    runtime, data = await accept_body(request, decode_outputs_request)
     _refuse_dimensions(data, "multivector")
     options = ResponseOptions(encoding_format=data.encoding_format)
-    return await _answer(request, runtime, data, COLBERT, options)
+    return await answer_with(request, runtime, data, COLBERT, options)

@@ -1,0 +1,309 @@
+"""Hugging Face TEI's routes, as a thin adapter over the same core as OpenAI's.
+
+TEI's clients (huggingface_hub's ``InferenceClient.feature_extraction``, LangChain's
+``HuggingFaceEndpointEmbeddings``, LlamaIndex's ``TextEmbeddingsInference``, Haystack's HF API
+embedders) speak these shapes (TEI's docs/openapi.json): ``POST /embed`` (``/`` dispatches to it,
+as TEI does for an embedding model), ``/embed_sparse``, ``/embed_all``, ``/tokenize``, ``/decode``
+and ``GET /info``. The request goes through the same admission, auth, limits, prompts, cache and
+batcher as ``/v1/embeddings`` (:func:`~gateway.http.routes.embeddings.answer_with`); only the body
+and answer shapes differ, and errors take TEI's ``{"error", "error_type"}`` with its statuses (413
+and 422 for bad input, 424 for a failed computation, 429 for overload, with Retry-After).
+
+Where we differ from TEI, on purpose: token-id inputs are refused (TEI embeds the model's own ids;
+the OpenAI route's ids are cl100k's, and mixing the two would be a trap); ``normalize: false``
+returns what the model gives (a model that normalises, like bge-m3, stays normalised: the cache
+holds one vector per text); ``truncate`` follows the server's ``EMBED_TRUNCATE`` (a request cannot
+turn truncation on per call, since the cache namespace records it); ``/embed_all`` returns bge-m3's
+ColBERT token vectors, the model's own token-level output, not the raw last hidden state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+from litestar import Request, Response, Router, get, post
+from litestar.exceptions import HTTPException
+
+from encoder.kinds import SparseWeights
+from encoder.model_files import read_model_spec
+from encoder.packing import default_max_batch_tokens
+from gateway.core.errors import (
+    EncoderFailedError,
+    GatewayError,
+    InvalidInputError,
+    OverloadedError,
+    UnauthenticatedError,
+)
+from gateway.core.outputs import (
+    COLBERT,
+    DENSE,
+    SPARSE,
+    Answer,
+    ResponseOptions,
+    float_json,
+    normalised,
+    shorten,
+)
+from gateway.core.schemas import decode_with
+from gateway.http.routes.common import runtime_of
+from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, answer_with
+
+__all__ = ["TEI_ROUTER", "TEI_ROUTES"]
+
+TeiInput = str | list[str | int | list[int]]  # TEI also takes token ids; refused here (see above)
+
+
+class TeiEmbed(msgspec.Struct, kw_only=True):
+    """``POST /embed`` (TEI's EmbedRequest; ``model`` and ``input_type`` are ours)."""
+
+    inputs: TeiInput
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: Literal["left", "right", "Left", "Right"] = "right"
+    prompt_name: str | None = None
+    input_type: str | None = None
+    dimensions: int | None = None
+    model: str | None = None
+
+    @property
+    def input(self) -> str | list[str | int | list[int]]:
+        return _texts(self.inputs, self.truncation_direction)
+
+
+class TeiEmbedOther(msgspec.Struct, kw_only=True):
+    """``POST /embed_sparse`` and ``/embed_all``."""
+
+    inputs: TeiInput
+    truncate: bool | None = None
+    truncation_direction: Literal["left", "right", "Left", "Right"] = "right"
+    prompt_name: str | None = None
+    input_type: str | None = None
+    model: str | None = None
+
+    @property
+    def input(self) -> str | list[str | int | list[int]]:
+        return _texts(self.inputs, self.truncation_direction)
+
+
+class TeiTokenize(msgspec.Struct, kw_only=True):
+    inputs: str | list[str]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+class TeiDecode(msgspec.Struct, kw_only=True):
+    ids: list[int | list[int]]  # one list of ids, or a list of them
+    skip_special_tokens: bool = True
+
+
+class SimpleToken(msgspec.Struct):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class SparseValue(msgspec.Struct):
+    index: int
+    value: float
+
+
+class EmbeddingModel(msgspec.Struct):
+    pooling: str
+
+
+class ModelType(msgspec.Struct):
+    embedding: EmbeddingModel
+
+
+class Info(msgspec.Struct):
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_type: ModelType
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+
+
+class TeiError(msgspec.Struct):
+    error: str
+    error_type: Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer"]
+
+
+def _texts(inputs: TeiInput, direction: str) -> str | list[str | int | list[int]]:
+    if direction.lower() != "right":
+        raise InvalidInputError("only truncation_direction 'right' is served here", param="truncation_direction")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    if any(not isinstance(item, str) for item in items):
+        raise InvalidInputError("send text: token-id inputs are not taken on the TEI routes", param="inputs")
+    return inputs if isinstance(inputs, str) else [item for item in items if isinstance(item, str)]
+
+
+# The same kinds, cache entries and batcher as OpenAI's routes; only the answer's shape is TEI's.
+def _tei_dense(answer: Answer[np.ndarray], options: ResponseOptions) -> list[msgspec.Raw]:
+    vectors = shorten(answer.values, options.dimensions)
+    if options.normalize:
+        vectors = normalised(vectors)
+    return [float_json(vector) for vector in vectors]
+
+
+def _tei_sparse(answer: Answer[SparseWeights], _: ResponseOptions) -> list[list[SparseValue]]:
+    return [
+        [SparseValue(index, value) for index, value in zip(w.indices.tolist(), w.values.tolist(), strict=True)]
+        for w in answer.values
+    ]
+
+
+def _tei_all(answer: Answer[np.ndarray], _: ResponseOptions) -> list[msgspec.Raw]:
+    return [float_json(matrix) for matrix in answer.values]
+
+
+TEI_DENSE = DENSE.answered_as(_tei_dense)
+TEI_SPARSE = SPARSE.answered_as(_tei_sparse)
+TEI_ALL = COLBERT.answered_as(_tei_all)
+
+
+@post(["/embed", "/"], status_code=200, summary="TEI: embeddings", tags=["tei"], opt=EMBEDDING_OPT)
+async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
+    runtime, data = await accept_body(request, decode_with(TeiEmbed))
+    dim = runtime.encoder.dim
+    if data.dimensions is not None and not 1 <= data.dimensions <= dim:
+        raise InvalidInputError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
+    options = ResponseOptions(dimensions=data.dimensions, normalize=data.normalize)
+    return await answer_with(request, runtime, data, TEI_DENSE, options)
+
+
+@post("/embed_sparse", status_code=200, summary="TEI: sparse weights (bge-m3)", tags=["tei"], opt=EMBEDDING_OPT)
+async def tei_embed_sparse(request: Request[Any, Any, Any]) -> Response[Any]:
+    runtime, data = await accept_body(request, decode_with(TeiEmbedOther))
+    return await answer_with(request, runtime, data, TEI_SPARSE, ResponseOptions())
+
+
+@post("/embed_all", status_code=200, summary="TEI: token vectors (bge-m3's ColBERT)", tags=["tei"], opt=EMBEDDING_OPT)
+async def tei_embed_all(request: Request[Any, Any, Any]) -> Response[Any]:
+    runtime, data = await accept_body(request, decode_with(TeiEmbedOther))
+    return await answer_with(request, runtime, data, TEI_ALL, ResponseOptions())
+
+
+@post("/tokenize", status_code=200, summary="TEI: tokenize", tags=["tei"])
+async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken]]:
+    runtime = runtime_of(request)
+    data = decode_with(TeiTokenize)(await request.body())
+    texts = [data.inputs] if isinstance(data.inputs, str) else data.inputs
+    if not texts or len(texts) > runtime.settings.max_inputs:
+        raise InvalidInputError(f"send 1 to {runtime.settings.max_inputs} inputs", param="inputs")
+    name = runtime.prompts.name_for(data.prompt_name, None)
+    texts = runtime.prompts.prepend(list(texts), name)
+    tokenizer = runtime.encoder.hf_tokenizer
+
+    def tokenize() -> list[list[SimpleToken]]:
+        encoded = tokenizer(
+            texts,
+            add_special_tokens=data.add_special_tokens,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            truncation=False,
+        )
+        answer = []
+        for text, ids, offsets, special in zip(
+            texts, encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], strict=True
+        ):
+            row = []
+            for token, (start, stop), is_special in zip(ids, offsets, special, strict=True):
+                piece = "" if is_special and start == stop else text[start:stop]
+                row.append(
+                    SimpleToken(
+                        id=token,
+                        text=tokenizer.convert_ids_to_tokens(token) if is_special else piece,
+                        special=bool(is_special),
+                        start=None if is_special else start,
+                        stop=None if is_special else stop,
+                    )
+                )
+            answer.append(row)
+        return answer
+
+    return await asyncio.to_thread(tokenize)
+
+
+@post("/decode", status_code=200, summary="TEI: decode ids", tags=["tei"])
+async def tei_decode(request: Request[Any, Any, Any]) -> list[str]:
+    runtime = runtime_of(request)
+    data = decode_with(TeiDecode)(await request.body())
+    tokenizer = runtime.encoder.hf_tokenizer
+    vocabulary = len(tokenizer)
+    nested = [item for item in data.ids if isinstance(item, list)]
+    flat = [item for item in data.ids if isinstance(item, int)]
+    batches = nested if nested and not flat else [flat]
+    if not data.ids or (nested and flat) or len(batches) > runtime.settings.max_inputs:
+        raise InvalidInputError("ids: one list of token ids, or a list of such lists", param="ids")
+    for batch in batches:
+        if not batch or any(not 0 <= i < vocabulary for i in batch):
+            raise InvalidInputError(f"ids must be non-empty lists of token ids below {vocabulary}", param="ids")
+    texts: list[str] = tokenizer.batch_decode(batches, skip_special_tokens=data.skip_special_tokens)
+    return texts
+
+
+@get("/info", summary="TEI: the served model", tags=["tei"])
+async def tei_info(request: Request[Any, Any, Any]) -> Info:
+    from importlib import metadata
+
+    runtime = runtime_of(request)
+    settings, encoder = runtime.settings, runtime.encoder
+    pooling = await asyncio.to_thread(lambda: read_model_spec(encoder.path).pooling)
+    return Info(
+        model_id=settings.served_model,
+        model_sha=settings.revision or None,
+        model_dtype=encoder.dtype,
+        model_type=ModelType(embedding=EmbeddingModel(pooling=str(pooling))),
+        max_concurrent_requests=settings.max_connections,
+        max_input_length=encoder.max_tokens,
+        max_batch_tokens=settings.max_batch_tokens or default_max_batch_tokens(encoder.torch_device.type),
+        max_batch_requests=settings.max_batch_size,
+        max_client_batch_size=settings.max_inputs,
+        auto_truncate=settings.truncate,
+        tokenization_workers=1,
+        version=metadata.version("embedding-gateway"),
+    )
+
+
+def tei_error(request: Request[Any, Any, Any], exc: Exception) -> Response[TeiError]:
+    """Our errors in TEI's shape and statuses (its clients read ``error`` and the status)."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, OverloadedError):
+        status, kind = 429, "Overloaded"
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif isinstance(exc, EncoderFailedError):
+        status, kind = 424, "Backend"
+    elif isinstance(exc, UnauthenticatedError):
+        status, kind = 401, "Validation"
+    elif isinstance(exc, GatewayError) and exc.code in ("request_too_large", "context_length_exceeded"):
+        status, kind = 413, "Validation"  # TEI's "batch size error" status for what is too big
+    elif isinstance(exc, GatewayError):
+        status, kind = (404 if exc.code == "model_not_found" else 422), "Validation"
+    elif isinstance(exc, HTTPException) and exc.status_code < 500:
+        status, kind = exc.status_code, "Validation"
+    else:
+        status, kind = 500, "Backend"
+    message = exc.message if isinstance(exc, GatewayError) else getattr(exc, "detail", "") or "internal error"
+    return Response(TeiError(error=str(message), error_type=kind), status_code=status, headers=headers)  # type: ignore[arg-type]
+
+
+TEI_ROUTES = [tei_embed, tei_embed_sparse, tei_embed_all]
+TEI_OTHER_ROUTES = [tei_tokenize, tei_decode, tei_info]
+TEI_ROUTER = Router(
+    "/",
+    route_handlers=[*TEI_ROUTES, *TEI_OTHER_ROUTES],
+    exception_handlers={GatewayError: tei_error, HTTPException: tei_error},
+)
