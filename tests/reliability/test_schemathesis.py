@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 schema = schemathesis.openapi.from_path(ROOT / "openapi" / "openapi.json")
 
 pytestmark = pytest.mark.slow
+TEI_PATHS = {"/", "/embed", "/embed_sparse", "/embed_all", "/tokenize", "/decode", "/info"}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,12 @@ def test_generated_requests(case: Any, live_url: str) -> None:
     response = case.call(base_url=live_url, timeout=30)
     assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
     if response.status_code >= 400:
-        error = response.json()["error"]
+        body = response.json()
+        # TEI's shape on TEI's routes; 401 and 405 (before any route runs) are OpenAI's everywhere
+        if case.path in TEI_PATHS and response.status_code not in (401, 405):
+            assert set(body) == {"error", "error_type"}, body
+            assert "Traceback" not in body["error"]
+            return
+        error = body["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert "Traceback" not in error["message"]

@@ -38,13 +38,21 @@ from gateway.http.routes.common import ERRORS, runtime_of
 from gateway.http.routes.models import check_model
 from gateway.http.runtime import Runtime
 
-__all__ = ["EMBEDDING_OPT", "accept_body", "answer_with", "create_embeddings", "create_multivector", "create_sparse"]
+__all__ = [
+    "EMBEDDING_OPT",
+    "accept_body",
+    "answer_with",
+    "create_embeddings",
+    "create_multivector",
+    "create_sparse",
+    "documented_body",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _documented_body(schema: str) -> type[Operation]:
+def documented_body(schema: str) -> type[Operation]:
     """Bodies are decoded by our own strict msgspec decoders, so document them here."""
 
     @dataclass
@@ -175,7 +183,7 @@ def _refuse_dimensions(data: OutputsRequest, output: str) -> None:
     description="OpenAI-compatible. Vectors are served from the cache when the same text was seen before.",
     responses=ERRORS,
     tags=["embeddings"],
-    operation_class=_documented_body("EmbeddingRequest"),
+    operation_class=documented_body("EmbeddingRequest"),
     opt=EMBEDDING_OPT,
 )
 async def create_embeddings(request: Request[Any, Any, Any]) -> Response[EmbeddingResponse]:
@@ -194,7 +202,7 @@ async def create_embeddings(request: Request[Any, Any, Any]) -> Response[Embeddi
     description="Per input: token ids ascending and their weights, as Qdrant, Milvus and Pinecone take them.",
     responses=ERRORS,
     tags=["embeddings"],
-    operation_class=_documented_body("OutputsRequest"),
+    operation_class=documented_body("OutputsRequest"),
     opt=EMBEDDING_OPT,
 )
 async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseResponse]:
@@ -216,7 +224,7 @@ async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseRespo
     description="Per input: one L2-normalised vector per token after CLS; base64 is little-endian float32, row-major.",
     responses=ERRORS,
     tags=["embeddings"],
-    operation_class=_documented_body("OutputsRequest"),
+    operation_class=documented_body("OutputsRequest"),
     opt=EMBEDDING_OPT,
 )
 async def create_multivector(request: Request[Any, Any, Any]) -> Response[MultiVectorResponse]:

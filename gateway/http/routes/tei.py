@@ -27,6 +27,7 @@ import msgspec
 import numpy as np
 from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
+from litestar.openapi import ResponseSpec
 
 from encoder.kinds import SparseWeights
 from encoder.model_files import read_model_spec
@@ -50,9 +51,9 @@ from gateway.core.outputs import (
 )
 from gateway.core.schemas import decode_with
 from gateway.http.routes.common import runtime_of
-from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, answer_with
+from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, answer_with, documented_body
 
-__all__ = ["TEI_ROUTER", "TEI_ROUTES"]
+__all__ = ["TEI_ROUTER", "TEI_ROUTES", "body_schemas"]
 
 TeiInput = str | list[str | int | list[int]]  # TEI also takes token ids; refused here (see above)
 
@@ -174,7 +175,36 @@ TEI_SPARSE = SPARSE.answered_as(_tei_sparse)
 TEI_ALL = COLBERT.answered_as(_tei_all)
 
 
-@post(["/embed", "/"], status_code=200, summary="TEI: embeddings", tags=["tei"], opt=EMBEDDING_OPT)
+_TEI_ERRORS = {
+    status: ResponseSpec(TeiError, description=description, generate_examples=False)
+    for status, description in {
+        401: "Missing or wrong API key (OpenAI's envelope, as on every route)",
+        404: "Unknown model",
+        413: "An input or the request is too large",
+        422: "Invalid input",
+        424: "The encoder could not compute an input",
+        429: "Overloaded or over the key's limits; honour Retry-After",
+    }.items()
+}
+
+
+def body_schemas() -> dict[str, Any]:
+    """JSON Schemas of the TEI bodies (decoded by our own strict decoders), for the OpenAPI components."""
+    (_, components) = msgspec.json.schema_components(
+        [TeiEmbed, TeiEmbedOther, TeiTokenize, TeiDecode], ref_template="#/components/schemas/{name}"
+    )
+    return components
+
+
+@post(
+    ["/embed", "/"],
+    status_code=200,
+    summary="TEI: embeddings",
+    tags=["tei"],
+    opt=EMBEDDING_OPT,
+    responses=_TEI_ERRORS,
+    operation_class=documented_body("TeiEmbed"),
+)
 async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, data = await accept_body(request, decode_with(TeiEmbed))
     dim = runtime.encoder.dim
@@ -184,19 +214,42 @@ async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
     return await answer_with(request, runtime, data, TEI_DENSE, options)
 
 
-@post("/embed_sparse", status_code=200, summary="TEI: sparse weights (bge-m3)", tags=["tei"], opt=EMBEDDING_OPT)
+@post(
+    "/embed_sparse",
+    status_code=200,
+    summary="TEI: sparse weights (bge-m3)",
+    tags=["tei"],
+    opt=EMBEDDING_OPT,
+    responses=_TEI_ERRORS,
+    operation_class=documented_body("TeiEmbedOther"),
+)
 async def tei_embed_sparse(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, data = await accept_body(request, decode_with(TeiEmbedOther))
     return await answer_with(request, runtime, data, TEI_SPARSE, ResponseOptions())
 
 
-@post("/embed_all", status_code=200, summary="TEI: token vectors (bge-m3's ColBERT)", tags=["tei"], opt=EMBEDDING_OPT)
+@post(
+    "/embed_all",
+    status_code=200,
+    summary="TEI: token vectors (bge-m3's ColBERT)",
+    tags=["tei"],
+    opt=EMBEDDING_OPT,
+    responses=_TEI_ERRORS,
+    operation_class=documented_body("TeiEmbedOther"),
+)
 async def tei_embed_all(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, data = await accept_body(request, decode_with(TeiEmbedOther))
     return await answer_with(request, runtime, data, TEI_ALL, ResponseOptions())
 
 
-@post("/tokenize", status_code=200, summary="TEI: tokenize", tags=["tei"])
+@post(
+    "/tokenize",
+    status_code=200,
+    summary="TEI: tokenize",
+    tags=["tei"],
+    responses=_TEI_ERRORS,
+    operation_class=documented_body("TeiTokenize"),
+)
 async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken]]:
     runtime = runtime_of(request)
     data = decode_with(TeiTokenize)(await request.body())
@@ -237,7 +290,14 @@ async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken
     return await asyncio.to_thread(tokenize)
 
 
-@post("/decode", status_code=200, summary="TEI: decode ids", tags=["tei"])
+@post(
+    "/decode",
+    status_code=200,
+    summary="TEI: decode ids",
+    tags=["tei"],
+    responses=_TEI_ERRORS,
+    operation_class=documented_body("TeiDecode"),
+)
 async def tei_decode(request: Request[Any, Any, Any]) -> list[str]:
     runtime = runtime_of(request)
     data = decode_with(TeiDecode)(await request.body())
