@@ -128,3 +128,74 @@ def mixed_texts(count: int, seed: int = 0, long_every: int = 10) -> list[str]:
             pieces.append(rng.choice(SAMPLE_LINES))
         texts.append(" ".join(pieces))
     return texts
+
+
+QUERY_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+
+
+def build_decoder_tokenizer(vocab_size: int = 400, padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer shaped like Qwen3-Embedding's: no BOS, the EOS ``<|endoftext|>``
+    appended by the post-processor (that token is what last-token pooling reads), and the padding
+    side of the caller's choice (Qwen3's tokenizer pads on the left)."""
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(SAMPLE_LINES * 4, trainer=trainer)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", pair="$A <|endoftext|> $B <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side=padding_side,
+        model_max_length=32768,
+    )
+
+
+def build_decoder_embedder(
+    folder: Path, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, padding_side: str = "left"
+) -> Path:
+    """A Qwen3-Embedding-shaped sentence-transformers folder with random weights: a causal decoder,
+    last-token pooling, normalisation, and a query instruction prompt (the default is none, as
+    Qwen3-Embedding ships it: documents go in as they are)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_decoder_tokenizer(padding_side=padding_side)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=hidden // heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=32768,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    Qwen3Model(config).save_pretrained(folder)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": QUERY_INSTRUCTION, "document": ""}, "default_prompt_name": None})
+    )
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": hidden, "pooling_mode_lasttoken": True, "include_prompt": True})
+    )
+    return folder
