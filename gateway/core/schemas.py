@@ -118,7 +118,7 @@ class MultiVectorResponse(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
-class ModelCard(msgspec.Struct, omit_defaults=True):
+class ModelCard(msgspec.Struct):
     id: str
     created: int
     owned_by: str = "embedding-gateway"

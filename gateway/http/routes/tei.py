@@ -137,9 +137,12 @@ class Info(msgspec.Struct):
     version: str
 
 
+ErrorType = Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer"]
+
+
 class TeiError(msgspec.Struct):
     error: str
-    error_type: Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer"]
+    error_type: ErrorType
 
 
 def _texts(inputs: TeiInput, direction: str) -> str | list[str | int | list[int]]:
@@ -341,6 +344,8 @@ async def tei_info(request: Request[Any, Any, Any]) -> Info:
 def tei_error(request: Request[Any, Any, Any], exc: Exception) -> Response[TeiError]:
     """Our errors in TEI's shape and statuses (its clients read ``error`` and the status)."""
     headers: dict[str, str] = {}
+    status: int
+    kind: ErrorType
     if isinstance(exc, OverloadedError):
         status, kind = 429, "Overloaded"
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
@@ -357,7 +362,7 @@ def tei_error(request: Request[Any, Any, Any], exc: Exception) -> Response[TeiEr
     else:
         status, kind = 500, "Backend"
     message = exc.message if isinstance(exc, GatewayError) else getattr(exc, "detail", "") or "internal error"
-    return Response(TeiError(error=str(message), error_type=kind), status_code=status, headers=headers)  # type: ignore[arg-type]
+    return Response(TeiError(error=str(message), error_type=kind), status_code=status, headers=headers)
 
 
 TEI_ROUTES = [tei_embed, tei_embed_sparse, tei_embed_all]
