@@ -361,12 +361,13 @@ def _check(settings: Settings) -> int:
     else:
         print("cuda       not available")
     print(f"mps        {'available' if 'mps' in available_devices() else 'not available'}")
-    try:
-        device = resolve_device(settings.device)
-        print(f"device     {device} (asked: {settings.device})")
-    except DeviceNotAvailableError as exc:
-        print(f"device     FAIL: {exc}")
-        ok = False
+    for index, asked in enumerate(settings.engine_devices):  # one line per engine (EMBED_DEVICES)
+        label = f"engine {index}" if settings.devices else "device"
+        try:
+            print(f"{label:10} {resolve_device(asked)} (asked: {asked})")
+        except DeviceNotAvailableError as exc:
+            print(f"{label:10} FAIL: {exc}")
+            ok = False
     try:
         folder = resolve_model_dir(settings.model, settings.revision or None)
         spec = read_model_spec(folder)

@@ -203,6 +203,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         for listed in ("model_aliases", "devices"):  # comma lists
             if isinstance(raw.get(listed), str):
                 raw[listed] = tuple(entry.strip() for entry in raw[listed].split(",") if entry.strip())
+        if isinstance(raw.get("devices"), tuple):  # CPU,CPU as EMBED_DEVICE=CPU is taken
+            raw["devices"] = tuple(entry.lower() for entry in raw["devices"])
         for info in msgspec.structs.fields(cls):  # operators write on/off and yes/no too
             if info.type is bool and isinstance(raw.get(info.name), str):
                 raw[info.name] = _BOOLEANS.get(raw[info.name].lower(), raw[info.name])
@@ -217,6 +219,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         unknown = cls.unknown_variables(environ) if settings.strict_settings else []
         if unknown:
             raise SettingsError(f"{unknown[0].removesuffix('; it is ignored')} ({ENV_PREFIX}STRICT_SETTINGS is on)")
+        if settings.devices:
+            # The first engine's device is the device: what loads in process (a one-entry list),
+            # what `check` and the int8 checks judge. Each engine gets its own entry.
+            settings = msgspec.structs.replace(settings, device=settings.devices[0])
         return settings
 
 

@@ -60,6 +60,11 @@ logger = logging.getLogger("gateway.worker")
 _INLINE_TOKENIZE_CHARS = 2048
 RECONNECT_INTERVAL_S = 0.05
 PUSH_INTERVAL_S = 1.0  # also how stale the queue figures may get: the engine answers each push with them
+# An engine that has answered nothing (not even a push) for this long is hung (SIGSTOP, a wedged
+# driver, a deadlock): its link is dropped as if it had died, its calls fail over or get 503, and
+# it is reconnected once it answers a hello again. Its event loop answers pushes while passes run
+# on their own thread, so a busy engine stays far below this.
+SILENCE_S = 5.0
 
 
 class EngineUnavailableError(QueueFullError):
@@ -124,15 +129,16 @@ class RemoteEncoder:
 
 
 class _FirstRow(list[int]):
-    """The first row of ids :meth:`EngineLink.tokenize` returns, marked with the tokenizer that made
-    it (``generation``): the service may cut and join the answers of several calls, but keeps the
-    rows, so :meth:`EngineLink.embed` can tell ids made for a model the engine no longer serves."""
+    """The first row of ids :meth:`EngineLink.tokenize` returns, marked with the model whose
+    tokenizer made it (its ``fingerprint``): the service may cut and join the answers of several
+    calls, but keeps the rows, so :meth:`EngineLink.embed` (on this link or another engine's) can
+    tell ids made for a model the engine no longer serves."""
 
-    __slots__ = ("generation",)
+    __slots__ = ("fingerprint",)
 
-    def __init__(self, ids: list[int], generation: int) -> None:
+    def __init__(self, ids: list[int], fingerprint: str) -> None:
         super().__init__(ids)
-        self.generation = generation
+        self.fingerprint = fingerprint
 
 
 class EngineLink:
@@ -174,6 +180,7 @@ class EngineLink:
         self._stopped = False
         self.reconnects = 0
         self.sent_tokens = 0  # tokens of this worker's calls the engine has not answered yet
+        self._heard_at = 0.0  # loop time of the engine's last frame on this connection
 
     # --- the batcher's face ----------------------------------------------------------------
     @property
@@ -234,7 +241,7 @@ class EngineLink:
                 ids = await asyncio.to_thread(partial(tokenizer.tokenize, texts, truncate=truncate))
             if generation == self._generation:  # else the model changed meanwhile: again, with the new tokenizer
                 if ids:
-                    ids[0] = _FirstRow(ids[0], generation)
+                    ids[0] = _FirstRow(ids[0], self.encoder.fingerprint)
                 return ids
 
     async def embed(
@@ -245,8 +252,9 @@ class EngineLink:
         kinds: frozenset[OutputKind] = DENSE_ONLY,
         tenant: str = "",
     ) -> list[Outputs]:
-        generation = self._generation
-        if generation and any(isinstance(row, _FirstRow) and row.generation != generation for row in token_ids):
+        assert self.encoder is not None
+        serving = self.encoder.fingerprint
+        if any(isinstance(row, _FirstRow) and row.fingerprint != serving for row in token_ids):
             # Tokenised for the model the engine served before it restarted: retry under the new one.
             raise EngineUnavailableError("it now serves another model")
         call_id = next(self._ids)
@@ -284,15 +292,18 @@ class EngineLink:
         except QueueFullError:
             if self.ledger is None:
                 raise
-            return self._from_ledger(ask_id, self.ledger)
+            return self.from_ledger(ask_id)
         if not isinstance(answer, StatsAnswer):
             raise EngineUnavailableError(f"its counters did not come back ({type(answer).__name__})")
         self._queue_tokens = answer.queue_tokens
         return answer
 
-    def _from_ledger(self, ask_id: int, ledger: Ledger) -> StatsAnswer:
+    def from_ledger(self, ask_id: int = 0) -> StatsAnswer:
+        """The whole server's counters from the ledger alone (no engine asked): queues empty."""
+        if self.ledger is None:
+            raise EngineUnavailableError("no engine answered, and there is no ledger to answer from")
         own = self._keep()
-        kept = ledger.read()
+        kept = self.ledger.read()
         kept.pop(self.ledger_name, None)
         restarts = read_restarts(self.socket_path.parent / RESTARTS_FILE)
         self._queue_tokens = 0
@@ -350,6 +361,7 @@ class EngineLink:
         self._queue_tokens, self._tokens_per_second = info.queue_tokens, info.tokens_per_second
         self._engine_ready = info.ready
         self._writer = writer
+        self._heard_at = asyncio.get_running_loop().time()
         self._reader_task = asyncio.create_task(self._read(reader, writer), name="engine-reader")
 
     async def _adopt(self, info: EngineInfo) -> None:
@@ -376,6 +388,7 @@ class EngineLink:
         try:
             while True:
                 frame = await read_frame(reader, self.max_frame_bytes)
+                self._heard_at = asyncio.get_running_loop().time()
                 if isinstance(frame, Collect):
                     self._push()
                     continue
@@ -456,4 +469,13 @@ class EngineLink:
         figures fresh."""
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
+            writer = self._writer
+            if writer is not None and asyncio.get_running_loop().time() - self._heard_at > SILENCE_S:
+                logger.error(
+                    "the engine at %s has answered nothing for %.0f s: treating it as gone (its calls fail over)",
+                    self.socket_path.name,
+                    SILENCE_S,
+                )
+                writer.transport.abort()  # the reader sees the connection lost: drop, then reconnect
+                continue
             self._push()

@@ -22,6 +22,7 @@ An HTTP worker holds one :class:`~gateway.engine.client.EngineLink` per engine p
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 from encoder.batcher import DENSE_ONLY, QueueFullError
@@ -32,9 +33,12 @@ from gateway.engine.protocol import StatsAnswer
 
 __all__ = ["SPLIT_TOKENS", "EngineRouter", "EnginesDisagreeError"]
 
+logger = logging.getLogger("gateway.worker")
+
 # Above this many tokens a batch is shared out: each part still fills whole passes (a GPU's budget
 # is 16,384 tokens), and below it the second round trip would cost more than it saves.
 SPLIT_TOKENS = 16_384
+STATS_TIMEOUT_S = 2.0  # an engine that has not answered for its counters by then is reported down
 
 
 class EnginesDisagreeError(RuntimeError):
@@ -48,12 +52,16 @@ class EngineRouter:
         if not links:
             raise ValueError("an EngineRouter needs at least one engine link")
         self.links = list(links)
+        self._turn = 0  # ties go round the engines, never always to engine 0
+        self._reference = 0  # the engine whose model the service keys the cache by: the first connected
+        self._starting: list[asyncio.Task[None]] = []
+        self._mismatched: set[int] = set()  # engines serving another model (each logged once)
 
     # --- what the app reads ------------------------------------------------------------------
     @property
     def encoder(self) -> RemoteEncoder | None:
-        """The model every engine serves (the first engine's description)."""
-        return self.links[0].encoder
+        """The model the engines serve (as the first engine that connected describes it)."""
+        return self.links[self._reference].encoder
 
     @property
     def running(self) -> bool:
@@ -78,25 +86,43 @@ class EngineRouter:
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, timeout_s: float = 60.0) -> None:
-        """Connect to every engine; refuse engines that disagree on the model or its numerics."""
-        await asyncio.gather(*(link.start(timeout_s=timeout_s) for link in self.links))
-        first = self.links[0].encoder
+        """Connect to the engines; return once one has (its model is this worker's), while the
+        others go on connecting (one still loading, or hung, must not keep this worker from
+        serving through the rest). Engines connected by then must agree on the model."""
+        self._starting = [
+            asyncio.create_task(link.start(timeout_s=timeout_s), name=f"engine-{i}-start")
+            for i, link in enumerate(self.links)
+        ]
+        failures: list[BaseException] = []
+        for finished in asyncio.as_completed(self._starting):
+            try:
+                await finished
+                break
+            except (TimeoutError, OSError) as exc:
+                failures.append(exc)
+        else:
+            raise failures[0]
+        self._reference = next(i for i, link in enumerate(self.links) if link.encoder is not None)
+        first = self.links[self._reference].encoder
         assert first is not None
-        for index, link in enumerate(self.links[1:], start=1):
+        for index, link in enumerate(self.links):
             other = link.encoder
-            assert other is not None
-            if (other.fingerprint, other.numerics) != (first.fingerprint, first.numerics):
+            if other is not None and (other.fingerprint, other.numerics) != (first.fingerprint, first.numerics):
                 raise EnginesDisagreeError(
-                    f"engine {index} serves {other.fingerprint} as {other.numerics}, engine 0 "
+                    f"engine {index} serves {other.fingerprint} as {other.numerics}, engine {self._reference} "
                     f"{first.fingerprint} as {first.numerics}: every engine must compute the same vectors"
                 )
 
     async def stop(self) -> None:
+        for task in self._starting:
+            task.cancel()
+        await asyncio.gather(*self._starting, return_exceptions=True)
         await asyncio.gather(*(link.stop() for link in self.links))
 
     # --- the batcher's face ------------------------------------------------------------------
     async def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
-        return await self._first_running().tokenize(texts, truncate=truncate)
+        # Tokenising is local (each link holds the model's tokenizer): the reference model's, always.
+        return await self.links[self._reference].tokenize(texts, truncate=truncate)
 
     async def embed(
         self,
@@ -135,23 +161,57 @@ class EngineRouter:
                 failure = exc
         if failure is not None:
             raise failure
-        # No engine is connected: the first one's own error (503 with Retry-After).
-        return await self.links[0].embed(texts, token_ids, kinds=kinds, tenant=tenant)
+        # No engine is connected: the reference engine's own error (503 with Retry-After).
+        return await self.links[self._reference].embed(texts, token_ids, kinds=kinds, tenant=tenant)
 
     def _least_loaded(self, tried: set[int]) -> int | None:
-        candidates = [i for i, link in enumerate(self.links) if i not in tried and link.running]
+        candidates = [i for i, link in enumerate(self.links) if i not in tried and link.running and self._agrees(i)]
         if not candidates:
             return None
-        return min(candidates, key=lambda i: self.links[i].queue_tokens + self.links[i].sent_tokens)
+        self._turn += 1
+        count = len(self.links)
+        return min(
+            candidates,
+            key=lambda i: (self.links[i].queue_tokens + self.links[i].sent_tokens, (i - self._turn) % count),
+        )
 
-    def _first_running(self) -> EngineLink:
-        return next((link for link in self.links if link.running), self.links[0])
+    def _agrees(self, index: int) -> bool:
+        """Whether engine ``index`` serves the model the service keys the cache by (engine 0's, as
+        this worker last adopted it). An engine restarted onto another model (its folder changed in
+        place) must not answer under this one's namespace: it takes no work until they agree."""
+        reference, other = self.encoder, self.links[index].encoder
+        if index == self._reference or reference is None or other is None:
+            return True
+        agrees = (other.fingerprint, other.numerics) == (reference.fingerprint, reference.numerics)
+        if not agrees and index not in self._mismatched:
+            logger.error(
+                "engine %d serves %s as %s, engine %d %s as %s: it takes no work until both serve one model "
+                "(restart it, or the gateway)",
+                index,
+                other.fingerprint,
+                other.numerics,
+                self._reference,
+                reference.fingerprint,
+                reference.numerics,
+            )
+        (self._mismatched.add if not agrees else self._mismatched.discard)(index)
+        return agrees
+
+    @staticmethod
+    async def _counters(link: EngineLink) -> StatsAnswer:
+        """One engine's answer, or :class:`EngineUnavailableError` when it does not answer in
+        :data:`STATS_TIMEOUT_S` (a hung engine must not hang every scrape)."""
+        try:
+            async with asyncio.timeout(STATS_TIMEOUT_S):
+                return await link.whole_server()
+        except TimeoutError:
+            raise EngineUnavailableError("it did not answer for its counters in time") from None
 
     # --- /stats --------------------------------------------------------------------------------
     async def whole_server(self) -> tuple[StatsAnswer, list[EngineStats]]:
         """The whole server's counters (any engine's answer holds every process's, from the
         ledger), the queues summed over the engines, and each engine's own figures."""
-        answers = await asyncio.gather(*(link.whole_server() for link in self.links), return_exceptions=True)
+        answers = await asyncio.gather(*(self._counters(link) for link in self.links), return_exceptions=True)
         engines: list[EngineStats] = []
         whole: StatsAnswer | None = None
         queued = in_flight = 0
@@ -170,8 +230,8 @@ class EngineRouter:
                 in_flight += answer.in_flight
             else:
                 engines.append(EngineStats(index=index, device=device, up=False))
-        if whole is None:
-            raise EngineUnavailableError("no engine answered for its counters")
+        if whole is None:  # no engine answered in time: the counters from the ledger, queues empty
+            whole = self.links[self._reference].from_ledger()
         whole.queue_tokens, whole.in_flight = queued, in_flight
         return whole, engines
 

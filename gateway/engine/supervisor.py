@@ -46,6 +46,7 @@ __all__ = ["Supervisor", "reuseport_socket"]
 logger = logging.getLogger("gateway.supervisor")
 
 POLL_S = 0.05
+RESTART_INTERVAL_S = 1.0  # at most one restart of an engine a second
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -76,6 +77,8 @@ class Supervisor:
         self.ledger = Ledger(self.folder / FOLDER)
         self.engines: list[subprocess.Popen[bytes] | None] = [None] * len(self.devices)
         self.engines_ready = [False] * len(self.devices)  # each engine has opened its socket
+        # engines being restarted: index -> (spawned at, deadline); the watch loop checks them each poll
+        self.restarting: dict[int, tuple[float, float]] = {}
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
         self.stopping = threading.Event()
         self._worker_line = b""
@@ -117,7 +120,7 @@ class Supervisor:
         the cores when ``EMBED_CPU_THREADS`` is 0 (``cpu,cpu`` on 16 cores: 8 threads each)."""
         # msgspec's JSON has no raw newline: the settings are exactly one line.
         self._worker_line = msgspec.json.encode(settings) + b"\n"
-        share = max(1, (os.cpu_count() or 1) // len(self.devices))
+        share = max(1, _usable_cores() // len(self.devices))
         for device in self.devices:
             threads = settings.cpu_threads or (share if device == "cpu" and len(self.devices) > 1 else 0)
             engine = msgspec.structs.replace(settings, device=device, devices=(), cpu_threads=threads)
@@ -128,17 +131,21 @@ class Supervisor:
         staging.write_bytes(msgspec.json.encode(self.restarts))
         staging.replace(self.restarts_path)
 
+    def _spawn_engine(self, index: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_paths[index].unlink()
+        old = self.engines[index]
+        if old is not None:
+            _close_stdin(old)  # the last engine's stop pipe (it has exited)
+        self.engines_ready[index] = False
+        self.engines[index] = self._spawn("engine", index)
+
     def _start_engines(self, indices: list[int]) -> bool:
         """Start the engines ``indices`` together (their models load side by side) and wait for
-        their sockets; False when one died or never answered (the others are left running)."""
+        their sockets; False when one died or never answered. Only the first start waits here:
+        a restart is watched by :meth:`_watch`, beside everything else it supervises."""
         for index in indices:
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_paths[index].unlink()
-            old = self.engines[index]
-            if old is not None:
-                _close_stdin(old)  # the last engine's stop pipe (it has exited)
-            self.engines_ready[index] = False
-            self.engines[index] = self._spawn("engine", index)
+            self._spawn_engine(index)
         deadline = time.monotonic() + self.settings.engine_start_timeout_s
         waiting = list(indices)
         while waiting and time.monotonic() < deadline and not self.stopping.is_set():
@@ -196,8 +203,12 @@ class Supervisor:
     def _watch(self) -> None:
         while not self.stopping.wait(POLL_S):
             for index, engine in enumerate(self.engines):
-                if engine is not None and engine.poll() is not None and not self.stopping.is_set():
+                if engine is None or self.stopping.is_set():
+                    continue
+                if engine.poll() is not None:
                     self._restart_engine(index, engine)
+                elif index in self.restarting:
+                    self._check_restart(index, engine)
             for index, worker in enumerate(self.workers):
                 if worker is not None and worker.poll() is not None and not self.stopping.is_set():
                     self.restarts.worker_restarts += 1
@@ -207,6 +218,13 @@ class Supervisor:
                     self._start_worker(index)
 
     def _restart_engine(self, index: int, engine: subprocess.Popen[bytes]) -> None:
+        """Engine ``index`` has exited: count it, fold its counts, and spawn another (at most one a
+        second: one that dies at once is not restarted in a tight loop). Its start is watched by
+        :meth:`_check_restart`; nothing waits for it here, so a model that loads for minutes (or
+        hangs) never stops the other engines and the workers being supervised."""
+        spawned, _ = self.restarting.get(index, (0.0, 0.0))
+        if time.monotonic() - spawned < RESTART_INTERVAL_S:
+            return  # the next poll restarts it
         self.restarts.engine += 1
         self._write_restarts()
         self._retire(engine.pid)
@@ -220,11 +238,24 @@ class Supervisor:
             self.restarts.engine,
             f"the other {others} engine(s) take its work" if others else "workers answer 503",
         )
-        started = time.monotonic()
-        if self._start_engines([index]):
-            logger.info("engine %d back after %.1f s (pid %d)", index, time.monotonic() - started, self._pids()[index])
-        elif not self.stopping.is_set():
-            time.sleep(1.0)  # it failed to start: try again, but not in a tight loop
+        self._spawn_engine(index)
+        now = time.monotonic()
+        self.restarting[index] = (now, now + self.settings.engine_start_timeout_s)
+
+    def _check_restart(self, index: int, engine: subprocess.Popen[bytes]) -> None:
+        spawned, deadline = self.restarting[index]
+        if self.socket_paths[index].exists():
+            self.engines_ready[index] = True
+            del self.restarting[index]
+            logger.info("engine %d back after %.1f s (pid %d)", index, time.monotonic() - spawned, engine.pid)
+        elif time.monotonic() > deadline:
+            logger.error(
+                "engine %d (pid %d) did not open its socket within %.0f s (EMBED_ENGINE_START_TIMEOUT_S); killing it",
+                index,
+                engine.pid,
+                self.settings.engine_start_timeout_s,
+            )
+            engine.kill()  # the next poll sees it exit and starts another
 
     def _retire(self, pid: int) -> None:
         """Fold reaped child ``pid``'s counts into the retired sum, before its pid can be reused."""
@@ -274,6 +305,14 @@ class Supervisor:
                 if process.poll() is None:
                     process.kill()
                     process.wait(timeout=10)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share), as one engine counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _close_stdin(process: subprocess.Popen[bytes]) -> None:

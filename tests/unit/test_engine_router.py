@@ -23,6 +23,7 @@ class FakeLink:
         self.running = running
         self.fails = fails
         self.calls = 0
+        self.encoder = None  # what the router compares engines' models by (None: not compared)
 
     async def embed(self, texts: Sequence[str], token_ids: Sequence[list[int]], **_: Any) -> list[str]:
         self.calls += 1
