@@ -40,8 +40,10 @@ from gateway.core.telemetry import Telemetry
 from gateway.http.errors import ErrorBody, ErrorEnvelope
 
 __all__ = [
+    "ADMIT_AFTER_BODY",
     "CLIENT_GONE",
     "CUT_STATUS",
+    "TEI_ERRORS",
     "AtCapacityError",
     "InFlight",
     "RequestContextMiddleware",
@@ -73,17 +75,32 @@ _OVER_CAPACITY_HEADERS = (
     (b"content-length", str(len(_OVER_CAPACITY_BODY)).encode()),
     (b"retry-after", b"1"),
 )
-_ADMISSION = "gateway.admission"
-_REFUSED = "gateway.refused_at_cap"  # the request's pending admission (a route with a body calls admit)
+# TEI's clients read TEI's shape: 429 {"error", "error_type": "Overloaded"} (gateway.http.routes.tei).
+_TEI_OVER_CAPACITY_BODY = msgspec.json.encode({"error": _AT_CAPACITY, "error_type": "Overloaded"})
+_TEI_OVER_CAPACITY_HEADERS = (
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_TEI_OVER_CAPACITY_BODY)).encode()),
+    (b"retry-after", b"1"),
+)
+# The request's pending admission, for admit() (a name of its own: the API-key hooks keep theirs).
+_ADMISSION = "gateway.cap_admission"
+
+# Route options (``opt``) this middleware reads.
+ADMIT_AFTER_BODY = "admit_after_body"  # the route reads a body and calls admit() once it has it
+TEI_ERRORS = "tei_errors"  # a refusal here is answered in TEI's shape
 
 
-async def _refuse_over_capacity(send: Send) -> None:
+async def _refuse_over_capacity(send: Send, *, tei: bool = False) -> None:
     start: HTTPResponseStartEvent = {
         "type": "http.response.start",
-        "status": 503,
-        "headers": list(_OVER_CAPACITY_HEADERS),
+        "status": 429 if tei else 503,
+        "headers": list(_TEI_OVER_CAPACITY_HEADERS if tei else _OVER_CAPACITY_HEADERS),
     }
-    body: HTTPResponseBodyEvent = {"type": "http.response.body", "body": _OVER_CAPACITY_BODY, "more_body": False}
+    body: HTTPResponseBodyEvent = {
+        "type": "http.response.body",
+        "body": _TEI_OVER_CAPACITY_BODY if tei else _OVER_CAPACITY_BODY,
+        "more_body": False,
+    }
     await send(start)
     await send(body)
 
@@ -103,6 +120,9 @@ class InFlight:
         self.cap = cap
         self.telemetry = telemetry
         self.count = 0
+
+    def full(self) -> bool:
+        return self.cap is not None and self.count >= self.cap
 
     def take(self) -> bool:
         """Count one more request; False (and counted as refused) when the cap is reached."""
@@ -220,16 +240,25 @@ class RequestContextMiddleware:
 
         state: dict[str, Any] = scope["state"]  # request_id() made sure of it
         handler = scope.get("route_handler")
+        opt: dict[str, Any] = handler.opt if handler is not None else {}
         admission = _Admission(self.in_flight)
         refused = False
-        if handler is not None and handler.opt.get("embedding"):
-            state[_ADMISSION] = admission  # counted once the route has its body (admit)
-        elif scope.get("path_template") not in _NEVER_REFUSED:
+        if scope.get("path_template") in _NEVER_REFUSED:
+            pass
+        elif opt.get(ADMIT_AFTER_BODY):
+            if self.in_flight.full():
+                # Already at the cap: refused now, before its key's buckets are charged or its body
+                # read. Below it, it is counted once the route has its body (admit).
+                self.telemetry.refused_at_capacity()
+                refused = True
+            else:
+                state[_ADMISSION] = admission
+        else:
             admission.admitted = self.in_flight.take()
             refused = not admission.admitted
         try:
             if refused:
-                await _refuse_over_capacity(send_with_status)
+                await _refuse_over_capacity(send_with_status, tei=bool(opt.get(TEI_ERRORS)))
             else:
                 await self.app(scope, receive_watching, send_with_status)
         finally:

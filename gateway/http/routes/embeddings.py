@@ -33,7 +33,7 @@ from gateway.core.schemas import (
     decode_outputs_request,
 )
 from gateway.http.auth import client_name, token_reservation
-from gateway.http.middleware import admit, outcome
+from gateway.http.middleware import ADMIT_AFTER_BODY, admit, outcome
 from gateway.http.routes.common import ERRORS, runtime_of
 from gateway.http.routes.models import check_model
 from gateway.http.runtime import Runtime
@@ -164,7 +164,7 @@ async def accept_body(request: Request[Any, Any, Any], decode: Callable[[bytes],
     return runtime, data
 
 
-EMBEDDING_OPT = {"embedding": True}
+EMBEDDING_OPT = {"embedding": True, ADMIT_AFTER_BODY: True}
 
 
 def _refuse_dimensions(data: OutputsRequest, output: str) -> None:

@@ -50,6 +50,7 @@ from gateway.core.outputs import (
     shorten,
 )
 from gateway.core.schemas import decode_with
+from gateway.http.middleware import ADMIT_AFTER_BODY, TEI_ERRORS, admit
 from gateway.http.routes.common import runtime_of
 from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, answer_with, documented_body
 
@@ -191,6 +192,10 @@ _TEI_ERRORS = {
 }
 
 
+_TEI_EMBEDDING = {**EMBEDDING_OPT, TEI_ERRORS: True}
+_TEI_BODY = {ADMIT_AFTER_BODY: True, TEI_ERRORS: True}
+
+
 def body_schemas() -> dict[str, Any]:
     """JSON Schemas of the TEI bodies (decoded by our own strict decoders), for the OpenAPI components."""
     (_, components) = msgspec.json.schema_components(
@@ -204,7 +209,7 @@ def body_schemas() -> dict[str, Any]:
     status_code=200,
     summary="TEI: embeddings",
     tags=["tei"],
-    opt=EMBEDDING_OPT,
+    opt=_TEI_EMBEDDING,
     responses=_TEI_ERRORS,
     operation_class=documented_body("TeiEmbed"),
 )
@@ -222,7 +227,7 @@ async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
     status_code=200,
     summary="TEI: sparse weights (bge-m3)",
     tags=["tei"],
-    opt=EMBEDDING_OPT,
+    opt=_TEI_EMBEDDING,
     responses=_TEI_ERRORS,
     operation_class=documented_body("TeiEmbedOther"),
 )
@@ -236,7 +241,7 @@ async def tei_embed_sparse(request: Request[Any, Any, Any]) -> Response[Any]:
     status_code=200,
     summary="TEI: token vectors (bge-m3's ColBERT)",
     tags=["tei"],
-    opt=EMBEDDING_OPT,
+    opt=_TEI_EMBEDDING,
     responses=_TEI_ERRORS,
     operation_class=documented_body("TeiEmbedOther"),
 )
@@ -250,12 +255,15 @@ async def tei_embed_all(request: Request[Any, Any, Any]) -> Response[Any]:
     status_code=200,
     summary="TEI: tokenize",
     tags=["tei"],
+    opt=_TEI_BODY,
     responses=_TEI_ERRORS,
     operation_class=documented_body("TeiTokenize"),
 )
 async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken]]:
     runtime = runtime_of(request)
-    data = decode_with(TeiTokenize)(await request.body())
+    body = await request.body()
+    admit(request.scope)  # counted in flight once its body is here, as the embedding routes
+    data = decode_with(TeiTokenize)(body)
     texts = [data.inputs] if isinstance(data.inputs, str) else data.inputs
     if not texts or len(texts) > runtime.settings.max_inputs:
         raise InvalidInputError(f"send 1 to {runtime.settings.max_inputs} inputs", param="inputs")
@@ -298,12 +306,15 @@ async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken
     status_code=200,
     summary="TEI: decode ids",
     tags=["tei"],
+    opt=_TEI_BODY,
     responses=_TEI_ERRORS,
     operation_class=documented_body("TeiDecode"),
 )
 async def tei_decode(request: Request[Any, Any, Any]) -> list[str]:
     runtime = runtime_of(request)
-    data = decode_with(TeiDecode)(await request.body())
+    body = await request.body()
+    admit(request.scope)
+    data = decode_with(TeiDecode)(body)
     tokenizer = runtime.encoder.hf_tokenizer
     vocabulary = len(tokenizer)
     nested = [item for item in data.ids if isinstance(item, list)]
@@ -318,7 +329,7 @@ async def tei_decode(request: Request[Any, Any, Any]) -> list[str]:
     return texts
 
 
-@get("/info", summary="TEI: the served model", tags=["tei"])
+@get("/info", summary="TEI: the served model", tags=["tei"], opt={TEI_ERRORS: True})
 async def tei_info(request: Request[Any, Any, Any]) -> Info:
     from importlib import metadata
 
