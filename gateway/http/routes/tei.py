@@ -196,6 +196,19 @@ _TEI_EMBEDDING = {**EMBEDDING_OPT, TEI_ERRORS: True}
 _TEI_BODY = {ADMIT_AFTER_BODY: True, TEI_ERRORS: True}
 
 
+def _tei_post(path: str | list[str], summary: str, schema: str, opt: dict[str, bool]) -> post:
+    """The decorator every TEI POST route shares: its body documented, TEI's errors, its opt."""
+    return post(
+        path,
+        status_code=200,
+        summary=summary,
+        tags=["tei"],
+        opt=opt,
+        responses=_TEI_ERRORS,
+        operation_class=documented_body(schema),
+    )
+
+
 def body_schemas() -> dict[str, Any]:
     """JSON Schemas of the TEI bodies (decoded by our own strict decoders), for the OpenAPI components."""
     (_, components) = msgspec.json.schema_components(
@@ -204,15 +217,7 @@ def body_schemas() -> dict[str, Any]:
     return components
 
 
-@post(
-    ["/embed", "/"],
-    status_code=200,
-    summary="TEI: embeddings",
-    tags=["tei"],
-    opt=_TEI_EMBEDDING,
-    responses=_TEI_ERRORS,
-    operation_class=documented_body("TeiEmbed"),
-)
+@_tei_post(["/embed", "/"], "TEI: embeddings", "TeiEmbed", _TEI_EMBEDDING)
 async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, data = await accept_body(request, decode_with(TeiEmbed))
     dim = runtime.encoder.dim
@@ -222,43 +227,19 @@ async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
     return await answer_with(request, runtime, data, TEI_DENSE, options)
 
 
-@post(
-    "/embed_sparse",
-    status_code=200,
-    summary="TEI: sparse weights (bge-m3)",
-    tags=["tei"],
-    opt=_TEI_EMBEDDING,
-    responses=_TEI_ERRORS,
-    operation_class=documented_body("TeiEmbedOther"),
-)
+@_tei_post("/embed_sparse", "TEI: sparse weights (bge-m3)", "TeiEmbedOther", _TEI_EMBEDDING)
 async def tei_embed_sparse(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, data = await accept_body(request, decode_with(TeiEmbedOther))
     return await answer_with(request, runtime, data, TEI_SPARSE, ResponseOptions())
 
 
-@post(
-    "/embed_all",
-    status_code=200,
-    summary="TEI: token vectors (bge-m3's ColBERT)",
-    tags=["tei"],
-    opt=_TEI_EMBEDDING,
-    responses=_TEI_ERRORS,
-    operation_class=documented_body("TeiEmbedOther"),
-)
+@_tei_post("/embed_all", "TEI: token vectors (bge-m3's ColBERT)", "TeiEmbedOther", _TEI_EMBEDDING)
 async def tei_embed_all(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, data = await accept_body(request, decode_with(TeiEmbedOther))
     return await answer_with(request, runtime, data, TEI_ALL, ResponseOptions())
 
 
-@post(
-    "/tokenize",
-    status_code=200,
-    summary="TEI: tokenize",
-    tags=["tei"],
-    opt=_TEI_BODY,
-    responses=_TEI_ERRORS,
-    operation_class=documented_body("TeiTokenize"),
-)
+@_tei_post("/tokenize", "TEI: tokenize", "TeiTokenize", _TEI_BODY)
 async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken]]:
     runtime = runtime_of(request)
     body = await request.body()
@@ -301,15 +282,7 @@ async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken
     return await asyncio.to_thread(tokenize)
 
 
-@post(
-    "/decode",
-    status_code=200,
-    summary="TEI: decode ids",
-    tags=["tei"],
-    opt=_TEI_BODY,
-    responses=_TEI_ERRORS,
-    operation_class=documented_body("TeiDecode"),
-)
+@_tei_post("/decode", "TEI: decode ids", "TeiDecode", _TEI_BODY)
 async def tei_decode(request: Request[Any, Any, Any]) -> list[str]:
     runtime = runtime_of(request)
     body = await request.body()
