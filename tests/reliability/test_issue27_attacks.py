@@ -165,10 +165,11 @@ def test_probes_answer_at_the_cap_over_keep_alive_pipelining_and_beside_slowlori
     kept = _connect(capped.port)
     kept.sendall(_get("/livez"))
     assert _read_answers(kept, 1)[0][0] == 200
+    uploads = [_slow_upload(capped.port) for _ in range(2)]  # before the cap is reached: they upload on
+    time.sleep(0.2)
     busy = [_connect(capped.port) for _ in range(2)]
     for seed, sock in enumerate(busy):
         _busy_request(sock, seed)
-    uploads = [_slow_upload(capped.port) for _ in range(2)]
     slowloris = [_connect(capped.port) for _ in range(30)]
     try:
         for sock in slowloris:
@@ -374,10 +375,11 @@ def test_refusals_at_the_cap_reach_metrics_in_workers_mode(workers: GatewayProce
     every one of them; uploads in progress hold no slot. (Updated with the upload fix: uploads
     filled the cap before.)"""
     before = _metric(httpx.get(f"{workers.url}/metrics", timeout=10).text, "embedding_requests_refused_at_cap_total")
+    uploads = [_slow_upload(workers.port) for _ in range(4)]  # below the cap: they upload on, uncounted
+    time.sleep(0.2)
     busy = _one_connection_per_worker(workers.port)
     for seed, sock in enumerate(busy):
         _busy_request(sock, 100 + seed)
-    uploads = [_slow_upload(workers.port) for _ in range(4)]
     try:
         _trickle(uploads, 0.5)
         refused = 0
