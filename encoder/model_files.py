@@ -154,7 +154,27 @@ def read_prompts(path: Path) -> ModelPrompts:
     default = config.get("default_prompt_name") or None
     if default is not None and default not in raw:
         raise ValueError(f"{config_file}: default_prompt_name {default!r} is not one of its prompts {sorted(raw)}")
+    pooling_file = _pooling_config_file(path)
+    if raw and pooling_file is not None and _read_json(pooling_file).get("include_prompt") is False:
+        # sentence-transformers then leaves the prompt's tokens out of the pooled mean; we pool over
+        # the whole input, so serving the prompts would give other vectors than the model's.
+        raise ValueError(
+            f"{pooling_file}: include_prompt is false (the prompt's tokens are left out of pooling), which this "
+            "server does not do; remove the model's prompts to serve it without them"
+        )
     return ModelPrompts(dict(raw), default)
+
+
+def _pooling_config_file(path: Path) -> Path | None:
+    """The Pooling module's config.json of the sentence-transformers folder ``path``, if it has one."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return None
+    for module in json.loads(modules_file.read_text(encoding="utf-8")):
+        if str(module.get("type", "")).rsplit(".", 1)[-1] == "Pooling":
+            found = path / module.get("path", "1_Pooling") / "config.json"
+            return found if found.is_file() else None
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -108,9 +108,8 @@ def preflight(settings: Settings) -> str | None:
     ``max_input_tokens`` against the model's own limit: each would otherwise fail minutes later,
     after a download or a load, with a traceback.
     """
-    from encoder import DeviceNotAvailableError, ModelNotFoundError, resolve_device, resolve_dtype
-    from encoder.model_files import read_model_spec, resolve_model_dir
     from gateway.core.keys import KeysFileError, load_keys
+    from gateway.core.models_file import ModelsFileError, model_settings
     from gateway.core.ratelimit import unshared_limits_problem
 
     try:
@@ -120,6 +119,29 @@ def preflight(settings: Settings) -> str | None:
     problem = unshared_limits_problem(settings, keys)  # EMBED_WORKERS > 1 without Redis: every limit x workers
     if problem is not None:
         return problem
+    try:
+        models = model_settings(settings)  # a bad EMBED_MODELS_FILE: one line naming the [[models]] table
+    except ModelsFileError as exc:
+        return str(exc)
+    if not settings.models_file.strip():
+        return _one_model_problem(settings)
+    if settings.supervised:
+        return (
+            f"{ENV_PREFIX}MODELS_FILE (--models-file): several models are served in one process for now; "
+            f"unset {ENV_PREFIX}WORKERS and {ENV_PREFIX}DEVICES (or serve one model per server)"
+        )
+    for model in models:
+        problem = _one_model_problem(model)
+        if problem is not None:
+            return f"{ENV_PREFIX}MODELS_FILE (--models-file): model {model.served_model!r}: {problem}"
+    return None
+
+
+def _one_model_problem(settings: Settings) -> str | None:
+    """:func:`preflight`'s checks of one model's device, dtype, folder, prompts and limits."""
+    from encoder import DeviceNotAvailableError, ModelNotFoundError, resolve_device, resolve_dtype
+    from encoder.model_files import read_model_spec, resolve_model_dir
+
     where = f"{ENV_PREFIX}DEVICES (--devices)" if settings.devices else f"{ENV_PREFIX}DEVICE (--device)"
     try:
         device, *_ = [resolve_device(entry) for entry in settings.engine_devices]  # each engine's
@@ -221,14 +243,27 @@ def _serve(settings: Settings) -> int:
         # points at by then: a restart must not change the model the workers' cache keys name.
         return Supervisor(pin_model_revision(settings)).run()
     # Load and warm up before the socket opens: the port answers only once the model can.
-    from encoder.onnx_int8 import Int8CacheError, QualityGateError
+    import torch
 
-    try:
-        encoder = load_model(settings)
-    except (QualityGateError, Int8CacheError) as exc:
-        print(f"embedding-gateway: refusing to start: {exc}", file=sys.stderr)
-        return 2
-    config = uvicorn_config(create_app(settings, encoder=encoder), settings)
+    from encoder.onnx_int8 import Int8CacheError, QualityGateError
+    from gateway.core.models_file import model_settings
+
+    encoders = []
+    for model in model_settings(settings):  # EMBED_MODEL alone, or each of EMBED_MODELS_FILE's in turn
+        try:
+            encoders.append(load_model(model))
+        except (QualityGateError, Int8CacheError) as exc:
+            print(f"embedding-gateway: refusing to start: {exc}", file=sys.stderr)
+            return 2
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(
+                f"embedding-gateway: refusing to start: model {model.served_model!r} does not fit in the memory "
+                f"of {model.device} beside {len(encoders)} loaded before it: {first}",
+                file=sys.stderr,
+            )
+            return 2
+    config = uvicorn_config(create_app(settings, encoders=encoders), settings)
     server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handler it found at
     # start; with the default handler the process would die by the signal after a clean drain.

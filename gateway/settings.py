@@ -38,6 +38,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model: str = "BAAI/bge-m3"
     model_name: str = ""  # served id; empty: the folder or repo basename
     model_aliases: tuple[str, ...] = ()
+    models_file: str = ""  # TOML: [[models]] name, path, ... (several models; the first is the default)
     revision: str = ""
     # the model's prompt applied when a request names none; empty: the model's own default_prompt_name
     default_prompt_name: str = ""

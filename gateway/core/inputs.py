@@ -109,6 +109,7 @@ async def normalise_input(
         raise InvalidInputError(
             f"'input' holds {len(value)} inputs; this server takes at most {max_inputs} per request",
             param="input",
+            code="too_many_inputs",  # TEI's routes answer it 413, as TEI does for its batch size
         )
     if isinstance(first, str):
         texts: list[str] = []

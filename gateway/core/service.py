@@ -26,7 +26,7 @@ from gateway.core.cache import BlobCache, CacheSkippedError, CacheUnavailableErr
 from gateway.core.errors import EncoderFailedError, InvalidInputError, OutputNotSupportedError, OverloadedError
 from gateway.core.outputs import DENSE, OutputSpec
 from gateway.core.ratelimit import over_tokens_limit
-from gateway.core.telemetry import Telemetry
+from gateway.core.telemetry import ModelTelemetry, Telemetry
 
 __all__ = ["CACHE_GENERATION", "EmbedResult", "EmbeddingService", "Guard", "cache_namespace"]
 
@@ -86,7 +86,7 @@ class EmbeddingService:
         encoder: EncoderInfo,
         batcher: Batcher,
         cache: BlobCache | None,
-        telemetry: Telemetry,
+        telemetry: Telemetry | ModelTelemetry,
         cache_prefix: str,
         max_request_tokens: int,
         truncate: bool,
@@ -136,6 +136,7 @@ class EmbeddingService:
         tenant: str = "",
         reserve: Callable[[int], Awaitable[None]] | None = None,
         max_tokens: int | None = None,
+        untruncated: bool = False,
     ) -> EmbedResult[T]:
         """``output`` values for ``texts``. ``guard`` wraps the wait for the encoder (never the cache
         lookup): the HTTP layer uses it to withdraw the work when the client hangs up. ``tenant``
@@ -144,13 +145,18 @@ class EmbeddingService:
         tokenised) and before any encoding: a key's token limit is taken there, and may refuse.
         ``max_tokens`` (the key's tokens per minute) refuses a request of more tokens than that as
         soon as the count passes it (400 ``request_too_large``, naming the key ``tenant``), before
-        the rest is tokenised: no bucket would ever hold it."""
+        the rest is tokenised: no bucket would ever hold it. ``untruncated`` (TEI's ``truncate:
+        false``) refuses an input over the model's limit even where the server truncates: the
+        client asked for the whole text's vector, never a prefix's."""
         if output.kind not in self.encoder.outputs:
             raise OutputNotSupportedError(
                 f"this model has no {output.kind} output (its folder has no {HEAD_FILES[output.kind]})", param="model"
             )
         width = self.encoder.output_width(output.kind)
         unique = list(dict.fromkeys(texts))
+        if untruncated and self.truncate:
+            # Hits too: under a truncating namespace a long text's cached vector is its prefix's.
+            await self._tokenize_pieces(texts, unique, truncate=False)
         space = self.namespace + output.namespace
         keys = [cache_key(self.cache_prefix, space, text) for text in unique] if self.cache is not None else []
         blobs = await self._lookup(keys) if keys else [None] * len(unique)
@@ -220,21 +226,25 @@ class EmbeddingService:
             while end < len(miss_texts) and characters + len(miss_texts[end]) <= _TOKENIZE_PIECE_CHARS:
                 characters += len(miss_texts[end])
                 end += 1
-            try:
-                piece = await self.batcher.tokenize(miss_texts[start:end], truncate=self.truncate)
-            except InputTooLongError as exc:
-                position = texts.index(miss_texts[start + exc.index])
-                raise InvalidInputError(
-                    f"input[{position}] {exc.describe()}; shorten or split it",
-                    param="input",
-                    code="context_length_exceeded",
-                ) from None
+            piece = await self._tokenize_pieces(texts, miss_texts[start:end], truncate=self.truncate)
             counted += sum(len(ids) * repeats[text] for text, ids in zip(miss_texts[start:end], piece, strict=True))
             check(counted, str(counted) if end == len(miss_texts) else f"more than {counted}")
             token_ids.extend(piece)
             start = end
         check(counted, str(counted))
         return token_ids
+
+    async def _tokenize_pieces(self, texts: Sequence[str], some: list[str], *, truncate: bool) -> list[list[int]]:
+        """Token ids of ``some`` of ``texts``; one too long (truncation off) is a 400 naming its place."""
+        try:
+            return await self.batcher.tokenize(some, truncate=truncate)
+        except InputTooLongError as exc:
+            position = texts.index(some[exc.index])
+            raise InvalidInputError(
+                f"input[{position}] {exc.describe()}; shorten or split it",
+                param="input",
+                code="context_length_exceeded",
+            ) from None
 
     def _too_many_tokens(self, counted: str) -> None:
         raise InvalidInputError(

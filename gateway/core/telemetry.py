@@ -47,6 +47,8 @@ __all__ = [
     "GpuStats",
     "KeyStats",
     "LiveState",
+    "ModelStats",
+    "ModelTelemetry",
     "StatsSnapshot",
     "Telemetry",
     "TelemetryState",
@@ -108,6 +110,7 @@ class LiveState(msgspec.Struct, kw_only=True):
     backend: str = "torch"
     quantization: str = "none"
     engines: list[EngineStats] = msgspec.field(default_factory=list)
+    models: list[ModelStats] = msgspec.field(default_factory=list)
 
 
 class RequestCounts(msgspec.Struct):
@@ -183,6 +186,23 @@ class EngineStats(msgspec.Struct):
         )
 
 
+class ModelStats(msgspec.Struct):
+    """One served model (``EMBED_MODELS_FILE`` lists several) as /stats lists it: its share of the
+    server's inputs, tokens, cache lookups and forward passes, and its queue now."""
+
+    model: str
+    device: str
+    dtype: str
+    fingerprint: str
+    inputs: int = 0
+    tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    batches: int = 0
+    forward_seconds: float = 0.0
+    queue_tokens: int = 0
+
+
 class LatencyStats(msgspec.Struct):
     p50: float
     p95: float
@@ -228,6 +248,7 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     # EMBED_WORKERS > 1 only (issue 12): the whole server's counters, summed over these processes
     workers: int = 0  # HTTP worker processes
     engines: list[EngineStats] = msgspec.field(default_factory=list)  # one per engine (EMBED_DEVICES)
+    models: list[ModelStats] = msgspec.field(default_factory=list)  # one per served model (EMBED_MODELS_FILE)
     engine_restarts: int = 0  # times the supervisor restarted the engine process
     worker_restarts: int = 0  # times it restarted a worker process
 
@@ -513,6 +534,7 @@ class Telemetry:
             gpu=live.gpu,
             keys={name: msgspec.structs.replace(stats) for name, stats in sorted(c.by_key.items())},
             engines=list(live.engines),
+            models=list(live.models),
         )
 
     def render_prometheus(self, live: LiveState) -> bytes:
@@ -553,6 +575,82 @@ def _engine_families(engines: list[EngineStats]) -> Iterator[Metric]:
             family.add_metric([str(engine.index), engine.device], float(getattr(engine, name)))
     for family, _ in families:
         yield family
+
+
+def _model_families(models: list[ModelStats]) -> Iterator[Metric]:
+    """Per-model counters and queue, labelled by the served model's id (``EMBED_MODELS_FILE``)."""
+    labels = ["model"]
+    counters = [
+        (CounterMetricFamily(f"embedding_model_{name}", f"{text}, by model", labels=labels), name)
+        for name, text in (
+            ("inputs", "inputs embedded (hits and misses)"),
+            ("tokens", "tokens embedded"),
+            ("cache_hits", "distinct texts served from the cache"),
+            ("cache_misses", "distinct texts computed"),
+            ("batches", "forward passes"),
+        )
+    ]
+    queue = GaugeMetricFamily("embedding_model_queue_tokens", "tokens waiting for the model's encoder", labels=labels)
+    for model in models:
+        for family, name in counters:
+            family.add_metric([model.model], float(getattr(model, name)))
+        queue.add_metric([model.model], float(model.queue_tokens))
+    for family, _ in counters:
+        yield family
+    yield queue
+
+
+class ModelTelemetry:
+    """One model's counters beside the server's :class:`Telemetry` (``EMBED_MODELS_FILE``).
+
+    The model's service and micro-batcher report here; everything goes on to the server's
+    telemetry as before (its totals, history and histograms are unchanged), and this model's
+    inputs, tokens, cache lookups and passes are kept apart for /stats' ``models`` and the
+    ``embedding_model_*`` metrics."""
+
+    def __init__(self, shared: Telemetry) -> None:
+        self.shared = shared
+        self.inputs = self.tokens = self.cache_hits = self.cache_misses = self.batches = 0
+        self.forward_seconds = 0.0
+
+    def looked_up(self, hits: int, misses: int) -> None:
+        self.cache_hits += hits
+        self.cache_misses += misses
+        self.shared.looked_up(hits, misses)
+
+    def embedded(self, inputs: int, tokens: int) -> None:
+        self.inputs += inputs
+        self.tokens += tokens
+        self.shared.embedded(inputs, tokens)
+
+    def cache_failed(self) -> None:
+        self.shared.cache_failed()
+
+    def cache_written(self, count: int) -> None:
+        self.shared.cache_written(count)
+
+    def batch_done(self, report: BatchReport) -> None:
+        self.batches += 1
+        self.forward_seconds += report.seconds
+        self.shared.batch_done(report)
+
+    def batcher_event(self, event: BatcherEvent, count: int = 1) -> None:
+        self.shared.batcher_event(event, count)
+
+    def stats(self, model: str, device: str, dtype: str, fingerprint: str, queue_tokens: int) -> ModelStats:
+        return ModelStats(
+            model=model,
+            device=device,
+            dtype=dtype,
+            fingerprint=fingerprint,
+            inputs=self.inputs,
+            tokens=self.tokens,
+            cache_hits=self.cache_hits,
+            cache_misses=self.cache_misses,
+            batches=self.batches,
+            forward_seconds=round(self.forward_seconds, 3),
+            queue_tokens=queue_tokens,
+        )
 
 
 class _SnapshotCollector:
@@ -605,6 +703,7 @@ class _SnapshotCollector:
             yield histogram
         yield GaugeMetricFamily("embedding_queue_tokens", "tokens waiting for the encoder", value=encoder.queue_tokens)
         yield from _engine_families(snapshot.engines)
+        yield from _model_families(snapshot.models)
         yield GaugeMetricFamily(
             "embedding_cache_circuit_open",
             "1 while the cache breaker skips the cache",

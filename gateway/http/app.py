@@ -33,11 +33,12 @@ from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, 
 from gateway.core.history import HistoryRing, run_sampler
 from gateway.core.inputs import TokenIdDecoder
 from gateway.core.keys import ApiKey, load_keys
+from gateway.core.models_file import model_settings
 from gateway.core.prompts import PromptBook
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.schemas import request_schema_components
 from gateway.core.service import EmbeddingService
-from gateway.core.telemetry import Telemetry
+from gateway.core.telemetry import ModelTelemetry, Telemetry
 from gateway.engine.client import EngineLink
 from gateway.engine.router import EngineRouter
 from gateway.http.answers import AnswerBuilder
@@ -48,7 +49,7 @@ from gateway.http.errors import exception_handlers
 from gateway.http.middleware import InFlight, RequestContextMiddleware, request_id
 from gateway.http.routes import EMBEDDING_ROUTES, OTHER_ROUTES, TEI_ROUTER
 from gateway.http.routes.tei import body_schemas as tei_body_schemas
-from gateway.http.runtime import Runtime
+from gateway.http.runtime import Runtime, ServedModel
 from gateway.settings import Settings
 
 __all__ = ["create_app", "load_model"]
@@ -90,7 +91,34 @@ def _load_and_warm_up(settings: Settings) -> Encoder:
         ),
     )
     encoder.warmup()
+    logger.info(
+        "loaded: model=%s served_as=%s device=%s dtype=%s weights=%.1f MiB%s",
+        settings.model,
+        settings.served_model,
+        encoder.device,
+        encoder.dtype,
+        _weight_bytes(encoder) / 2**20,
+        _device_memory(encoder),
+    )
     return encoder
+
+
+def _weight_bytes(encoder: Encoder) -> int:
+    """The model's parameters and buffers in memory (0 for a backend without a torch model: int8 ONNX)."""
+    if encoder.model is None:
+        return 0
+    tensors = [*encoder.model.parameters(), *encoder.model.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _device_memory(encoder: Encoder) -> str:
+    """On a GPU, what the process holds there after this model's warm-up (all models loaded so far)."""
+    import torch
+
+    device = encoder.torch_device
+    if device.type != "cuda":
+        return ""
+    return f" gpu_allocated={torch.cuda.memory_allocated(device) / 2**20:.1f} MiB"
 
 
 def _response_headers(clients: ClientHooks, *, worker: bool) -> BeforeMessageSendHookHandler:
@@ -179,6 +207,86 @@ def prompt_book(model_path: Path, default_name: str) -> PromptBook:
     return PromptBook(found.prompts, default_name or found.default_name)
 
 
+async def _log_ready(served: Sequence[ServedModel], cache: BlobCache | None) -> None:
+    backend = cache.backend if cache is not None else "off"  # an empty cache is falsy
+    if cache is not None and not await cache.ping():
+        logger.warning("cache %s is unreachable at start; serving without it until it answers", backend)
+    for one in served:
+        model = one.encoder
+        logger.info(
+            "ready: model=%s served_as=%s cache_namespace=%s numerics=%s device=%s dtype=%s threads=%d "
+            "cache=%s backend=%s quantization=%s",
+            one.settings.model,
+            one.settings.served_model,
+            one.service.namespace,
+            model.numerics,
+            model.device,
+            model.dtype,
+            model.threads,
+            backend,
+            model.numerics.split(":")[0],
+            "int8" if ":int8" in model.numerics else "none",
+        )
+
+
+async def _local_models(
+    models: Sequence[Settings],
+    encoders: Sequence[Encoder],
+    cache: BlobCache | None,
+    telemetry: Telemetry,
+    forward_threads: dict[str, ThreadPoolExecutor],
+) -> list[ServedModel]:
+    """Each model in this process: loaded (unless given in ``encoders``), with its micro-batcher
+    running. Several models count apart (:class:`ModelTelemetry`) and share one forward thread per
+    device (``forward_threads``, shut down by the caller)."""
+    served = []
+    for number, settings in enumerate(models):
+        loaded = encoders[number] if number < len(encoders) else await asyncio.to_thread(load_model, settings)
+        observer = ModelTelemetry(telemetry) if len(models) > 1 else None
+        forward = None
+        if len(models) > 1:
+            device = str(loaded.torch_device)
+            if device not in forward_threads:
+                forward_threads[device] = ThreadPoolExecutor(1, thread_name_prefix=f"encoder-forward-{device}")
+            forward = forward_threads[device]
+        batcher = MicroBatcher(
+            loaded,
+            max_batch_tokens=settings.max_batch_tokens or None,
+            max_batch_size=settings.max_batch_size,
+            max_queue_tokens=settings.max_queue_tokens,
+            pipeline_depth=settings.pipeline_depth,
+            observer=observer or telemetry,
+            forward=forward,
+        )
+        await batcher.start()
+        served.append(_served(settings, loaded, batcher, cache, observer or telemetry))
+    return served
+
+
+def _served(
+    settings: Settings,
+    encoder: EncoderInfo,
+    batcher: Batcher,
+    cache: BlobCache | None,
+    telemetry: Telemetry | ModelTelemetry,
+) -> ServedModel:
+    """One model's service (its cache namespace is its own fingerprint's) and prompts."""
+    service = EmbeddingService(
+        encoder=encoder,
+        batcher=batcher,
+        cache=cache,
+        telemetry=telemetry,
+        cache_prefix=settings.cache_prefix,
+        max_request_tokens=settings.max_request_tokens,
+        truncate=settings.truncate,
+        share_numerics=settings.cache_share_numerics,
+    )
+    prompts = prompt_book(encoder.path, settings.default_prompt_name)
+    return ServedModel(
+        settings, encoder, batcher, service, prompts, telemetry if isinstance(telemetry, ModelTelemetry) else None
+    )
+
+
 def make_cache(settings: Settings) -> BlobCache | None:
     """The configured cache: Redis behind a circuit breaker, an in-process LRU, or none."""
     if not settings.cache:
@@ -204,17 +312,23 @@ def create_app(
     settings: Settings,
     *,
     encoder: Encoder | None = None,
+    encoders: Sequence[Encoder] = (),
     cache: BlobCache | None = None,
     telemetry: Telemetry | None = None,
     engine_sockets: Sequence[Path] = (),
 ) -> Litestar:
     """The app for ``settings``. ``encoder``, ``cache`` and ``telemetry`` replace what the lifespan
-    would build (tests share one loaded model, or observe or break the telemetry).
+    would build (tests share one loaded model, or observe or break the telemetry); ``encoders``
+    are the models of ``EMBED_MODELS_FILE``, loaded, in the file's order (``serve`` loads them
+    before the port opens).
 
     ``engine_sockets`` make this an HTTP worker (``EMBED_WORKERS > 1`` or several ``EMBED_DEVICES``):
     no model here; misses go to the engine processes listening there, each owning the model on its
     device and its micro-batcher (:class:`~gateway.engine.router.EngineRouter` picks one per batch)."""
     telemetry = telemetry or Telemetry()
+    models = model_settings(settings)  # EMBED_MODEL alone, or each [[models]] table's
+    if encoder is not None and not encoders:
+        encoders = (encoder,)
     keys = load_keys(settings)
     limited = any(entry.limited for entry in keys)
     limiter = RateLimiter(
@@ -232,77 +346,44 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        model: EncoderInfo
-        batcher: Batcher
         link = None
+        vector_cache = cache if cache is not None else make_cache(settings)
+        served: list[ServedModel] = []
+        # Several models on one device share one forward thread (see MicroBatcher's ``forward``).
+        forward_threads: dict[str, ThreadPoolExecutor] = {}
         if engine_sockets:
             link = EngineRouter(
                 [EngineLink(path, truncate=settings.truncate, telemetry=telemetry) for path in engine_sockets]
             )
             await link.start(timeout_s=settings.engine_start_timeout_s)
             assert link.encoder is not None
-            model, batcher = link.encoder, link
+            served.append(_served(settings, link.encoder, link, vector_cache, telemetry))
         else:
-            loaded = encoder if encoder is not None else await asyncio.to_thread(load_model, settings)
-            model = loaded
-            batcher = MicroBatcher(
-                loaded,
-                max_batch_tokens=settings.max_batch_tokens or None,
-                max_batch_size=settings.max_batch_size,
-                max_queue_tokens=settings.max_queue_tokens,
-                pipeline_depth=settings.pipeline_depth,
-                observer=telemetry,
-            )
-            await batcher.start()
-        vector_cache = cache if cache is not None else make_cache(settings)
-        service = EmbeddingService(
-            encoder=model,
-            batcher=batcher,
-            cache=vector_cache,
-            telemetry=telemetry,
-            cache_prefix=settings.cache_prefix,
-            max_request_tokens=settings.max_request_tokens,
-            truncate=settings.truncate,
-            share_numerics=settings.cache_share_numerics,
-        )
+            served = await _local_models(models, encoders, vector_cache, telemetry, forward_threads)
+        default = served[0]
         runtime = Runtime(
-            settings=settings,
-            encoder=model,
-            batcher=batcher,
+            settings=default.settings,
+            encoder=default.encoder,
+            batcher=default.batcher,
             cache=vector_cache,
-            service=service,
+            service=default.service,
             telemetry=telemetry,
             token_decoder=TokenIdDecoder(),
             answers=answers,
-            prompts=prompt_book(model.path, settings.default_prompt_name),
+            prompts=default.prompts,
+            models=served,
         )
         runtime.history = history
         runtime.engine = link
         app.state.runtime = runtime
         await limiter.connect()
         sampler = asyncio.create_task(run_sampler(history, telemetry, runtime.live_state), name="history-sampler")
-        backend = vector_cache.backend if vector_cache is not None else "off"  # an empty cache is falsy
         # What exists now (the model, tokenizer, app) lives as long as the process: out of the garbage
         # collector's reach, so a full collection scans only what requests leave behind. A full one
         # over a big heap stalls the event loop (0.49 s in the test suite's process, past the 250 ms
         # Redis deadline of every lookup in flight).
         gc.freeze()
-        if vector_cache is not None and not await vector_cache.ping():
-            logger.warning("cache %s is unreachable at start; serving without it until it answers", backend)
-        logger.info(
-            "ready: model=%s served_as=%s cache_namespace=%s numerics=%s device=%s dtype=%s threads=%d cache=%s "
-            "backend=%s quantization=%s",
-            settings.model,
-            settings.served_model,
-            service.namespace,
-            model.numerics,
-            model.device,
-            model.dtype,
-            model.threads,
-            backend,
-            model.numerics.split(":")[0],
-            "int8" if ":int8" in model.numerics else "none",
-        )
+        await _log_ready(served, vector_cache)
         try:
             yield
         finally:
@@ -310,8 +391,11 @@ def create_app(
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-            await service.drain(timeout_s=settings.shutdown_timeout_s)
-            await batcher.stop()
+            for one in served:
+                await one.service.drain(timeout_s=settings.shutdown_timeout_s)
+                await one.batcher.stop()
+            for thread in forward_threads.values():
+                thread.shutdown(wait=True, cancel_futures=True)
             await limiter.close()
             if vector_cache is not None and cache is None:
                 await vector_cache.close()

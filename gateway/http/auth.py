@@ -32,9 +32,10 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from gateway.core.errors import GatewayError, TokensRateLimitedError, UnauthenticatedError
 from gateway.core.keys import ApiKey
 from gateway.core.ratelimit import RateLimiter, format_reset, over_tokens_limit
-from gateway.http.errors import gateway_error
+from gateway.http.errors import TEI_ERRORS, gateway_error, tei_error
 
 __all__ = [
+    "KEY_REQUESTS",
     "OPS",
     "PUBLIC",
     "Admit",
@@ -47,6 +48,9 @@ __all__ = [
 
 PUBLIC = {"public": True}
 OPS = {"ops": True}
+# A route with this ``opt`` (not an embedding one: /tokenize, /decode) spends a request of a limited
+# key's requests per minute too, so a limit cannot be dodged through it.
+KEY_REQUESTS = "key_requests"
 
 
 def _presented_key(scope: Scope) -> str | None:
@@ -165,7 +169,8 @@ class ApiKeyMiddleware:
                 # Answered here, inside the request context middleware (which records the status),
                 # with the same handler Litestar would pick for the error.
                 request: Request[Any, Any, Any] = Request(scope, receive, send)
-                await gateway_error(request, exc).to_asgi_response(app=None, request=request)(scope, receive, send)
+                answer = (tei_error if scope["route_handler"].opt.get(TEI_ERRORS) else gateway_error)(request, exc)
+                await answer.to_asgi_response(app=None, request=request)(scope, receive, send)
                 return
         elif scope["type"] == ScopeType.WEBSOCKET:
             await self._check(scope)  # none today; Litestar closes the socket on the error
@@ -188,7 +193,7 @@ class ApiKeyMiddleware:
             raise UnauthenticatedError("Incorrect API key provided.")
         state = scope.setdefault("state", {})
         state[_CLIENT_KEY] = matched
-        if matched.limited and opt.get("embedding"):
+        if matched.limited and (opt.get("embedding") or opt.get(KEY_REQUESTS)):
             await self.admit(scope, matched)
-            if matched.tokens_per_minute:
+            if matched.tokens_per_minute and opt.get("embedding"):
                 state[_RESERVATION] = TokenReservation(self.limiter, matched)

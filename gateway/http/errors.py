@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response
@@ -30,7 +30,16 @@ from gateway.core.errors import (
     UnauthenticatedError,
 )
 
-__all__ = ["ERROR_TABLE", "ErrorEnvelope", "error_response", "exception_handlers", "gateway_error"]
+__all__ = [
+    "ERROR_TABLE",
+    "TEI_ERRORS",
+    "ErrorEnvelope",
+    "TeiError",
+    "error_response",
+    "exception_handlers",
+    "gateway_error",
+    "tei_error",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +145,44 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
 def exception_handlers() -> ExceptionHandlersMap:
     """The app's handlers; Litestar picks the most specific along the exception's MRO."""
     return {GatewayError: gateway_error, HTTPException: _http_error, Exception: _unexpected}
+
+
+# TEI's routes answer in TEI's shape (its clients read ``error`` and the status): a route with
+# ``opt={TEI_ERRORS: True}`` gets it from the router's handlers and from the middlewares that refuse
+# before the router (the API-key check, the in-flight cap).
+TEI_ERRORS = "tei_errors"
+
+ErrorType = Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer"]
+
+
+class TeiError(msgspec.Struct):
+    error: str
+    error_type: ErrorType
+
+
+_TOO_LARGE = ("request_too_large", "context_length_exceeded", "too_many_inputs")
+
+
+def tei_error(request: Request[Any, Any, Any], exc: Exception) -> Response[TeiError]:
+    """Our errors in TEI's shape and statuses (413 and 422 for bad input, 424 for a failed computation,
+    429 for overload with Retry-After, as TEI's docs/openapi.json gives them)."""
+    headers: dict[str, str] = {}
+    status: int
+    kind: ErrorType
+    if isinstance(exc, OverloadedError):
+        status, kind = 429, "Overloaded"
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif isinstance(exc, EncoderFailedError):
+        status, kind = 424, "Backend"
+    elif isinstance(exc, UnauthenticatedError):
+        status, kind = 401, "Validation"
+    elif isinstance(exc, GatewayError) and exc.code in _TOO_LARGE:
+        status, kind = 413, "Validation"  # TEI's "batch size error" status for what is too big
+    elif isinstance(exc, GatewayError):
+        status, kind = (404 if exc.code == "model_not_found" else 422), "Validation"
+    elif isinstance(exc, HTTPException) and exc.status_code < 500:
+        status, kind = exc.status_code, "Validation"
+    else:
+        status, kind = 500, "Backend"
+    message = exc.message if isinstance(exc, GatewayError) else getattr(exc, "detail", "") or "internal error"
+    return Response(TeiError(error=str(message), error_type=kind), status_code=status, headers=headers)

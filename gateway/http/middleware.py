@@ -37,7 +37,7 @@ from litestar.types import (
 
 from gateway.core.errors import OverloadedError
 from gateway.core.telemetry import Telemetry
-from gateway.http.errors import ErrorBody, ErrorEnvelope
+from gateway.http.errors import TEI_ERRORS, ErrorBody, ErrorEnvelope
 
 __all__ = [
     "ADMIT_AFTER_BODY",
@@ -87,7 +87,6 @@ _ADMISSION = "gateway.cap_admission"
 
 # Route options (``opt``) this middleware reads.
 ADMIT_AFTER_BODY = "admit_after_body"  # the route reads a body and calls admit() once it has it
-TEI_ERRORS = "tei_errors"  # a refusal here is answered in TEI's shape
 
 
 async def _refuse_over_capacity(send: Send, *, tei: bool = False) -> None:

@@ -9,17 +9,47 @@ from typing import Literal
 from encoder.batcher import QueueFullError
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache
-from gateway.core.errors import OverloadedError
+from gateway.core.errors import ModelNotFoundError, OverloadedError
 from gateway.core.history import HistoryRing
 from gateway.core.inputs import TokenIdDecoder
+from gateway.core.models_file import ANY_MODEL
 from gateway.core.prompts import PromptBook
 from gateway.core.service import EmbeddingService
-from gateway.core.telemetry import EngineStats, LiveState, StatsSnapshot, Telemetry, gpu_stats
+from gateway.core.telemetry import (
+    EngineStats,
+    LiveState,
+    ModelStats,
+    ModelTelemetry,
+    StatsSnapshot,
+    Telemetry,
+    gpu_stats,
+)
 from gateway.engine.router import EngineRouter
 from gateway.http.answers import AnswerBuilder
 from gateway.settings import Settings
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "ServedModel"]
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """One model the server serves: its settings (the server's, with its ``[[models]]`` table's
+    fields in place), encoder, micro-batcher, service and prompts."""
+
+    settings: Settings
+    encoder: EncoderInfo
+    batcher: Batcher
+    service: EmbeddingService
+    prompts: PromptBook
+    telemetry: ModelTelemetry | None = None  # its own counters, when the server serves several
+
+    def stats(self) -> ModelStats | None:
+        if self.telemetry is None:
+            return None
+        encoder = self.encoder
+        return self.telemetry.stats(
+            self.settings.served_model, encoder.device, encoder.dtype, encoder.fingerprint, self.batcher.queue_tokens
+        )
 
 
 @dataclass(slots=True)
@@ -36,11 +66,32 @@ class Runtime:
     draining: bool = False
     history: HistoryRing | None = None  # /stats/history (issue 13)
     engine: EngineRouter | None = None  # a worker (EMBED_WORKERS > 1 or EMBED_DEVICES): its links to the engines
+    # Every model served (EMBED_MODELS_FILE), the default first; empty: the one above alone.
+    models: list[ServedModel] = field(default_factory=list)
+    _by_name: dict[str, ServedModel] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            self.models = [ServedModel(self.settings, self.encoder, self.batcher, self.service, self.prompts)]
+        self._by_name = names_of(self.models)
+
+    def model_for(self, name: str | None) -> ServedModel:
+        """The model a request names (its id, an alias, its ``path``), the default for none, or
+        the one with alias ``*`` for any other name; else a 404 that lists what is served."""
+        if name is None:
+            return self.models[0]
+        found = self._by_name.get(name) or self._by_name.get(ANY_MODEL)
+        if found is None:
+            served = ", ".join(repr(model.settings.served_model) for model in self.models)
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist on this server; it serves {served}.", param="model"
+            )
+        return found
 
     @property
     def ready(self) -> bool:
-        """Can this process take embedding requests now? (not draining, batcher worker running)"""
-        return not self.draining and self.batcher.running
+        """Can this process take embedding requests now? (not draining, every batcher running)"""
+        return not self.draining and all(model.batcher.running for model in self.models)
 
     async def cache_status(self) -> Literal["off", "ok", "degraded", "unreachable"]:
         """``off``; ``unreachable`` (a real ping fails: health checks are rare); ``degraded`` while
@@ -66,13 +117,14 @@ class Runtime:
             cache_backend=cache.backend if cache is not None else "off",
             cache_circuit=breaker.state if breaker is not None else "closed",
             cache_circuit_opened=breaker.opened if breaker is not None else 0,
-            queue_tokens=self.batcher.queue_tokens,
-            inputs_in_flight=self.batcher.in_flight,
+            queue_tokens=sum(model.batcher.queue_tokens for model in self.models),
+            inputs_in_flight=sum(model.batcher.in_flight for model in self.models),
             pending_cache_writes=self.service.pending_writes,
             asyncio_tasks=len(asyncio.all_tasks()),
             gpu=gpu,
             backend=encoder.numerics.split(":")[0],
             quantization="int8" if ":int8" in encoder.numerics else "none",
+            models=[stats for model in self.models if (stats := model.stats()) is not None],
         )
 
     async def whole_server(self) -> tuple[Telemetry, LiveState, StatsSnapshot]:
@@ -103,3 +155,17 @@ class Runtime:
     async def metrics(self) -> bytes:
         telemetry, live, _ = await self.whole_server()
         return telemetry.render_prometheus(live)
+
+
+def names_of(models: list[ServedModel]) -> dict[str, ServedModel]:
+    """Every id a request may send, to the model it names: each model's served id and aliases, and
+    its ``EMBED_MODEL`` path where no other model has the same one."""
+    found: dict[str, ServedModel] = {}
+    paths = [model.settings.model for model in models]
+    for model in models:
+        settings = model.settings
+        for name in (settings.served_model, *settings.model_aliases):
+            found.setdefault(name, model)
+        if paths.count(settings.model) == 1:
+            found.setdefault(settings.model, model)
+    return found

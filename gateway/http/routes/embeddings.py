@@ -35,8 +35,7 @@ from gateway.core.schemas import (
 from gateway.http.auth import client_name, token_reservation
 from gateway.http.middleware import ADMIT_AFTER_BODY, admit, outcome
 from gateway.http.routes.common import ERRORS, runtime_of
-from gateway.http.routes.models import check_model
-from gateway.http.runtime import Runtime
+from gateway.http.runtime import Runtime, ServedModel
 
 __all__ = [
     "EMBEDDING_OPT",
@@ -100,12 +99,16 @@ async def answer_with(
     data: _Body,
     output: OutputSpec[T, R],
     options: ResponseOptions,
+    *,
+    untruncated: bool = False,
 ) -> Response[R]:
-    """Normalise ``input``, put the asked prompt in front of each text, compute ``output`` through
-    the service, and build the whole answer."""
-    prompt_name = runtime.prompts.name_for(data.prompt_name, data.input_type)  # a bad name: 400 before any work
-    texts = await normalise_input(data.input, max_inputs=runtime.settings.max_inputs, decoder=runtime.token_decoder)
-    texts = runtime.prompts.prepend(texts, prompt_name)
+    """Normalise ``input``, put the asked prompt in front of each text, compute ``output`` with the
+    model the body names, and build the whole answer. ``untruncated``: refuse inputs over the
+    model's limit even where the server truncates (TEI's ``truncate: false``)."""
+    model = runtime.model_for(data.model)
+    prompt_name = model.prompts.name_for(data.prompt_name, data.input_type)  # a bad name: 400 before any work
+    texts = await normalise_input(data.input, max_inputs=model.settings.max_inputs, decoder=runtime.token_decoder)
+    texts = model.prompts.prepend(texts, prompt_name)
     # The key's name is the unit the encoder queue is fair between (one tenant's bulk ingest does
     # not freeze another's queries); anonymous requests share one tenant and are fair per request.
     tenant = client_name(request.scope) or ""
@@ -113,7 +116,7 @@ async def answer_with(
     # and stays taken if the client hangs up; not charged after the answer, when it is too late.
     reservation = token_reservation(request.scope)
     try:
-        result = await runtime.service.embed(
+        result = await model.service.embed(
             texts,
             output,
             guard=_disconnect_guard(request),
@@ -121,6 +124,7 @@ async def answer_with(
             reserve=reservation.cover if reservation is not None else None,
             # more than the key's whole limit is refused before the rest of it is tokenised
             max_tokens=reservation.key.tokens_per_minute if reservation is not None else None,
+            untruncated=untruncated,
         )
     except (OverloadedError, EncoderFailedError):
         if reservation is not None:
@@ -129,7 +133,7 @@ async def answer_with(
     tokens = sum(result.tokens)
     done = outcome(request.scope)
     done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, tokens
-    content = output.respond(Answer(result.values, result.tokens, runtime.settings.served_model), options)
+    content = output.respond(Answer(result.values, result.tokens, model.settings.served_model), options)
     return runtime.answers.prepare(request.scope, content)
 
 
@@ -152,16 +156,15 @@ class _Body(Protocol):
 B = TypeVar("B", bound=_Body)
 
 
-async def accept_body(request: Request[Any, Any, Any], decode: Callable[[bytes], B]) -> tuple[Runtime, B]:
-    """What every embeddings route does first: refuse while draining, decode strictly, check the model."""
+async def accept_body(request: Request[Any, Any, Any], decode: Callable[[bytes], B]) -> tuple[Runtime, ServedModel, B]:
+    """What every embeddings route does first: refuse while draining, decode strictly, find the model."""
     runtime = runtime_of(request)
     if runtime.draining:
         raise ShuttingDownError("the server is shutting down; retry on another replica", retry_after=1)
     body = await request.body()
     admit(request.scope)  # counted in flight from here: an upload still arriving holds no slot
     data = decode(body)
-    check_model(runtime, data.model)
-    return runtime, data
+    return runtime, runtime.model_for(data.model), data
 
 
 EMBEDDING_OPT = {"embedding": True, ADMIT_AFTER_BODY: True}
@@ -187,8 +190,8 @@ def _refuse_dimensions(data: OutputsRequest, output: str) -> None:
     opt=EMBEDDING_OPT,
 )
 async def create_embeddings(request: Request[Any, Any, Any]) -> Response[EmbeddingResponse]:
-    runtime, data = await accept_body(request, decode_embedding_request)
-    dim = runtime.encoder.dim
+    runtime, model, data = await accept_body(request, decode_embedding_request)
+    dim = model.encoder.dim
     if data.dimensions is not None and not 1 <= data.dimensions <= dim:
         raise InvalidInputError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
     options = ResponseOptions(encoding_format=data.encoding_format, dimensions=data.dimensions)
@@ -206,14 +209,14 @@ async def create_embeddings(request: Request[Any, Any, Any]) -> Response[Embeddi
     opt=EMBEDDING_OPT,
 )
 async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseResponse]:
-    runtime, data = await accept_body(request, decode_outputs_request)
+    runtime, model, data = await accept_body(request, decode_outputs_request)
     _refuse_dimensions(data, "sparse")
     if data.encoding_format != "float":
         raise InvalidInputError(
             "sparse answers are token ids and weights in JSON; 'encoding_format' must be 'float' here",
             param="encoding_format",
         )
-    options = ResponseOptions(return_tokens=data.return_tokens, token_names=runtime.encoder.token_names)
+    options = ResponseOptions(return_tokens=data.return_tokens, token_names=model.encoder.token_names)
     return await answer_with(request, runtime, data, SPARSE, options)
 
 
@@ -228,7 +231,7 @@ async def create_sparse(request: Request[Any, Any, Any]) -> Response[SparseRespo
     opt=EMBEDDING_OPT,
 )
 async def create_multivector(request: Request[Any, Any, Any]) -> Response[MultiVectorResponse]:
-    runtime, data = await accept_body(request, decode_outputs_request)
+    runtime, _, data = await accept_body(request, decode_outputs_request)
     _refuse_dimensions(data, "multivector")
     options = ResponseOptions(encoding_format=data.encoding_format)
     return await answer_with(request, runtime, data, COLBERT, options)

@@ -13,14 +13,15 @@ Where we differ from TEI, on purpose: token-id inputs are refused (TEI embeds th
 the OpenAI route's ids are cl100k's, and mixing the two would be a trap); ``normalize: false``
 returns what the model gives (a model that normalises, like bge-m3, stays normalised: the cache
 holds one vector per text); ``truncate`` follows the server's ``EMBED_TRUNCATE`` (a request cannot
-turn truncation on per call, since the cache namespace records it); ``/embed_all`` returns bge-m3's
-ColBERT token vectors, the model's own token-level output, not the raw last hidden state.
+turn truncation on per call, since the cache namespace records it), but ``truncate: false`` on a
+truncating server is honoured: an input over the limit is a 413, never a prefix's vector;
+``/embed_all`` returns bge-m3's ColBERT token vectors, the model's own token-level output, not the
+raw last hidden state.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any, Literal
 
 import msgspec
@@ -33,11 +34,8 @@ from encoder.kinds import SparseWeights
 from encoder.model_files import read_model_spec
 from encoder.packing import default_max_batch_tokens
 from gateway.core.errors import (
-    EncoderFailedError,
     GatewayError,
     InvalidInputError,
-    OverloadedError,
-    UnauthenticatedError,
 )
 from gateway.core.outputs import (
     COLBERT,
@@ -50,7 +48,9 @@ from gateway.core.outputs import (
     shorten,
 )
 from gateway.core.schemas import decode_with
-from gateway.http.middleware import ADMIT_AFTER_BODY, TEI_ERRORS, admit
+from gateway.http.auth import KEY_REQUESTS
+from gateway.http.errors import TEI_ERRORS, TeiError, tei_error
+from gateway.http.middleware import ADMIT_AFTER_BODY, admit
 from gateway.http.routes.common import runtime_of
 from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, answer_with, documented_body
 
@@ -95,11 +95,13 @@ class TeiTokenize(msgspec.Struct, kw_only=True):
     inputs: str | list[str]
     add_special_tokens: bool = True
     prompt_name: str | None = None
+    model: str | None = None  # ours: which served model's tokenizer (default: the first)
 
 
 class TeiDecode(msgspec.Struct, kw_only=True):
     ids: list[int | list[int]]  # one list of ids, or a list of them
     skip_special_tokens: bool = True
+    model: str | None = None  # ours: which served model's tokenizer (default: the first)
 
 
 class SimpleToken(msgspec.Struct):
@@ -138,14 +140,6 @@ class Info(msgspec.Struct):
     version: str
 
 
-ErrorType = Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer"]
-
-
-class TeiError(msgspec.Struct):
-    error: str
-    error_type: ErrorType
-
-
 def _texts(inputs: TeiInput, direction: str) -> str | list[str | int | list[int]]:
     if direction.lower() != "right":
         raise InvalidInputError("only truncation_direction 'right' is served here", param="truncation_direction")
@@ -157,9 +151,10 @@ def _texts(inputs: TeiInput, direction: str) -> str | list[str | int | list[int]
 
 # The same kinds, cache entries and batcher as OpenAI's routes; only the answer's shape is TEI's.
 def _tei_dense(answer: Answer[np.ndarray], options: ResponseOptions) -> list[msgspec.Raw]:
-    vectors = shorten(answer.values, options.dimensions)
     if options.normalize:
-        vectors = normalised(vectors)
+        vectors = normalised(shorten(answer.values, options.dimensions))
+    else:  # TEI: the first ``dimensions`` values as the model gives them, not brought back to unit length
+        vectors = [vector[: options.dimensions] for vector in answer.values]
     return [float_json(vector) for vector in vectors]
 
 
@@ -182,7 +177,7 @@ TEI_ALL = COLBERT.answered_as(_tei_all)
 _TEI_ERRORS = {
     status: ResponseSpec(TeiError, description=description, generate_examples=False)
     for status, description in {
-        401: "Missing or wrong API key (OpenAI's envelope, as on every route)",
+        401: "Missing or wrong API key",
         404: "Unknown model",
         413: "An input or the request is too large",
         422: "Invalid input",
@@ -193,7 +188,7 @@ _TEI_ERRORS = {
 
 
 _TEI_EMBEDDING = {**EMBEDDING_OPT, TEI_ERRORS: True}
-_TEI_BODY = {ADMIT_AFTER_BODY: True, TEI_ERRORS: True}
+_TEI_BODY = {ADMIT_AFTER_BODY: True, TEI_ERRORS: True, KEY_REQUESTS: True}
 
 
 def _tei_post(path: str | list[str], summary: str, schema: str, opt: dict[str, bool]) -> post:
@@ -219,24 +214,24 @@ def body_schemas() -> dict[str, Any]:
 
 @_tei_post(["/embed", "/"], "TEI: embeddings", "TeiEmbed", _TEI_EMBEDDING)
 async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
-    runtime, data = await accept_body(request, decode_with(TeiEmbed))
-    dim = runtime.encoder.dim
+    runtime, model, data = await accept_body(request, decode_with(TeiEmbed))
+    dim = model.encoder.dim
     if data.dimensions is not None and not 1 <= data.dimensions <= dim:
         raise InvalidInputError(f"'dimensions' must be between 1 and {dim} for this model", param="dimensions")
     options = ResponseOptions(dimensions=data.dimensions, normalize=data.normalize)
-    return await answer_with(request, runtime, data, TEI_DENSE, options)
+    return await answer_with(request, runtime, data, TEI_DENSE, options, untruncated=data.truncate is False)
 
 
 @_tei_post("/embed_sparse", "TEI: sparse weights (bge-m3)", "TeiEmbedOther", _TEI_EMBEDDING)
 async def tei_embed_sparse(request: Request[Any, Any, Any]) -> Response[Any]:
-    runtime, data = await accept_body(request, decode_with(TeiEmbedOther))
-    return await answer_with(request, runtime, data, TEI_SPARSE, ResponseOptions())
+    runtime, _, data = await accept_body(request, decode_with(TeiEmbedOther))
+    return await answer_with(request, runtime, data, TEI_SPARSE, ResponseOptions(), untruncated=data.truncate is False)
 
 
 @_tei_post("/embed_all", "TEI: token vectors (bge-m3's ColBERT)", "TeiEmbedOther", _TEI_EMBEDDING)
 async def tei_embed_all(request: Request[Any, Any, Any]) -> Response[Any]:
-    runtime, data = await accept_body(request, decode_with(TeiEmbedOther))
-    return await answer_with(request, runtime, data, TEI_ALL, ResponseOptions())
+    runtime, _, data = await accept_body(request, decode_with(TeiEmbedOther))
+    return await answer_with(request, runtime, data, TEI_ALL, ResponseOptions(), untruncated=data.truncate is False)
 
 
 @_tei_post("/tokenize", "TEI: tokenize", "TeiTokenize", _TEI_BODY)
@@ -245,12 +240,15 @@ async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken
     body = await request.body()
     admit(request.scope)  # counted in flight once its body is here, as the embedding routes
     data = decode_with(TeiTokenize)(body)
+    model = runtime.model_for(data.model)
     texts = [data.inputs] if isinstance(data.inputs, str) else data.inputs
-    if not texts or len(texts) > runtime.settings.max_inputs:
-        raise InvalidInputError(f"send 1 to {runtime.settings.max_inputs} inputs", param="inputs")
-    name = runtime.prompts.name_for(data.prompt_name, None)
-    texts = runtime.prompts.prepend(list(texts), name)
-    tokenizer = runtime.encoder.hf_tokenizer
+    limit = model.settings.max_inputs
+    if not texts or len(texts) > limit:
+        raise InvalidInputError(f"send 1 to {limit} inputs", param="inputs", code="too_many_inputs")
+    name = model.prompts.name_for(data.prompt_name, None)
+    texts = model.prompts.prepend(list(texts), name)
+    tokenizer = model.encoder.hf_tokenizer
+    max_tokens = model.settings.max_request_tokens
 
     def tokenize() -> list[list[SimpleToken]]:
         encoded = tokenizer(
@@ -260,26 +258,52 @@ async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken
             return_special_tokens_mask=True,
             truncation=False,
         )
-        answer = []
-        for text, ids, offsets, special in zip(
-            texts, encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], strict=True
-        ):
-            row = []
-            for token, (start, stop), is_special in zip(ids, offsets, special, strict=True):
-                piece = "" if is_special and start == stop else text[start:stop]
-                row.append(
-                    SimpleToken(
-                        id=token,
-                        text=tokenizer.convert_ids_to_tokens(token) if is_special else piece,
-                        special=bool(is_special),
-                        start=None if is_special else start,
-                        stop=None if is_special else stop,
-                    )
-                )
-            answer.append(row)
-        return answer
+        counted = sum(len(ids) for ids in encoded["input_ids"])
+        if counted > max_tokens:  # each token is ~50 bytes of answer: bounded as an embedding request is
+            raise InvalidInputError(
+                f"the request holds {counted} tokens; this server takes at most {max_tokens} per request",
+                param="inputs",
+                code="request_too_large",
+            )
+        return [
+            _tokens(tokenizer, text, ids, offsets, special)
+            for text, ids, offsets, special in zip(
+                texts, encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], strict=True
+            )
+        ]
 
     return await asyncio.to_thread(tokenize)
+
+
+def _tokens(
+    tokenizer: Any, text: str, ids: list[int], offsets: list[tuple[int, int]], special: list[int]
+) -> list[SimpleToken]:
+    """One input's tokens as TEI gives them: ``start`` and ``stop`` are UTF-8 *byte* offsets into
+    the (prompted) input, as TEI's Rust tokenizer reports them, so a client slicing the input's
+    bytes finds each piece."""
+    byte_at = _byte_offsets(text)
+    row = []
+    for token, (start, stop), is_special in zip(ids, offsets, special, strict=True):
+        row.append(
+            SimpleToken(
+                id=token,
+                text=tokenizer.convert_ids_to_tokens(token) if is_special else text[start:stop],
+                special=bool(is_special),
+                start=None if is_special else byte_at[start],
+                stop=None if is_special else byte_at[stop],
+            )
+        )
+    return row
+
+
+def _byte_offsets(text: str) -> list[int] | range:
+    """Character offset -> UTF-8 byte offset, for every offset 0..len(text)."""
+    if text.isascii():
+        return range(len(text) + 1)
+    offsets = [0]
+    for character in text:
+        offsets.append(offsets[-1] + len(character.encode("utf-8", "surrogatepass")))
+    return offsets
 
 
 @_tei_post("/decode", "TEI: decode ids", "TeiDecode", _TEI_BODY)
@@ -288,32 +312,50 @@ async def tei_decode(request: Request[Any, Any, Any]) -> list[str]:
     body = await request.body()
     admit(request.scope)
     data = decode_with(TeiDecode)(body)
-    tokenizer = runtime.encoder.hf_tokenizer
-    vocabulary = len(tokenizer)
+    model = runtime.model_for(data.model)
     nested = [item for item in data.ids if isinstance(item, list)]
     flat = [item for item in data.ids if isinstance(item, int)]
     batches = nested if nested and not flat else [flat]
-    if not data.ids or (nested and flat) or len(batches) > runtime.settings.max_inputs:
+    if not data.ids or (nested and flat):
         raise InvalidInputError("ids: one list of token ids, or a list of such lists", param="ids")
-    for batch in batches:
-        if not batch or any(not 0 <= i < vocabulary for i in batch):
-            raise InvalidInputError(f"ids must be non-empty lists of token ids below {vocabulary}", param="ids")
-    texts: list[str] = tokenizer.batch_decode(batches, skip_special_tokens=data.skip_special_tokens)
-    return texts
+    if len(batches) > runtime.settings.max_inputs:
+        raise InvalidInputError(
+            f"send 1 to {runtime.settings.max_inputs} lists of ids", param="ids", code="too_many_inputs"
+        )
+    counted, limit = sum(len(batch) for batch in batches), runtime.settings.max_request_tokens
+    if counted > limit:
+        raise InvalidInputError(
+            f"the request holds {counted} ids; this server takes at most {limit} per request",
+            param="ids",
+            code="request_too_large",
+        )
+    tokenizer = model.encoder.hf_tokenizer
+
+    def decode() -> list[str]:  # off the event loop: 300,000 ids take a while
+        vocabulary = len(tokenizer)
+        for batch in batches:
+            if not batch or any(not 0 <= i < vocabulary for i in batch):
+                raise InvalidInputError(f"ids must be non-empty lists of token ids below {vocabulary}", param="ids")
+        texts: list[str] = tokenizer.batch_decode(batches, skip_special_tokens=data.skip_special_tokens)
+        return texts
+
+    return await asyncio.to_thread(decode)
 
 
 @get("/info", summary="TEI: the served model", tags=["tei"], opt={TEI_ERRORS: True})
-async def tei_info(request: Request[Any, Any, Any]) -> Info:
+async def tei_info(request: Request[Any, Any, Any], model: str | None = None) -> Info:
+    """The default model's, or with ``?model=`` another served one's (ours: TEI serves one)."""
     from importlib import metadata
 
-    runtime = runtime_of(request)
-    settings, encoder = runtime.settings, runtime.encoder
+    served = runtime_of(request).model_for(model)
+    settings, encoder = served.settings, served.encoder
     pooling = await asyncio.to_thread(lambda: read_model_spec(encoder.path).pooling)
+    tei_pooling = {"lasttoken": "last_token"}.get(pooling, pooling)  # TEI's name for it
     return Info(
         model_id=settings.served_model,
         model_sha=settings.revision or None,
         model_dtype=encoder.dtype,
-        model_type=ModelType(embedding=EmbeddingModel(pooling=str(pooling))),
+        model_type=ModelType(embedding=EmbeddingModel(pooling=tei_pooling)),
         max_concurrent_requests=settings.max_connections,
         max_input_length=encoder.max_tokens,
         max_batch_tokens=settings.max_batch_tokens or default_max_batch_tokens(encoder.torch_device.type),
@@ -323,30 +365,6 @@ async def tei_info(request: Request[Any, Any, Any]) -> Info:
         tokenization_workers=1,
         version=metadata.version("embedding-gateway"),
     )
-
-
-def tei_error(request: Request[Any, Any, Any], exc: Exception) -> Response[TeiError]:
-    """Our errors in TEI's shape and statuses (its clients read ``error`` and the status)."""
-    headers: dict[str, str] = {}
-    status: int
-    kind: ErrorType
-    if isinstance(exc, OverloadedError):
-        status, kind = 429, "Overloaded"
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    elif isinstance(exc, EncoderFailedError):
-        status, kind = 424, "Backend"
-    elif isinstance(exc, UnauthenticatedError):
-        status, kind = 401, "Validation"
-    elif isinstance(exc, GatewayError) and exc.code in ("request_too_large", "context_length_exceeded"):
-        status, kind = 413, "Validation"  # TEI's "batch size error" status for what is too big
-    elif isinstance(exc, GatewayError):
-        status, kind = (404 if exc.code == "model_not_found" else 422), "Validation"
-    elif isinstance(exc, HTTPException) and exc.status_code < 500:
-        status, kind = exc.status_code, "Validation"
-    else:
-        status, kind = 500, "Backend"
-    message = exc.message if isinstance(exc, GatewayError) else getattr(exc, "detail", "") or "internal error"
-    return Response(TeiError(error=str(message), error_type=kind), status_code=status, headers=headers)
 
 
 TEI_ROUTES = [tei_embed, tei_embed_sparse, tei_embed_all]
