@@ -125,11 +125,6 @@ def preflight(settings: Settings) -> str | None:
         return str(exc)
     if not settings.models_file.strip():
         return _one_model_problem(settings)
-    if settings.supervised:
-        return (
-            f"{ENV_PREFIX}MODELS_FILE (--models-file): several models are served in one process for now; "
-            f"unset {ENV_PREFIX}WORKERS and {ENV_PREFIX}DEVICES (or serve one model per server)"
-        )
     for model in models:
         problem = _one_model_problem(model)
         if problem is not None:
@@ -237,11 +232,13 @@ def _serve(settings: Settings) -> int:
         print(f"embedding-gateway: invalid setting: {problem}", file=sys.stderr)
         return 2
     if settings.supervised:  # EMBED_WORKERS > 1 or several EMBED_DEVICES
-        from gateway.engine.supervisor import Supervisor
-
         # Every engine (re)start loads the commit resolved now, never whatever the hub's branch
         # points at by then: a restart must not change the model the workers' cache keys name.
-        return Supervisor(pin_model_revision(settings)).run()
+        from gateway.core.models_file import model_settings
+        from gateway.engine.supervisor import Supervisor
+
+        models = [pin_model_revision(model) for model in model_settings(settings)]
+        return Supervisor(settings, models).run()
     # Load and warm up before the socket opens: the port answers only once the model can.
     import torch
 

@@ -47,6 +47,7 @@ __all__ = [
     "GpuStats",
     "KeyStats",
     "LiveState",
+    "ModelCounts",
     "ModelStats",
     "ModelTelemetry",
     "StatsSnapshot",
@@ -279,6 +280,21 @@ class Buckets(msgspec.Struct, array_like=True):
         return Buckets(list(self.counts), self.sum)
 
 
+class ModelCounts(msgspec.Struct, array_like=True):
+    """One model's share of a process's counters (several models: ``EMBED_MODELS_FILE``)."""
+
+    inputs: int = 0
+    tokens: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    batches: int = 0
+    forward_seconds: float = 0.0
+
+    def add(self, other: ModelCounts) -> None:
+        for name in ModelCounts.__struct_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
 class TelemetryState(msgspec.Struct, array_like=True):
     """One process's counters and histograms (cumulative), sent to another process to be added up
     (EMBED_WORKERS > 1) and kept in the supervisor's ledger (:mod:`gateway.engine.ledger`)."""
@@ -294,6 +310,7 @@ class TelemetryState(msgspec.Struct, array_like=True):
     batch_size: Buckets | None = None
     batch_tokens: Buckets | None = None
     encoder_seconds: Buckets | None = None
+    by_model: dict[str, ModelCounts] = msgspec.field(default_factory=dict)  # by served model id
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -321,6 +338,7 @@ class _Counters:
     by_endpoint: dict[tuple[str, int], int] = field(default_factory=dict)
     by_key: dict[str, KeyStats] = field(default_factory=dict)
     refused_at_cap: int = 0
+    by_model: dict[str, ModelCounts] = field(default_factory=dict)
 
 
 _COUNTS = (
@@ -442,6 +460,7 @@ class Telemetry:
             batch_size=self.batch_size.copy(),
             batch_tokens=self.batch_tokens.copy(),
             encoder_seconds=self.encoder_seconds.copy(),
+            by_model={name: msgspec.structs.replace(counts) for name, counts in c.by_model.items()},
         )
 
     @classmethod
@@ -474,6 +493,8 @@ class Telemetry:
             total.batch_size.add(state.batch_size)
             total.batch_tokens.add(state.batch_tokens)
             total.encoder_seconds.add(state.encoder_seconds)
+            for name, counts in state.by_model.items():
+                c.by_model.setdefault(name, ModelCounts()).add(counts)
         return total
 
     # --- read ------------------------------------------------------------------------------
@@ -534,7 +555,20 @@ class Telemetry:
             gpu=live.gpu,
             keys={name: msgspec.structs.replace(stats) for name, stats in sorted(c.by_key.items())},
             engines=list(live.engines),
-            models=list(live.models),
+            models=[self._model_stats(model) for model in live.models],
+        )
+
+    def _model_stats(self, live: ModelStats) -> ModelStats:
+        """``live`` (a model's device, dtype, fingerprint and queue now) with its counters."""
+        counts = self.counters.by_model.get(live.model) or ModelCounts()
+        return msgspec.structs.replace(
+            live,
+            inputs=counts.inputs,
+            tokens=counts.tokens,
+            cache_hits=counts.cache_hits,
+            cache_misses=counts.cache_misses,
+            batches=counts.batches,
+            forward_seconds=round(counts.forward_seconds, 3),
         )
 
     def render_prometheus(self, live: LiveState) -> bytes:
@@ -601,26 +635,33 @@ def _model_families(models: list[ModelStats]) -> Iterator[Metric]:
 
 
 class ModelTelemetry:
-    """One model's counters beside the server's :class:`Telemetry` (``EMBED_MODELS_FILE``).
+    """The server's :class:`Telemetry` as one model's service and micro-batcher report to it: every
+    count goes to the server's totals as before, and the model's inputs, tokens, cache lookups and
+    passes also under its served id (``by_model``: summed over processes like every counter, shown
+    as /stats' ``models`` and the ``embedding_model_*`` metrics when a server serves several)."""
 
-    The model's service and micro-batcher report here; everything goes on to the server's
-    telemetry as before (its totals, history and histograms are unchanged), and this model's
-    inputs, tokens, cache lookups and passes are kept apart for /stats' ``models`` and the
-    ``embedding_model_*`` metrics."""
-
-    def __init__(self, shared: Telemetry) -> None:
+    def __init__(self, shared: Telemetry, model: str) -> None:
         self.shared = shared
-        self.inputs = self.tokens = self.cache_hits = self.cache_misses = self.batches = 0
-        self.forward_seconds = 0.0
+        self.model = model
+
+    @property
+    def counts(self) -> ModelCounts:
+        by_model = self.shared.counters.by_model
+        found = by_model.get(self.model)
+        if found is None:
+            found = by_model[self.model] = ModelCounts()
+        return found
 
     def looked_up(self, hits: int, misses: int) -> None:
-        self.cache_hits += hits
-        self.cache_misses += misses
+        counts = self.counts
+        counts.cache_hits += hits
+        counts.cache_misses += misses
         self.shared.looked_up(hits, misses)
 
     def embedded(self, inputs: int, tokens: int) -> None:
-        self.inputs += inputs
-        self.tokens += tokens
+        counts = self.counts
+        counts.inputs += inputs
+        counts.tokens += tokens
         self.shared.embedded(inputs, tokens)
 
     def cache_failed(self) -> None:
@@ -630,27 +671,13 @@ class ModelTelemetry:
         self.shared.cache_written(count)
 
     def batch_done(self, report: BatchReport) -> None:
-        self.batches += 1
-        self.forward_seconds += report.seconds
+        counts = self.counts
+        counts.batches += 1
+        counts.forward_seconds += report.seconds
         self.shared.batch_done(report)
 
     def batcher_event(self, event: BatcherEvent, count: int = 1) -> None:
         self.shared.batcher_event(event, count)
-
-    def stats(self, model: str, device: str, dtype: str, fingerprint: str, queue_tokens: int) -> ModelStats:
-        return ModelStats(
-            model=model,
-            device=device,
-            dtype=dtype,
-            fingerprint=fingerprint,
-            inputs=self.inputs,
-            tokens=self.tokens,
-            cache_hits=self.cache_hits,
-            cache_misses=self.cache_misses,
-            batches=self.batches,
-            forward_seconds=round(self.forward_seconds, 3),
-            queue_tokens=queue_tokens,
-        )
 
 
 class _SnapshotCollector:

@@ -29,7 +29,7 @@ from typing import BinaryIO
 from encoder import Encoder
 from encoder.batcher import InputFailedError, MicroBatcher, QueueFullError, WorkerCrashedError
 from encoder.kinds import OutputKind
-from gateway.core.telemetry import Telemetry, TelemetryState, gpu_stats
+from gateway.core.telemetry import ModelTelemetry, Telemetry, TelemetryState, gpu_stats
 from gateway.engine import protocol
 from gateway.engine.ledger import Ledger, Restarts, read_restarts
 from gateway.engine.protocol import (
@@ -90,7 +90,8 @@ class EngineServer:
             max_batch_size=settings.max_batch_size,
             max_queue_tokens=settings.max_queue_tokens,
             pipeline_depth=settings.pipeline_depth,
-            observer=self.telemetry,
+            # counted under the model's id too: /stats' ``models`` when a models file serves several
+            observer=ModelTelemetry(self.telemetry, settings.served_model),
         )
         self.worker_states: dict[int, TelemetryState] = {}  # worker pid -> its latest counters
         self.ledger = ledger if ledger is not None else Ledger.beside(socket_path)

@@ -1,8 +1,9 @@
 """``EMBED_WORKERS > 1`` or several ``EMBED_DEVICES``: ``serve`` becomes a supervisor of the engines and N workers.
 
-* each engine (``python -m gateway engine``, one per ``EMBED_DEVICES`` entry, else one) loads the
-  model on its device and listens on its Unix socket in a private temporary folder; workers start
-  once every engine answers, and each worker links to every engine
+* each engine (``python -m gateway engine``, one per ``EMBED_DEVICES`` entry, else one; with
+  ``EMBED_MODELS_FILE`` that many for each model) loads its model on its device and listens on its
+  Unix socket in a private temporary folder; workers start once every engine answers, and each
+  worker links to every engine
   (:class:`~gateway.engine.router.EngineRouter`);
 * each worker (``python -m gateway worker``) binds the HTTP port with ``SO_REUSEPORT``, so the
   kernel spreads new connections over the workers (no accept lock, no shared socket to hand over);
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -60,13 +62,18 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 class Supervisor:
-    """Runs one engine per entry of ``EMBED_DEVICES`` (or one on ``EMBED_DEVICE``) and
-    ``EMBED_WORKERS`` HTTP workers, each worker linked to every engine."""
+    """Runs one engine per entry of ``EMBED_DEVICES`` (or one on ``EMBED_DEVICE``) for each model
+    (``models``: the models file's, else ``settings``' own) and ``EMBED_WORKERS`` HTTP workers, each
+    worker linked to every engine."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, models: Sequence[Settings] = ()) -> None:
         self.settings = settings
         self.folder = Path(tempfile.mkdtemp(prefix="embedding-gateway-"))
-        self.devices = settings.engine_devices
+        # One engine per model and device (EMBED_MODELS_FILE: each model's settings), model after
+        # model: workers split the sockets into one group per model in this order.
+        self.models = list(models) or [settings]
+        self.plan = [(model, device) for model in self.models for device in model.engine_devices]
+        self.devices = [device for _, device in self.plan]
         # engine 0 keeps the one-engine name: scripts and tests find the folder by it
         self.socket_paths = [
             self.folder / ("engine.sock" if i == 0 else f"engine-{i}.sock") for i in range(len(self.devices))
@@ -120,10 +127,15 @@ class Supervisor:
         the cores when ``EMBED_CPU_THREADS`` is 0 (``cpu,cpu`` on 16 cores: 8 threads each)."""
         # msgspec's JSON has no raw newline: the settings are exactly one line.
         self._worker_line = msgspec.json.encode(settings) + b"\n"
-        share = max(1, _usable_cores() // len(self.devices))
-        for device in self.devices:
-            threads = settings.cpu_threads or (share if device == "cpu" and len(self.devices) > 1 else 0)
-            engine = msgspec.structs.replace(settings, device=device, devices=(), cpu_threads=threads)
+        # The cores are shared by device entry: several models' engines on one entry each get all of
+        # its share (one used alone runs at full speed; used together they take turns on the cores).
+        for model, device in self.plan:
+            entries = len(model.engine_devices)
+            share = max(1, _usable_cores() // entries)
+            threads = model.cpu_threads or (share if device == "cpu" and entries > 1 else 0)
+            engine = msgspec.structs.replace(
+                model, device=device, devices=(), cpu_threads=threads, port=settings.port, models_file=""
+            )
             self._engine_lines.append(msgspec.json.encode(engine) + b"\n")
 
     def _write_restarts(self) -> None:

@@ -229,6 +229,23 @@ async def _log_ready(served: Sequence[ServedModel], cache: BlobCache | None) -> 
         )
 
 
+def _routers(models: Sequence[Settings], sockets: Sequence[Path], telemetry: Telemetry) -> list[EngineRouter]:
+    """A worker's links: the supervisor starts the same number of engines for each model (one per
+    ``EMBED_DEVICES`` entry), model after model, so ``sockets`` splits into one group per model."""
+    if len(sockets) % len(models):
+        raise ValueError(f"{len(sockets)} engine sockets cannot be split over {len(models)} models")
+    per_model = len(sockets) // len(models)
+    return [
+        EngineRouter(
+            [
+                EngineLink(path, truncate=model.truncate, telemetry=telemetry)
+                for path in sockets[number * per_model : (number + 1) * per_model]
+            ]
+        )
+        for number, model in enumerate(models)
+    ]
+
+
 async def _local_models(
     models: Sequence[Settings],
     encoders: Sequence[Encoder],
@@ -237,12 +254,12 @@ async def _local_models(
     forward_threads: dict[str, ThreadPoolExecutor],
 ) -> list[ServedModel]:
     """Each model in this process: loaded (unless given in ``encoders``), with its micro-batcher
-    running. Several models count apart (:class:`ModelTelemetry`) and share one forward thread per
-    device (``forward_threads``, shut down by the caller)."""
+    running. Several models are also counted apart (:class:`ModelTelemetry`) and share one forward
+    thread per device (``forward_threads``, shut down by the caller)."""
     served = []
     for number, settings in enumerate(models):
         loaded = encoders[number] if number < len(encoders) else await asyncio.to_thread(load_model, settings)
-        observer = ModelTelemetry(telemetry) if len(models) > 1 else None
+        observer = ModelTelemetry(telemetry, settings.served_model) if len(models) > 1 else None
         forward = None
         if len(models) > 1:
             device = str(loaded.torch_device)
@@ -281,10 +298,7 @@ def _served(
         truncate=settings.truncate,
         share_numerics=settings.cache_share_numerics,
     )
-    prompts = prompt_book(encoder.path, settings.default_prompt_name)
-    return ServedModel(
-        settings, encoder, batcher, service, prompts, telemetry if isinstance(telemetry, ModelTelemetry) else None
-    )
+    return ServedModel(settings, encoder, batcher, service, prompt_book(encoder.path, settings.default_prompt_name))
 
 
 def make_cache(settings: Settings) -> BlobCache | None:
@@ -346,18 +360,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        link = None
         vector_cache = cache if cache is not None else make_cache(settings)
         served: list[ServedModel] = []
         # Several models on one device share one forward thread (see MicroBatcher's ``forward``).
         forward_threads: dict[str, ThreadPoolExecutor] = {}
+        routers: list[EngineRouter] = []
         if engine_sockets:
-            link = EngineRouter(
-                [EngineLink(path, truncate=settings.truncate, telemetry=telemetry) for path in engine_sockets]
-            )
-            await link.start(timeout_s=settings.engine_start_timeout_s)
-            assert link.encoder is not None
-            served.append(_served(settings, link.encoder, link, vector_cache, telemetry))
+            routers = _routers(models, engine_sockets, telemetry)
+            await asyncio.gather(*(router.start(timeout_s=settings.engine_start_timeout_s) for router in routers))
+            for model, router in zip(models, routers, strict=True):
+                assert router.encoder is not None
+                observer = ModelTelemetry(telemetry, model.served_model) if len(models) > 1 else telemetry
+                served.append(_served(model, router.encoder, router, vector_cache, observer))
         else:
             served = await _local_models(models, encoders, vector_cache, telemetry, forward_threads)
         default = served[0]
@@ -374,7 +388,7 @@ def create_app(
             models=served,
         )
         runtime.history = history
-        runtime.engine = link
+        runtime.engines = routers
         app.state.runtime = runtime
         await limiter.connect()
         sampler = asyncio.create_task(run_sampler(history, telemetry, runtime.live_state), name="history-sampler")

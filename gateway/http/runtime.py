@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
+
 from encoder.batcher import QueueFullError
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache
@@ -19,11 +21,11 @@ from gateway.core.telemetry import (
     EngineStats,
     LiveState,
     ModelStats,
-    ModelTelemetry,
     StatsSnapshot,
     Telemetry,
     gpu_stats,
 )
+from gateway.engine.protocol import StatsAnswer
 from gateway.engine.router import EngineRouter
 from gateway.http.answers import AnswerBuilder
 from gateway.settings import Settings
@@ -41,14 +43,16 @@ class ServedModel:
     batcher: Batcher
     service: EmbeddingService
     prompts: PromptBook
-    telemetry: ModelTelemetry | None = None  # its own counters, when the server serves several
 
-    def stats(self) -> ModelStats | None:
-        if self.telemetry is None:
-            return None
+    def live(self) -> ModelStats:
+        """What /stats' ``models`` shows of it now (the telemetry adds its counters)."""
         encoder = self.encoder
-        return self.telemetry.stats(
-            self.settings.served_model, encoder.device, encoder.dtype, encoder.fingerprint, self.batcher.queue_tokens
+        return ModelStats(
+            model=self.settings.served_model,
+            device=encoder.device,
+            dtype=encoder.dtype,
+            fingerprint=encoder.fingerprint,
+            queue_tokens=self.batcher.queue_tokens,
         )
 
 
@@ -65,7 +69,8 @@ class Runtime:
     prompts: PromptBook = field(default_factory=lambda: PromptBook({}))  # the model's instruction prompts
     draining: bool = False
     history: HistoryRing | None = None  # /stats/history (issue 13)
-    engine: EngineRouter | None = None  # a worker (EMBED_WORKERS > 1 or EMBED_DEVICES): its links to the engines
+    # a worker (EMBED_WORKERS > 1 or EMBED_DEVICES): its links to the engines, one router per model
+    engines: list[EngineRouter] = field(default_factory=list)
     # Every model served (EMBED_MODELS_FILE), the default first; empty: the one above alone.
     models: list[ServedModel] = field(default_factory=list)
     _by_name: dict[str, ServedModel] = field(default_factory=dict)
@@ -124,19 +129,19 @@ class Runtime:
             gpu=gpu,
             backend=encoder.numerics.split(":")[0],
             quantization="int8" if ":int8" in encoder.numerics else "none",
-            models=[stats for model in self.models if (stats := model.stats()) is not None],
+            models=[model.live() for model in self.models] if len(self.models) > 1 else [],
         )
 
     async def whole_server(self) -> tuple[Telemetry, LiveState, StatsSnapshot]:
         """The telemetry, live state and snapshot of the whole server: this process alone, or with
         ``EMBED_WORKERS > 1`` the engine's counters plus every worker's (asked of the engine)."""
         live = self.live_state()
-        if self.engine is None:
+        if not self.engines:
             state = self.telemetry.state()
             live.engines = [EngineStats.of(0, live.device, state, live.queue_tokens)]
             return self.telemetry, live, self.telemetry.snapshot(live)
         try:
-            answer, live.engines = await self.engine.whole_server()
+            answer, live.engines = await _whole_server(self.engines)
         except QueueFullError as exc:  # no engine and no ledger to answer from
             raise OverloadedError(str(exc), retry_after=exc.retry_after) from None
         telemetry = Telemetry.combined([answer.engine, *answer.workers])
@@ -169,3 +174,19 @@ def names_of(models: list[ServedModel]) -> dict[str, ServedModel]:
         if paths.count(settings.model) == 1:
             found.setdefault(settings.model, model)
     return found
+
+
+async def _whole_server(routers: list[EngineRouter]) -> tuple[StatsAnswer, list[EngineStats]]:
+    """Every model's engines asked at once (several models: one router each): the counters of the
+    first answer that comes from an engine (each holds every process's, from the shared ledger),
+    the queues summed, and every engine's own figures, numbered across the models."""
+    answers = await asyncio.gather(*(router.whole_server() for router in routers))
+    whole = next((answer for answer, _ in answers if answer.from_engine), answers[0][0])
+    engines: list[EngineStats] = []
+    for answer, own in answers:
+        for engine in own:
+            engines.append(msgspec.structs.replace(engine, index=len(engines)))
+        if answer is not whole:
+            whole.queue_tokens += answer.queue_tokens
+            whole.in_flight += answer.in_flight
+    return whole, engines
