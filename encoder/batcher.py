@@ -42,7 +42,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -238,7 +238,7 @@ class MicroBatcher:
         max_queue_tokens: int = 2_000_000,
         observer: BatchObserver | None = None,
         pipeline_depth: int = 2,
-        forward: ThreadPoolExecutor | None = None,
+        forward: Executor | None = None,
     ) -> None:
         if pipeline_depth not in (1, 2):
             raise ValueError(f"pipeline_depth is 1 or 2, not {pipeline_depth}")
@@ -257,11 +257,9 @@ class MicroBatcher:
         self._backing_off = False
         self._backoff_s = _BACKOFF_FIRST_S
         # One forward thread: parallel passes would only fight over the same cores or GPU. Several
-        # models on one device share one (``forward``, its owner shuts it down): their passes take
-        # turns, and on the CPU one thread keeps one libgomp team (a second team beside it makes
-        # every barrier sleep: see gateway.http.app.load_model).
-        self._owns_forward = forward is None
-        self._forward = forward or ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
+        # models on one device share one: ``forward`` is this model's lane onto it
+        # (:class:`encoder.shared_forward.SharedForward`: their passes take turns).
+        self._forward: Executor = forward or ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
         self._tokens_per_second = 3000.0  # refined from measurements; sizes Retry-After
         self._pass_times = _PassTimes()  # how long a pass of a size takes: how long the next batch may form
         self.summary_interval_s = 60.0
@@ -316,8 +314,7 @@ class MicroBatcher:
             self._worker = None
         self._fail_all(InputFailedError("the encoder is shutting down"))
         # The pass running ends; one handed over behind it is not started (its callers have failed).
-        if self._owns_forward:
-            self._forward.shutdown(wait=True, cancel_futures=True)
+        self._forward.shutdown(wait=True, cancel_futures=True)
 
     async def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
         """Tokenise; large inputs off the event loop (the Rust tokenizer releases the GIL).

@@ -28,6 +28,7 @@ from encoder import Encoder, load_encoder
 from encoder.batcher import MicroBatcher
 from encoder.model_files import read_prompts
 from encoder.onnx_int8 import GateFloor
+from encoder.shared_forward import SharedForward
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache, MemoryBlobCache, RedisBlobCache
 from gateway.core.history import HistoryRing, run_sampler
@@ -251,7 +252,7 @@ async def _local_models(
     encoders: Sequence[Encoder],
     cache: BlobCache | None,
     telemetry: Telemetry,
-    forward_threads: dict[str, ThreadPoolExecutor],
+    forward_threads: dict[str, SharedForward],
 ) -> list[ServedModel]:
     """Each model in this process: loaded (unless given in ``encoders``), with its micro-batcher
     running. Several models are also counted apart (:class:`ModelTelemetry`) and share one forward
@@ -264,8 +265,8 @@ async def _local_models(
         if len(models) > 1:
             device = str(loaded.torch_device)
             if device not in forward_threads:
-                forward_threads[device] = ThreadPoolExecutor(1, thread_name_prefix=f"encoder-forward-{device}")
-            forward = forward_threads[device]
+                forward_threads[device] = SharedForward(f"encoder-forward-{device}")
+            forward = forward_threads[device].lane()
         batcher = MicroBatcher(
             loaded,
             max_batch_tokens=settings.max_batch_tokens or None,
@@ -363,7 +364,7 @@ def create_app(
         vector_cache = cache if cache is not None else make_cache(settings)
         served: list[ServedModel] = []
         # Several models on one device share one forward thread (see MicroBatcher's ``forward``).
-        forward_threads: dict[str, ThreadPoolExecutor] = {}
+        forward_threads: dict[str, SharedForward] = {}
         routers: list[EngineRouter] = []
         if engine_sockets:
             routers = _routers(models, engine_sockets, telemetry)
@@ -409,7 +410,7 @@ def create_app(
                 await one.service.drain(timeout_s=settings.shutdown_timeout_s)
                 await one.batcher.stop()
             for thread in forward_threads.values():
-                thread.shutdown(wait=True, cancel_futures=True)
+                thread.shutdown()
             await limiter.close()
             if vector_cache is not None and cache is None:
                 await vector_cache.close()
