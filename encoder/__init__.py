@@ -9,7 +9,8 @@ Knows torch and transformers, and nothing of HTTP, Redis or msgspec::
 """
 
 from encoder.device import DeviceNotAvailableError, resolve_device, resolve_dtype
-from encoder.model import Encoder, InputTooLongError, load_encoder
+from encoder.loading import load_encoder
+from encoder.model import Encoder, InputTooLongError
 from encoder.model_files import ModelNotFoundError
 from encoder.packing import plan_batches
 

@@ -19,6 +19,7 @@ class OutputKind(enum.StrEnum):
     DENSE = "dense"
     SPARSE = "sparse"
     COLBERT = "colbert"
+    SCORE = "score"  # a cross-encoder's (reranker's) relevance score of a query-document pair
 
 
 # The head file each non-dense kind needs in the model folder (bge-m3's names).
@@ -37,10 +38,12 @@ class SparseWeights:
 class Outputs:
     """What one forward pass gave one input; a kind that was not asked for stays ``None``.
 
-    ``dense`` is a float32 vector, ``colbert`` a float32 ``(tokens after CLS, dim)`` matrix.
+    ``dense`` is a float32 vector, ``colbert`` a float32 ``(tokens after CLS, dim)`` matrix,
+    ``score`` a cross-encoder's float32 scores (one per label; rerankers have one).
     """
 
     tokens: int
     dense: np.ndarray | None = None
     sparse: SparseWeights | None = None
     colbert: np.ndarray | None = None
+    score: np.ndarray | None = None

@@ -132,6 +132,25 @@ def preflight(settings: Settings) -> str | None:
     return None
 
 
+def _kind_problem(settings: Settings, folder: Path) -> str | None:
+    """A model of another kind than declared, or a reranker under the supervisor (not served there yet)."""
+    from encoder.cross_encoder import is_cross_encoder
+
+    kind = "reranker" if is_cross_encoder(folder) else "embedding"
+    if settings.model_kind not in ("auto", kind):
+        return (
+            f"{ENV_PREFIX}MODEL_KIND: the model is declared {settings.model_kind!r} but its folder holds {kind!r} model"
+        )
+    if kind == "reranker" and settings.quantize != "none":
+        return f"{ENV_PREFIX}QUANTIZE (--quantize): int8 serves embedding models only; this model is a reranker"
+    if kind == "reranker" and settings.supervised:
+        return (
+            f"{ENV_PREFIX}MODEL (--model): a reranker is served in one process for now; unset {ENV_PREFIX}WORKERS "
+            f"and {ENV_PREFIX}DEVICES, or serve it from another server"
+        )
+    return None
+
+
 def _one_model_problem(settings: Settings) -> str | None:
     """:func:`preflight`'s checks of one model's device, dtype, folder, prompts and limits."""
     from encoder import DeviceNotAvailableError, ModelNotFoundError, resolve_device, resolve_dtype
@@ -159,7 +178,7 @@ def _one_model_problem(settings: Settings) -> str | None:
         problem = int8_dtype_problem(settings.dtype)
         if problem is not None:
             return f"{ENV_PREFIX}DTYPE (--dtype): {problem}"
-    problem = _prompt_problem(spec.path, settings.default_prompt_name)
+    problem = _kind_problem(settings, spec.path) or _prompt_problem(spec.path, settings.default_prompt_name)
     if problem is not None:
         return problem
     if settings.max_input_tokens > spec.max_tokens:

@@ -39,6 +39,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_name: str = ""  # served id; empty: the folder or repo basename
     model_aliases: tuple[str, ...] = ()
     models_file: str = ""  # TOML: [[models]] name, path, ... (several models; the first is the default)
+    # what the model is: auto (a sequence classifier is a reranker, anything else an embedding model)
+    model_kind: Literal["auto", "embedding", "reranker"] = "auto"
     revision: str = ""
     # the model's prompt applied when a request names none; empty: the model's own default_prompt_name
     default_prompt_name: str = ""

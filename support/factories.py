@@ -199,3 +199,38 @@ def build_decoder_embedder(
         json.dumps({"word_embedding_dimension": hidden, "pooling_mode_lasttoken": True, "include_prompt": True})
     )
     return folder
+
+
+def build_cross_encoder(
+    folder: Path,
+    *,
+    tokenizer_from: Path,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    num_labels: int = 1,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+) -> Path:
+    """A reranker folder as sentence-transformers' ``CrossEncoder`` loads it: a BERT sequence
+    classifier with random weights (``num_labels`` logits) and the WordPiece tokenizer of
+    ``tokenizer_from`` (real token counts; its pairs carry token type ids)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=max_position_embeddings,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.5,  # scores spread over (0, 1), not all near 0.5: comparisons can fail
+    )
+    BertForSequenceClassification(config).eval().save_pretrained(folder)
+    return folder

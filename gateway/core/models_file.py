@@ -19,7 +19,8 @@ default_prompt_name = "query"
 Each table becomes the :class:`~gateway.settings.Settings` of one model: the server's settings with
 the table's fields in place of ``EMBED_MODEL``, ``EMBED_MODEL_NAME``, ``EMBED_MODEL_ALIASES`` and the
 per-model ones (device, dtype, quantize, max_input_tokens, truncate, default_prompt_name,
-revision). ``kind`` is ``embedding`` (cross-encoders for rerank will be another kind). A file that
+revision). ``kind`` is ``embedding`` or ``reranker`` (a cross-encoder), checked against the folder
+(default ``auto``: a sequence classifier is a reranker). A file that
 cannot be used is one :class:`ModelsFileError` line naming the table and the field, so ``serve``
 exits 2 before any model loads. Without the file the server serves ``EMBED_MODEL`` alone.
 """
@@ -51,7 +52,7 @@ class ModelEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     name: str
     path: str
-    kind: Literal["embedding"] = "embedding"  # room for "reranker" (cross-encoders, issue 22)
+    kind: Literal["auto", "embedding", "reranker"] = "auto"  # auto: a sequence classifier is a reranker
     aliases: tuple[str, ...] = ()
     revision: str | None = None
     device: str | None = None
@@ -68,6 +69,7 @@ class ModelEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "model_name": self.name.strip(),
             "model_aliases": tuple(alias.strip() for alias in self.aliases),
             "models_file": "",
+            "model_kind": self.kind,
         }
         for name in ("revision", "device", "dtype", "quantize", "max_input_tokens", "truncate", "default_prompt_name"):
             value = getattr(self, name)

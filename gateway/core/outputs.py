@@ -32,6 +32,7 @@ from gateway.core.schemas import (
 __all__ = [
     "COLBERT",
     "DENSE",
+    "SCORE",
     "SPARSE",
     "Answer",
     "OutputSpec",
@@ -100,6 +101,11 @@ def _sparse(outputs: Outputs) -> SparseWeights:
 def _colbert(outputs: Outputs) -> np.ndarray:
     assert outputs.colbert is not None, "asked for colbert, so the encoder computed it"
     return outputs.colbert
+
+
+def _score(outputs: Outputs) -> np.ndarray:
+    assert outputs.score is not None, "a cross-encoder always computes its score"
+    return outputs.score
 
 
 def _float32_le(array: np.ndarray) -> memoryview:
@@ -175,4 +181,14 @@ SPARSE: OutputSpec[SparseWeights, SparseResponse] = OutputSpec(
 )
 COLBERT: OutputSpec[np.ndarray, MultiVectorResponse] = OutputSpec(
     OutputKind.COLBERT, ":colbert", formats.pack_colbert, formats.unpack_colbert, _colbert, _colbert_response
+)
+# A cross-encoder's raw logits (one per label) for one query-document pair; the rerank routes apply
+# the model's activation (or not: TEI's raw_scores) when they answer.
+SCORE: OutputSpec[np.ndarray, list[float]] = OutputSpec(
+    OutputKind.SCORE,
+    ":score",
+    formats.pack_dense,
+    formats.unpack_dense,
+    _score,
+    lambda answer, _: [float(logits[0]) for logits in answer.values],
 )

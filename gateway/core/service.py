@@ -20,7 +20,7 @@ import xxhash
 
 from encoder import InputTooLongError
 from encoder.batcher import InputFailedError, QueueFullError
-from encoder.kinds import HEAD_FILES, Outputs
+from encoder.kinds import HEAD_FILES, OutputKind, Outputs
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CacheSkippedError, CacheUnavailableError, cache_key
 from gateway.core.errors import EncoderFailedError, InvalidInputError, OutputNotSupportedError, OverloadedError
@@ -149,9 +149,7 @@ class EmbeddingService:
         false``) refuses an input over the model's limit even where the server truncates: the
         client asked for the whole text's vector, never a prefix's."""
         if output.kind not in self.encoder.outputs:
-            raise OutputNotSupportedError(
-                f"this model has no {output.kind} output (its folder has no {HEAD_FILES[output.kind]})", param="model"
-            )
+            raise OutputNotSupportedError(_not_supported(output.kind, self.encoder.outputs), param="model")
         width = self.encoder.output_width(output.kind)
         unique = list(dict.fromkeys(texts))
         if untruncated and self.truncate:
@@ -309,3 +307,11 @@ class EmbeddingService:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
                     await asyncio.gather(*self._writes, return_exceptions=True)
+
+
+def _not_supported(kind: OutputKind, has: frozenset[OutputKind]) -> str:
+    if kind == OutputKind.SCORE:
+        return "this model is an embedding model, not a reranker (a cross-encoder): it has no scores"
+    if OutputKind.SCORE in has:
+        return f"this model is a reranker (a cross-encoder) for the rerank routes: it has no {kind} output"
+    return f"this model has no {kind} output (its folder has no {HEAD_FILES[kind]})"

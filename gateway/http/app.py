@@ -49,6 +49,7 @@ from gateway.http.compression import AnswerCompressor, compression_middleware
 from gateway.http.errors import exception_handlers
 from gateway.http.middleware import InFlight, RequestContextMiddleware, request_id
 from gateway.http.routes import EMBEDDING_ROUTES, OTHER_ROUTES, TEI_ROUTER
+from gateway.http.routes.rerank import body_schemas as rerank_body_schemas
 from gateway.http.routes.tei import body_schemas as tei_body_schemas
 from gateway.http.runtime import Runtime, ServedModel
 from gateway.settings import Settings
@@ -427,5 +428,7 @@ def create_app(
         logging_config=None,
     )
     # Litestar documents bodies it decodes itself; ours is decoded strictly by msgspec in the route.
-    app.openapi_schema.components.schemas.update({**request_schema_components(), **tei_body_schemas()})
+    app.openapi_schema.components.schemas.update(
+        {**request_schema_components(), **tei_body_schemas(), **rerank_body_schemas()}
+    )
     return app

@@ -9,6 +9,7 @@ from typing import Literal
 import msgspec
 
 from encoder.batcher import QueueFullError
+from encoder.kinds import OutputKind
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CircuitBreakerCache
 from gateway.core.errors import ModelNotFoundError, OverloadedError
@@ -43,6 +44,11 @@ class ServedModel:
     batcher: Batcher
     service: EmbeddingService
     prompts: PromptBook
+
+    @property
+    def reranker(self) -> bool:
+        """A cross-encoder (scores pairs on the rerank routes), not an embedding model."""
+        return OutputKind.SCORE in self.encoder.outputs
 
     def live(self) -> ModelStats:
         """What /stats' ``models`` shows of it now (the telemetry adds its counters)."""
@@ -80,11 +86,12 @@ class Runtime:
             self.models = [ServedModel(self.settings, self.encoder, self.batcher, self.service, self.prompts)]
         self._by_name = names_of(self.models)
 
-    def model_for(self, name: str | None) -> ServedModel:
-        """The model a request names (its id, an alias, its ``path``), the default for none, or
-        the one with alias ``*`` for any other name; else a 404 that lists what is served."""
+    def model_for(self, name: str | None, *, reranker: bool = False) -> ServedModel:
+        """The model a request names (its id, an alias, its ``path``), or the one with alias ``*``
+        for any other name; else a 404 that lists what is served. None names the default: the
+        first model of the kind the route serves (``reranker``), else the first."""
         if name is None:
-            return self.models[0]
+            return next((model for model in self.models if model.reranker == reranker), self.models[0])
         found = self._by_name.get(name) or self._by_name.get(ANY_MODEL)
         if found is None:
             served = ", ".join(repr(model.settings.served_model) for model in self.models)

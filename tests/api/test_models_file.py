@@ -198,7 +198,7 @@ def test_models_on_one_device_share_one_forward_thread(serve: Any) -> None:
         ("[[models]]\nname = 'a'\npath = 'x'\ncolour = 1\n", "unknown field 'colour'"),
         ("[[models]]\nname = 'a'\npath = 'x'\n[[models]]\nname = 'b'\npath = 'y'\naliases = ['a']\n", "already names"),
         ("[[models]]\nname = 'a'\npath = 'x'\ndevice = 'tpu'\n", "'device'"),
-        ("[[models]]\nname = 'a'\npath = 'x'\nkind = 'reranker'\n", "'kind'"),
+        ("[[models]]\nname = 'a'\npath = 'x'\nkind = 'classifier'\n", "'kind'"),
         ("[[models]]\nname = ' '\npath = 'x'\n", "'name' must be a non-empty string"),
         ("[[models]\n", "not valid TOML"),
     ],

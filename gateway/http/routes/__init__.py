@@ -7,11 +7,12 @@ others share Litestar's compression middleware, so the app lists them apart.
 from gateway.http.routes.embeddings import create_embeddings, create_multivector, create_sparse
 from gateway.http.routes.models import list_models, retrieve_model
 from gateway.http.routes.operations import dashboard, health, livez, metrics, readyz, stats, stats_history
+from gateway.http.routes.rerank import RERANK_ROUTES
 from gateway.http.routes.tei import TEI_ROUTER
 
 __all__ = ["EMBEDDING_ROUTES", "OTHER_ROUTES", "ROUTES", "TEI_ROUTER"]
 
-EMBEDDING_ROUTES = [create_embeddings, create_sparse, create_multivector]
+EMBEDDING_ROUTES = [create_embeddings, create_sparse, create_multivector, *RERANK_ROUTES]
 OTHER_ROUTES = [
     list_models,
     retrieve_model,

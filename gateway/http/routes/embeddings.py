@@ -32,6 +32,7 @@ from gateway.core.schemas import (
     decode_embedding_request,
     decode_outputs_request,
 )
+from gateway.core.service import EmbedResult
 from gateway.http.auth import client_name, token_reservation
 from gateway.http.middleware import ADMIT_AFTER_BODY, admit, outcome
 from gateway.http.routes.common import ERRORS, runtime_of
@@ -41,6 +42,7 @@ __all__ = [
     "EMBEDDING_OPT",
     "accept_body",
     "answer_with",
+    "compute",
     "create_embeddings",
     "create_multivector",
     "create_sparse",
@@ -93,22 +95,17 @@ def _disconnect_guard(
     return guarded
 
 
-async def answer_with(
+async def compute(
     request: Request[Any, Any, Any],
-    runtime: Runtime,
-    data: _Body,
+    model: ServedModel,
+    texts: list[str],
     output: OutputSpec[T, R],
-    options: ResponseOptions,
     *,
     untruncated: bool = False,
-) -> Response[R]:
-    """Normalise ``input``, put the asked prompt in front of each text, compute ``output`` with the
-    model the body names, and build the whole answer. ``untruncated``: refuse inputs over the
-    model's limit even where the server truncates (TEI's ``truncate: false``)."""
-    model = runtime.model_for(data.model)
-    prompt_name = model.prompts.name_for(data.prompt_name, data.input_type)  # a bad name: 400 before any work
-    texts = await normalise_input(data.input, max_inputs=model.settings.max_inputs, decoder=runtime.token_decoder)
-    texts = model.prompts.prepend(texts, prompt_name)
+) -> EmbedResult[T]:
+    """``output`` for ``texts`` through ``model``'s service, for the request's API key and client:
+    its tokens reserved before any encoding, its queued work dropped if the client leaves, and the
+    request's outcome (inputs, hits, misses, tokens) recorded for the headers, logs and key stats."""
     # The key's name is the unit the encoder queue is fair between (one tenant's bulk ingest does
     # not freeze another's queries); anonymous requests share one tenant and are fair per request.
     tenant = client_name(request.scope) or ""
@@ -130,18 +127,41 @@ async def answer_with(
         if reservation is not None:
             reservation.release()  # the server failed it, not the client: nothing to pay for
         raise
-    tokens = sum(result.tokens)
     done = outcome(request.scope)
-    done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, tokens
+    done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, sum(result.tokens)
+    return result
+
+
+async def answer_with(
+    request: Request[Any, Any, Any],
+    runtime: Runtime,
+    data: _Body,
+    output: OutputSpec[T, R],
+    options: ResponseOptions,
+    *,
+    untruncated: bool = False,
+) -> Response[R]:
+    """Normalise ``input``, put the asked prompt in front of each text, compute ``output`` with the
+    model the body names, and build the whole answer. ``untruncated``: refuse inputs over the
+    model's limit even where the server truncates (TEI's ``truncate: false``)."""
+    model = runtime.model_for(data.model)
+    prompt_name = model.prompts.name_for(data.prompt_name, data.input_type)  # a bad name: 400 before any work
+    texts = await normalise_input(data.input, max_inputs=model.settings.max_inputs, decoder=runtime.token_decoder)
+    texts = model.prompts.prepend(texts, prompt_name)
+    result = await compute(request, model, texts, output, untruncated=untruncated)
     content = output.respond(Answer(result.values, result.tokens, model.settings.served_model), options)
     return runtime.answers.prepare(request.scope, content)
 
 
-class _Body(Protocol):
-    """What every embeddings route's body has (OpenAI's, and TEI's through properties)."""
+class _Named(Protocol):
+    """What every model route's body has: the model it names (None: the default)."""
 
     @property
     def model(self) -> str | None: ...
+
+
+class _Body(_Named, Protocol):
+    """What every embeddings route's body has (OpenAI's, and TEI's through properties)."""
 
     @property
     def input(self) -> str | list[str | int | list[int]]: ...
@@ -153,18 +173,21 @@ class _Body(Protocol):
     def input_type(self) -> str | None: ...
 
 
-B = TypeVar("B", bound=_Body)
+B = TypeVar("B", bound=_Named)
 
 
-async def accept_body(request: Request[Any, Any, Any], decode: Callable[[bytes], B]) -> tuple[Runtime, ServedModel, B]:
-    """What every embeddings route does first: refuse while draining, decode strictly, find the model."""
+async def accept_body(
+    request: Request[Any, Any, Any], decode: Callable[[bytes], B], *, reranker: bool = False
+) -> tuple[Runtime, ServedModel, B]:
+    """What every model route does first: refuse while draining, decode strictly, find the model
+    (by default the first of the route's kind: an embedding model, or a ``reranker``)."""
     runtime = runtime_of(request)
     if runtime.draining:
         raise ShuttingDownError("the server is shutting down; retry on another replica", retry_after=1)
     body = await request.body()
     admit(request.scope)  # counted in flight from here: an upload still arriving holds no slot
     data = decode(body)
-    return runtime, runtime.model_for(data.model), data
+    return runtime, runtime.model_for(data.model, reranker=reranker), data
 
 
 EMBEDDING_OPT = {"embedding": True, ADMIT_AFTER_BODY: True}

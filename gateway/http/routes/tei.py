@@ -53,6 +53,7 @@ from gateway.http.errors import TEI_ERRORS, TeiError, tei_error
 from gateway.http.middleware import ADMIT_AFTER_BODY, admit
 from gateway.http.routes.common import runtime_of
 from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, answer_with, documented_body
+from gateway.http.routes.rerank import TEI_RERANK
 
 __all__ = ["TEI_ROUTER", "TEI_ROUTES", "body_schemas"]
 
@@ -368,7 +369,7 @@ async def tei_info(request: Request[Any, Any, Any], model: str | None = None) ->
 
 
 TEI_ROUTES = [tei_embed, tei_embed_sparse, tei_embed_all]
-TEI_OTHER_ROUTES = [tei_tokenize, tei_decode, tei_info]
+TEI_OTHER_ROUTES = [tei_tokenize, tei_decode, tei_info, TEI_RERANK]
 TEI_ROUTER = Router(
     "/",
     route_handlers=[*TEI_ROUTES, *TEI_OTHER_ROUTES],

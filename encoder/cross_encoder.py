@@ -1,0 +1,200 @@
+"""Cross-encoders (rerankers): a query and a document in, a relevance score out.
+
+A sequence-classification folder (``BertForSequenceClassification``, ``XLMRobertaForSequenceClassification``:
+bge-reranker, ms-marco MiniLM) scored as sentence-transformers' ``CrossEncoder.predict`` scores it:
+the pair tokenised together (``[CLS] query [SEP] document [SEP]``, token type 1 for the document
+where the model has token types), the classifier's logits, then the model's activation (its
+``sentence_transformers.activation_fn`` in config.json; else sigmoid for one label, none for more).
+
+It is an :class:`~encoder.model.Encoder` with one output, :attr:`OutputKind.SCORE`, so pairs take
+the embedding path unchanged: each pair is one text (:mod:`encoder.pairs`), the micro-batcher packs
+them by tokens, the service caches each score by (model, query, document). Truncation cuts the
+document only; a query that alone fills the limit is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from encoder.device import configure_cpu_threads, resolve_device, resolve_dtype
+from encoder.kinds import OutputKind, Outputs
+from encoder.model import Encoder, InputTooLongError
+from encoder.model_files import read_model_spec, resolve_model_dir
+from encoder.pairs import join_pair, split_pair
+
+__all__ = ["CrossEncoderModel", "activate", "is_cross_encoder", "load_cross_encoder"]
+
+logger = logging.getLogger(__name__)
+
+SCORE = OutputKind.SCORE
+
+# sentence-transformers stores the activation as a dotted torch path; the ones served (see activate).
+_ACTIVATIONS = ("Sigmoid", "Identity", "Tanh")
+
+
+def activate(activation: str, logits: np.ndarray) -> np.ndarray:
+    """The model's activation over raw ``logits`` (kept raw in the cache: TEI's ``raw_scores`` asks
+    for them), in float64 for the sigmoid's tails."""
+    values = np.asarray(logits, dtype=np.float64)
+    if activation == "Sigmoid":
+        return 1.0 / (1.0 + np.exp(-values))
+    if activation == "Tanh":
+        return np.tanh(values)
+    return values
+
+
+def is_cross_encoder(folder: Path) -> bool:
+    """Whether the resolved model folder holds a sequence classifier (a reranker), not an embedder."""
+    config_file = folder / "config.json"
+    if not config_file.is_file() or (folder / "modules.json").is_file():
+        return False
+    architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+
+
+def _activation(config: Any) -> str:
+    st_config = getattr(config, "sentence_transformers", None) or {}
+    path = st_config.get("activation_fn") or getattr(config, "sbert_ce_default_activation_function", None)
+    if path is None:
+        name = "Sigmoid" if config.num_labels == 1 else "Identity"
+    else:
+        name = str(path).rsplit(".", 1)[-1]
+        if name not in _ACTIVATIONS or not str(path).startswith("torch."):
+            raise ValueError(f"activation {path!r} is not served (only torch's {', '.join(sorted(_ACTIVATIONS))})")
+    return name
+
+
+class CrossEncoderModel(Encoder):
+    """A loaded reranker (see the module's docstring). Build it with :func:`load_cross_encoder`."""
+
+    def __init__(self, *, activation: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        assert self.model is not None
+        self.activation = activation
+        config: Any = self.model.config
+        self.num_labels = int(config.num_labels)
+        self.sep_token_id: int | None = self.tokenizer.sep_token_id
+        self._token_types = int(getattr(config, "type_vocab_size", 1) or 1) > 1
+
+    @property
+    def outputs(self) -> frozenset[OutputKind]:
+        return frozenset({SCORE})
+
+    def output_width(self, kind: OutputKind) -> int:
+        return self.num_labels if kind == SCORE else 0
+
+    def tokenize(self, texts: Sequence[str], *, truncate: bool | None = None) -> list[list[int]]:
+        """Token ids of each pair text (:func:`~encoder.pairs.join_pair`), as the model reads a pair.
+
+        Truncating, only the document is cut; a pair whose query alone (with the special tokens)
+        passes the limit raises :class:`InputTooLongError`, as any pair over it does without truncation.
+        """
+        if not texts:
+            return []
+        truncate = self.truncate if truncate is None else truncate
+        pairs = [split_pair(text) for text in texts]
+        encoded = self.tokenizer(
+            [query for query, _ in pairs],
+            [document for _, document in pairs],
+            truncation="only_second" if truncate else False,
+            max_length=self.max_tokens if truncate else None,
+        )
+        ids: list[list[int]] = encoded["input_ids"]
+        for index, row in enumerate(ids):
+            if len(row) > self.max_tokens:
+                raise InputTooLongError(index, len(row), self.max_tokens)
+        return ids
+
+    def encode_outputs(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        kinds: frozenset[OutputKind] | Sequence[frozenset[OutputKind]],
+    ) -> list[Outputs]:
+        """Logits of pairs from :meth:`tokenize`, in one forward pass (the cache keeps them raw)."""
+        if not token_ids:
+            return []
+        scores = self.scores(token_ids)
+        return [Outputs(tokens=len(ids), score=scores[row]) for row, ids in enumerate(token_ids)]
+
+    def scores(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """``(pairs, labels)`` float32 logits, before the model's activation (:func:`activate`)."""
+        longest = max(len(row) for row in token_ids)
+        ids = np.full((len(token_ids), longest), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+        for row, tokens in enumerate(token_ids):
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        device = self.torch_device
+        inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+        if self._token_types and self.sep_token_id is not None:
+            # Token type 1 from just after the first [SEP] (the document), 0 before and on padding.
+            separators = ids == self.sep_token_id
+            after_first = (np.cumsum(separators, axis=1) - separators) > 0
+            inputs["token_type_ids"] = torch.from_numpy((after_first & (mask > 0)).astype(np.int64)).to(device)
+        assert self.model is not None
+        with self._forward_lock, torch.inference_mode():
+            logits: torch.Tensor = self.model(**inputs).logits.float()
+            return logits.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.scores(token_ids) if token_ids else np.zeros((0, self.num_labels), dtype=np.float32)
+
+    def warmup(self) -> None:
+        self.scores(self.tokenize([join_pair("warm-up", "a short document")]))
+        self.scores(self.tokenize([join_pair("warm-up", "warm " * min(self.max_tokens, 512))], truncate=True) * 2)
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)
+
+
+def load_cross_encoder(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cpu_threads: int | None = None,
+    max_tokens: int | None = None,
+    truncate: bool = False,
+    revision: str | None = None,
+) -> CrossEncoderModel:
+    """Load the reranker ``model`` (a folder or a hub id) for inference (see :func:`~encoder.load_encoder`)."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(torch_device, dtype)
+    threads = configure_cpu_threads(cpu_threads) if torch_device.type == "cpu" else torch.get_num_threads()
+    spec = read_model_spec(resolve_model_dir(model, revision))
+    limit = spec.max_tokens
+    if max_tokens is not None:
+        if not 1 <= max_tokens <= spec.max_tokens:
+            raise ValueError(f"max_tokens must be 1..{spec.max_tokens} (the model's limit), got {max_tokens}")
+        limit = max_tokens
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
+    network = AutoModelForSequenceClassification.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
+    network.eval().to(torch_device)
+    activation = _activation(network.config)
+    spec = replace(spec, pooling="cls", normalize=False, dim=int(network.config.num_labels))
+    digest = f"{replace(spec, max_tokens=limit).fingerprint()}|cross-encoder|{activation}"
+    encoder = CrossEncoderModel(
+        activation=activation,
+        model=network,
+        tokenizer=tokenizer,
+        spec=spec,
+        device=torch_device,
+        dtype=torch_dtype,
+        max_tokens=limit,
+        truncate=truncate,
+        threads=threads,
+        fingerprint=xxhash.xxh3_128(digest.encode()).hexdigest()[:16],
+    )
+    logger.info("loaded %r (a cross-encoder, %s over %d label(s))", encoder, activation, encoder.num_labels)
+    return encoder
