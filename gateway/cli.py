@@ -419,16 +419,25 @@ def _check(settings: Settings) -> int:
         except DeviceNotAvailableError as exc:
             print(f"{label:10} FAIL: {exc}")
             ok = False
+    from gateway.core.models_file import ModelsFileError, model_settings
+
     try:
-        folder = resolve_model_dir(settings.model, settings.revision or None)
-        spec = read_model_spec(folder)
-        print(
-            f"model      {settings.model} -> {folder}: dim {spec.dim}, pooling {spec.pooling}, "
-            f"normalize {spec.normalize}, max {spec.max_tokens} tokens"
-        )
-    except (ModelNotFoundError, ValueError, OSError) as exc:
-        print(f"model      FAIL: {exc}")
-        ok = False
+        models = model_settings(settings)  # EMBED_MODEL, or every model of EMBED_MODELS_FILE
+    except ModelsFileError as exc:
+        print(f"models     FAIL: {exc}")
+        models, ok = (), False
+    for model in models:
+        label = "model" if not settings.models_file.strip() else f"model {model.served_model}"
+        try:
+            folder = resolve_model_dir(model.model, model.revision or None)
+            spec = read_model_spec(folder)
+            print(
+                f"{label:10} {model.model} -> {folder}: dim {spec.dim}, pooling {spec.pooling}, "
+                f"normalize {spec.normalize}, max {spec.max_tokens} tokens"
+            )
+        except (ModelNotFoundError, ValueError, OSError) as exc:
+            print(f"{label:10} FAIL: {exc}")
+            ok = False
     ok = _check_int8(settings) and ok
     if not settings.cache:
         print("cache      off")

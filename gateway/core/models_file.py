@@ -93,7 +93,13 @@ def read_models_file(path: Path, server: Settings) -> tuple[Settings, ...]:
         raise ModelsFileError(f"{where}: no [[models]] tables (each needs 'name' and 'path')")
     if len(tables) > MAX_MODELS:
         raise ModelsFileError(f"{where}: {len(tables)} models; at most {MAX_MODELS}")
+    if server.model_name or server.model_aliases:
+        raise ModelsFileError(
+            f"{where}: {ENV_PREFIX}MODEL_NAME and {ENV_PREFIX}MODEL_ALIASES name one model; with a models file "
+            "give each model its name and aliases in its table (unset them)"
+        )
     found: list[Settings] = []
+    labels: list[str] = []
     owner: dict[str, str] = {}  # every id a request may send -> the model it names
     for number, table in enumerate(tables, start=1):
         label = f"{where}: [[models]] #{number}"
@@ -105,6 +111,12 @@ def read_models_file(path: Path, server: Settings) -> tuple[Settings, ...]:
                 raise ModelsFileError(f"{label}: {name!r} already names model {owner[name]!r}")
             owner[name] = settings.served_model
         found.append(settings)
+        labels.append(label)
+    # A request may name a model by its path too: an id that is another model's path would be ambiguous.
+    for settings, label in zip(found, labels, strict=True):
+        named = owner.get(settings.model)
+        if named is not None and named != settings.served_model:
+            raise ModelsFileError(f"{label}: its path {settings.model!r} is a name or alias of model {named!r}")
     return tuple(found)
 
 
@@ -120,6 +132,10 @@ def _one_model(table: Any, label: str, server: Settings) -> Settings:
             raise ModelsFileError(f"{label}: '{field}' must be a non-empty string")
     if any(not alias.strip() for alias in entry.aliases):
         raise ModelsFileError(f"{label}: 'aliases' holds an empty name")
+    if entry.name.strip() == ANY_MODEL:
+        raise ModelsFileError(f"{label}: 'name' cannot be {ANY_MODEL!r} (it may be an alias: any other name)")
+    if any(not character.isprintable() for name in (entry.name, *entry.aliases) for character in name):
+        raise ModelsFileError(f"{label}: a name or alias holds a control character")
     try:
         return entry.settings(server)
     except msgspec.ValidationError as exc:
@@ -145,4 +161,8 @@ def model_settings(server: Settings) -> tuple[Settings, ...]:
     """The settings of every model the server serves: the file's, or ``EMBED_MODEL`` alone."""
     if not server.models_file.strip():
         return (server,)
-    return read_models_file(Path(server.models_file.strip()).expanduser(), server)
+    try:
+        path = Path(server.models_file.strip()).expanduser()
+    except RuntimeError as exc:  # ~user of a user this system does not know
+        raise ModelsFileError(f"{_WHERE}: {server.models_file.strip()!r}: {exc}") from None
+    return read_models_file(path, server)

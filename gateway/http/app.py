@@ -257,28 +257,37 @@ async def _local_models(
 ) -> list[ServedModel]:
     """Each model in this process: loaded (unless given in ``encoders``), with its micro-batcher
     running. Several models are also counted apart (:class:`ModelTelemetry`) and share one forward
-    thread per device (``forward_threads``, shut down by the caller)."""
-    served = []
-    for number, settings in enumerate(models):
-        loaded = encoders[number] if number < len(encoders) else await asyncio.to_thread(load_model, settings)
-        observer = ModelTelemetry(telemetry, settings.served_model) if len(models) > 1 else None
-        forward = None
-        if len(models) > 1:
-            device = str(loaded.torch_device)
-            if device not in forward_threads:
-                forward_threads[device] = SharedForward(f"encoder-forward-{device}")
-            forward = forward_threads[device].lane()
-        batcher = MicroBatcher(
-            loaded,
-            max_batch_tokens=settings.max_batch_tokens or None,
-            max_batch_size=settings.max_batch_size,
-            max_queue_tokens=settings.max_queue_tokens,
-            pipeline_depth=settings.pipeline_depth,
-            observer=observer or telemetry,
-            forward=forward,
-        )
-        await batcher.start()
-        served.append(_served(settings, loaded, batcher, cache, observer or telemetry))
+    thread per device (``forward_threads``: the caller shuts them down at the end; a start that
+    fails stops here what it started)."""
+    served: list[ServedModel] = []
+    try:
+        for number, settings in enumerate(models):
+            loaded = encoders[number] if number < len(encoders) else await asyncio.to_thread(load_model, settings)
+            observer = ModelTelemetry(telemetry, settings.served_model) if len(models) > 1 else None
+            forward = None
+            if len(models) > 1:
+                device = str(loaded.torch_device)
+                if device not in forward_threads:
+                    forward_threads[device] = SharedForward(f"encoder-forward-{device}")
+                forward = forward_threads[device].lane()
+            batcher = MicroBatcher(
+                loaded,
+                max_batch_tokens=settings.max_batch_tokens or None,
+                max_batch_size=settings.max_batch_size,
+                max_queue_tokens=settings.max_queue_tokens,
+                pipeline_depth=settings.pipeline_depth,
+                observer=observer or telemetry,
+                forward=forward,
+            )
+            await batcher.start()
+            served.append(_served(settings, loaded, batcher, cache, observer or telemetry))
+    except BaseException:  # a later model failed to load: what the earlier ones started stops
+        for one in served:
+            await one.batcher.stop()
+        for thread in forward_threads.values():
+            thread.shutdown()
+        forward_threads.clear()
+        raise
     return served
 
 

@@ -113,7 +113,8 @@ class Runtime:
         if not await self.cache.ping():
             return "unreachable"
         breaker_open = isinstance(self.cache, CircuitBreakerCache) and self.cache.state != "closed"
-        return "degraded" if breaker_open or self.service.writes_failing else "ok"
+        failing = any(model.service.writes_failing for model in self.models)
+        return "degraded" if breaker_open or failing else "ok"
 
     def live_state(self) -> LiveState:
         encoder, cache = self.encoder, self.cache
@@ -131,7 +132,7 @@ class Runtime:
             cache_circuit_opened=breaker.opened if breaker is not None else 0,
             queue_tokens=sum(model.batcher.queue_tokens for model in self.models),
             inputs_in_flight=sum(model.batcher.in_flight for model in self.models),
-            pending_cache_writes=self.service.pending_writes,
+            pending_cache_writes=sum(model.service.pending_writes for model in self.models),
             asyncio_tasks=len(asyncio.all_tasks()),
             gpu=gpu,
             backend=encoder.numerics.split(":")[0],
@@ -174,12 +175,12 @@ def names_of(models: list[ServedModel]) -> dict[str, ServedModel]:
     its ``EMBED_MODEL`` path where no other model has the same one."""
     found: dict[str, ServedModel] = {}
     paths = [model.settings.model for model in models]
-    for model in models:
-        settings = model.settings
-        for name in (settings.served_model, *settings.model_aliases):
+    for model in models:  # the ids each model declares first: a path never takes one of them
+        for name in (model.settings.served_model, *model.settings.model_aliases):
             found.setdefault(name, model)
-        if paths.count(settings.model) == 1:
-            found.setdefault(settings.model, model)
+    for model in models:
+        if paths.count(model.settings.model) == 1:
+            found.setdefault(model.settings.model, model)
     return found
 
 

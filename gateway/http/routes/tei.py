@@ -252,6 +252,7 @@ async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken
     max_tokens = model.settings.max_request_tokens
 
     def tokenize() -> list[list[SimpleToken]]:
+        _bound_tokens(tokenizer, texts, max_tokens)
         encoded = tokenizer(
             texts,
             add_special_tokens=data.add_special_tokens,
@@ -274,6 +275,27 @@ async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken
         ]
 
     return await asyncio.to_thread(tokenize)
+
+
+_PIECE_CHARS = 65_536
+
+
+def _bound_tokens(tokenizer: Any, texts: list[str], max_tokens: int) -> None:
+    """Refuse a request sure to pass ``max_tokens`` after tokenising about that many tokens, not all
+    of it: a piece at a time, ids only (offsets come after, for a request that fits). A cut may split
+    a word into more tokens than it has whole, so each cut is allowed two."""
+    counted = cuts = 0
+    for text in texts:
+        for start in range(0, len(text), _PIECE_CHARS):
+            counted += len(tokenizer(text[start : start + _PIECE_CHARS], add_special_tokens=False)["input_ids"])
+            cuts += 1
+            if counted > max_tokens + 2 * cuts:
+                raise InvalidInputError(
+                    f"the request holds more than {max_tokens} tokens; this server takes at most {max_tokens} "
+                    "per request",
+                    param="inputs",
+                    code="request_too_large",
+                )
 
 
 def _tokens(
