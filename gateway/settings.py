@@ -41,6 +41,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     models_file: str = ""  # TOML: [[models]] name, path, ... (several models; the first is the default)
     # what the model is: auto (a sequence classifier is a reranker, anything else an embedding model)
     model_kind: Literal["auto", "embedding", "reranker"] = "auto"
+    # bge-m3 as a reranker: the weights of its dense, sparse and ColBERT scores (FlagEmbedding's)
+    rerank_weights: tuple[float, float, float] = (0.4, 0.2, 0.4)
     revision: str = ""
     # the model's prompt applied when a request names none; empty: the model's own default_prompt_name
     default_prompt_name: str = ""
@@ -124,6 +126,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             )
         _check_redis_mode(self.redis_mode, url, self.redis_sentinel_master.strip())
         _check_devices(self.devices)
+        if any(weight < 0 for weight in self.rerank_weights) or sum(self.rerank_weights) <= 0:
+            raise ValueError(
+                f"{ENV_PREFIX}RERANK_WEIGHTS (--rerank-weights): {self.rerank_weights} must be three weights of "
+                "at least 0 (dense, sparse, ColBERT), not all 0"
+            )
 
     @property
     def engine_devices(self) -> tuple[str, ...]:
@@ -203,7 +210,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             if value is not None and value.strip() != "":
                 raw[name] = value.strip()
         raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
-        for listed in ("model_aliases", "devices"):  # comma lists
+        for listed in ("model_aliases", "devices", "rerank_weights"):  # comma lists
             if isinstance(raw.get(listed), str):
                 raw[listed] = tuple(entry.strip() for entry in raw[listed].split(",") if entry.strip())
         if isinstance(raw.get("devices"), tuple):  # CPU,CPU as EMBED_DEVICE=CPU is taken

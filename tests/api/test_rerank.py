@@ -203,3 +203,44 @@ def test_preflight_checks_the_kind_and_keeps_rerankers_in_one_process(cross_dir:
     problem = preflight(Settings(model=str(cross_dir), workers=2))
     assert problem is not None and "one process" in problem, problem
     assert preflight(Settings(model=str(cross_dir))) is None
+
+
+def _flagembedding_scores(encoder: Any, query: str, documents: list[str], weights: tuple[float, ...]) -> np.ndarray:
+    """FlagEmbedding's BGEM3FlagModel.compute_score, written out: dense dot product, lexical matching
+    over shared token ids, ColBERT's mean over query tokens of the best document token; combined
+    as (w0 dense + w1 sparse + w2 colbert) / (w0 + w1 + w2)."""
+    from encoder.kinds import OutputKind
+
+    kinds = frozenset({OutputKind.DENSE, OutputKind.SPARSE, OutputKind.COLBERT})
+    outputs = encoder.encode_outputs(encoder.tokenize([query, *documents]), kinds)
+    q = outputs[0]
+    q_lexical = dict(zip(q.sparse.indices.tolist(), q.sparse.values.tolist(), strict=True))
+    scores = []
+    for p in outputs[1:]:
+        p_lexical = dict(zip(p.sparse.indices.tolist(), p.sparse.values.tolist(), strict=True))
+        dense = float(q.dense @ p.dense)
+        sparse = sum(weight * p_lexical[token] for token, weight in q_lexical.items() if token in p_lexical)
+        colbert = float(np.einsum("in,jn->ij", q.colbert, p.colbert).max(-1).sum() / q.colbert.shape[0])
+        scores.append((weights[0] * dense + weights[1] * sparse + weights[2] * colbert) / sum(weights))
+    return np.array(scores)
+
+
+def test_bge_m3_reranks_with_its_own_cached_outputs(serve: Any, tiny_bge_m3_dir: Path) -> None:
+    from encoder import load_encoder
+
+    m3 = load_encoder(str(tiny_bge_m3_dir))
+    gateway = serve(encoder=m3, model_name="tiny-m3")
+    for path in ("/v1/embeddings", "/v1/embeddings/sparse", "/v1/embeddings/multivector"):  # the corpus, embedded
+        assert _post(gateway, path, {"input": DOCUMENTS}).status_code == 200
+    answer = _post(gateway, "/v1/rerank", {"query": QUERY, "documents": DOCUMENTS})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-cache-hits"] == str(3 * len(DOCUMENTS)), "the documents' outputs come from the cache"
+    assert answer.headers["x-cache-misses"] == "3"  # the query's three outputs
+    expected = _flagembedding_scores(m3, QUERY, DOCUMENTS, (0.4, 0.2, 0.4))
+    results = answer.json()["results"]
+    assert [row["index"] for row in results] == list(np.argsort(-expected, kind="stable"))
+    assert all(abs(row["relevance_score"] - expected[row["index"]]) < 1e-3 for row in results)
+    dense_only = serve(encoder=m3, model_name="tiny-m3", rerank_weights=(1.0, 0.0, 0.0))
+    tei = _post(dense_only, "/rerank", {"query": QUERY, "texts": DOCUMENTS}).json()
+    expected = _flagembedding_scores(m3, QUERY, DOCUMENTS, (1.0, 0.0, 0.0))
+    assert all(abs(row["score"] - expected[row["index"]]) < 1e-3 for row in tei)

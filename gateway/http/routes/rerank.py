@@ -8,6 +8,9 @@ same pair asked again costs no pass (``x-cache-hits`` says so). The cache holds 
 logits: the answer applies the model's activation (sigmoid for one label, as ``CrossEncoder.predict``
 does), or not for TEI's ``raw_scores``. Results come best first; ``top_n`` keeps the first n.
 
+bge-m3 (an embedding model with sparse and ColBERT heads) ranks too, with its own three outputs of
+the query and of each document (:func:`_own_scores`): documents already embedded cost no pass.
+
 A document over the model's limit is cut (``EMBED_TRUNCATE``: the document only, never the query)
 or refused with a 400 naming it; an empty query or document, no documents or more than
 ``EMBED_MAX_INPUTS``, are 400s before any work (TEI's route: its 413 and 422).
@@ -23,11 +26,14 @@ import numpy as np
 from litestar import Request, Response, post
 
 from encoder.cross_encoder import CrossEncoderModel, activate
+from encoder.kinds import OutputKind
 from encoder.pairs import join_pair
 from gateway.core.errors import InvalidInputError, OutputNotSupportedError
-from gateway.core.outputs import SCORE
+from gateway.core.outputs import COLBERT, DENSE, SCORE, SPARSE
 from gateway.core.schemas import decode_with
+from gateway.http.auth import client_name
 from gateway.http.errors import TEI_ERRORS
+from gateway.http.middleware import outcome
 from gateway.http.routes.common import ERRORS
 from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, compute, documented_body
 from gateway.http.runtime import Runtime, ServedModel
@@ -110,11 +116,18 @@ class Ranking(msgspec.Struct):
     tokens: int
 
 
-def _reranker(model: ServedModel) -> CrossEncoderModel:
+_OWN_OUTPUTS = frozenset({OutputKind.DENSE, OutputKind.SPARSE, OutputKind.COLBERT})
+
+
+def _reranker(model: ServedModel) -> CrossEncoderModel | None:
+    """The model's cross-encoder; None for a model that ranks with its own outputs (bge-m3)."""
     encoder = model.encoder
     if not isinstance(encoder, CrossEncoderModel):
+        if encoder.outputs >= _OWN_OUTPUTS:
+            return None
         raise OutputNotSupportedError(
-            f"model {model.settings.served_model!r} is an embedding model, not a reranker (a cross-encoder)",
+            f"model {model.settings.served_model!r} is an embedding model, not a reranker (a cross-encoder), "
+            "and has no sparse and ColBERT outputs to rank with",
             param="model",
         )
     if encoder.num_labels != 1:
@@ -149,19 +162,67 @@ async def rank(
         raise InvalidInputError(f"{field}[{empty}] is empty", param=field)
     if top_n is not None and top_n < 1:
         raise InvalidInputError("'top_n' must be at least 1", param="top_n")
-    pairs = [join_pair(query, text) for text in documents]
+    if encoder is None:
+        scores, tokens = await _own_scores(request, model, query, documents, field=field, untruncated=untruncated)
+        logits = scores
+    else:
+        pairs = [join_pair(query, text) for text in documents]
+        try:
+            result = await compute(request, model, pairs, SCORE, untruncated=untruncated)
+        except InvalidInputError as exc:
+            if exc.code != "context_length_exceeded":
+                raise
+            # The service names the pair by its place: the document's, with the query in front of it.
+            message = exc.message.replace("input[", f"the query with {field}[", 1)
+            raise InvalidInputError(message, param=field, code=exc.code) from None
+        logits = [float(values[0]) for values in result.values]
+        scores = [float(score) for score in activate(encoder.activation, np.array(logits))]
+        tokens = sum(result.tokens)
+    order = sorted(range(len(documents)), key=lambda i: -scores[i])
+    return Ranking(order=order[:top_n] if top_n else order, logits=logits, scores=scores, tokens=tokens)
+
+
+async def _own_scores(
+    request: Request[Any, Any, Any],
+    model: ServedModel,
+    query: str,
+    documents: list[str],
+    *,
+    field: str,
+    untruncated: bool,
+) -> tuple[list[float], int]:
+    """bge-m3 ranks with its own outputs, as FlagEmbedding's ``compute_score`` does: the query's
+    and each document's dense, sparse and ColBERT outputs (from the cache where they are: a corpus
+    embedded before costs no pass), combined with ``EMBED_RERANK_WEIGHTS`` (0.4, 0.2, 0.4):
+    ``(w1 dense + w2 sparse + w3 colbert) / (w1 + w2 + w3)``."""
+    texts = [query, *documents]
     try:
-        result = await compute(request, model, pairs, SCORE, untruncated=untruncated)
+        dense = await compute(request, model, texts, DENSE, untruncated=untruncated)  # reserves the tokens
+        tenant = client_name(request.scope) or ""
+        sparse = await model.service.embed(texts, SPARSE, tenant=tenant, untruncated=untruncated)
+        colbert = await model.service.embed(texts, COLBERT, tenant=tenant, untruncated=untruncated)
     except InvalidInputError as exc:
         if exc.code != "context_length_exceeded":
             raise
-        # The service names the pair by its place: the document's, with the query in front of it.
-        message = exc.message.replace("input[", f"the query with {field}[", 1)
+        message = exc.message.replace("input[0]", "the query", 1)
+        for index in range(len(documents), 0, -1):
+            message = message.replace(f"input[{index}]", f"{field}[{index - 1}]", 1)
         raise InvalidInputError(message, param=field, code=exc.code) from None
-    logits = [float(values[0]) for values in result.values]
-    scores = [float(score) for score in activate(encoder.activation, np.array(logits))]
-    order = sorted(range(len(documents)), key=lambda i: -logits[i])
-    return Ranking(order=order[:top_n] if top_n else order, logits=logits, scores=scores, tokens=sum(result.tokens))
+    done = outcome(request.scope)
+    done.hits += sparse.hits + colbert.hits
+    done.misses += sparse.misses + colbert.misses
+    weights = model.settings.rerank_weights
+    query_dense, query_sparse, query_colbert = dense.values[0], sparse.values[0], colbert.values[0]
+    scores = []
+    for doc_dense, doc_sparse, doc_colbert in zip(dense.values[1:], sparse.values[1:], colbert.values[1:], strict=True):
+        _, in_query, in_doc = np.intersect1d(query_sparse.indices, doc_sparse.indices, return_indices=True)
+        parts = (
+            float(np.dot(query_dense, doc_dense)),
+            float(np.dot(query_sparse.values[in_query], doc_sparse.values[in_doc])),
+            float((query_colbert @ doc_colbert.T).max(axis=1).sum() / max(1, len(query_colbert))),
+        )
+        scores.append(sum(w * part for w, part in zip(weights, parts, strict=True)) / sum(weights))
+    return scores, sum(dense.tokens)
 
 
 def _texts(documents: list[str | Document]) -> list[str]:
