@@ -25,11 +25,10 @@ import numpy as np
 import torch
 import xxhash
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from encoder.device import configure_cpu_threads, resolve_device, resolve_dtype
 from encoder.kinds import OutputKind, Outputs
-from encoder.model import Encoder, InputTooLongError
+from encoder.model import Encoder, InputTooLongError, quiet_transformers, served_limit
 from encoder.model_files import read_model_spec, resolve_model_dir
 from encoder.pairs import join_pair, split_pair
 
@@ -172,12 +171,8 @@ def load_cross_encoder(
     torch_dtype = resolve_dtype(torch_device, dtype)
     threads = configure_cpu_threads(cpu_threads) if torch_device.type == "cpu" else torch.get_num_threads()
     spec = read_model_spec(resolve_model_dir(model, revision))
-    limit = spec.max_tokens
-    if max_tokens is not None:
-        if not 1 <= max_tokens <= spec.max_tokens:
-            raise ValueError(f"max_tokens must be 1..{spec.max_tokens} (the model's limit), got {max_tokens}")
-        limit = max_tokens
-    hf_logging.set_verbosity_error()
+    limit = served_limit(spec, max_tokens)
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
     network = AutoModelForSequenceClassification.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
     network.eval().to(torch_device)

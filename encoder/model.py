@@ -380,13 +380,8 @@ def load_encoder(
     torch_dtype = resolve_dtype(torch_device, dtype)
     threads = configure_cpu_threads(cpu_threads) if torch_device.type == "cpu" else torch.get_num_threads()
     spec = read_model_spec(resolve_model_dir(model, revision))
-    limit = spec.max_tokens
-    if max_tokens is not None:
-        if not 1 <= max_tokens <= spec.max_tokens:
-            raise ValueError(f"max_tokens must be 1..{spec.max_tokens} (the model's limit), got {max_tokens}")
-        limit = max_tokens
-    hf_logging.set_verbosity_error()  # we report over-long inputs ourselves
-    hf_logging.disable_progress_bar()
+    limit = served_limit(spec, max_tokens)
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
     network: torch.nn.Module | None = None
     backend: Backend | None = None
@@ -422,6 +417,21 @@ def load_encoder(
     )
     logger.info("loaded %r", encoder)
     return encoder
+
+
+def served_limit(spec: ModelSpec, max_tokens: int | None) -> int:
+    """The tokens an input may hold: the model's own limit, or a lower ``max_tokens``."""
+    if max_tokens is None:
+        return spec.max_tokens
+    if not 1 <= max_tokens <= spec.max_tokens:
+        raise ValueError(f"max_tokens must be 1..{spec.max_tokens} (the model's limit), got {max_tokens}")
+    return max_tokens
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings about long inputs and its progress bars off: we report inputs ourselves."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _load_heads(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[OutputKind, torch.nn.Linear]:

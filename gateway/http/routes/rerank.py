@@ -257,30 +257,26 @@ _DESCRIPTION = (
 )
 
 
-@post(
-    "/v1/rerank",
-    status_code=200,
-    summary="Rerank (Jina, Cohere v1)",
-    description=_DESCRIPTION,
-    responses=ERRORS,
-    tags=["rerank"],
-    operation_class=documented_body("RerankRequest"),
-    opt=EMBEDDING_OPT,
-)
+def _rerank_post(path: str, summary: str) -> post:
+    """The decorator /v1/rerank and /v2/rerank share (one body, one answer, OpenAI's errors)."""
+    return post(
+        path,
+        status_code=200,
+        summary=summary,
+        description=_DESCRIPTION,
+        responses=ERRORS,
+        tags=["rerank"],
+        operation_class=documented_body("RerankRequest"),
+        opt=EMBEDDING_OPT,
+    )
+
+
+@_rerank_post("/v1/rerank", "Rerank (Jina, Cohere v1)")
 async def rerank_v1(request: Request[Any, Any, Any]) -> Response[RerankResponse]:
     return await _rerank(request, "1")
 
 
-@post(
-    "/v2/rerank",
-    status_code=200,
-    summary="Rerank (Cohere v2)",
-    description=_DESCRIPTION,
-    responses=ERRORS,
-    tags=["rerank"],
-    operation_class=documented_body("RerankRequest"),
-    opt=EMBEDDING_OPT,
-)
+@_rerank_post("/v2/rerank", "Rerank (Cohere v2)")
 async def rerank_v2(request: Request[Any, Any, Any]) -> Response[RerankResponse]:
     return await _rerank(request, "2")
 
