@@ -130,6 +130,20 @@ def test_cohere_sdk_v2_rerank(serve: Any, cross_encoder: Any) -> None:
     assert all(abs(row.relevance_score - float(expected[row.index])) < 1e-4 for row in answer.results)
 
 
+def test_llamaindex_tei_reranker(serve: Any, cross_encoder: Any) -> None:
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+    from llama_index.postprocessor.tei_rerank import TextEmbeddingInference
+
+    gateway = serve()
+    reranker = TextEmbeddingInference(base_url=gateway.url, top_n=2, model_name="tiny-reranker")
+    nodes = [NodeWithScore(node=TextNode(text=doc), score=0.0) for doc in DOCUMENTS]
+    kept = reranker.postprocess_nodes(nodes, query_bundle=QueryBundle(QUERY))
+    expected = cross_encoder.predict([(QUERY, doc) for doc in DOCUMENTS])
+    best = list(np.argsort(-expected, kind="stable"))[:2]
+    assert [node.node.get_content() for node in kept] == [DOCUMENTS[i] for i in best]
+    assert all(abs(node.score - float(expected[i])) < 1e-4 for node, i in zip(kept, best, strict=True))
+
+
 def test_long_documents_are_cut_keeping_the_query_or_refused(serve: Any, cross_dir: Path) -> None:
     from sentence_transformers import CrossEncoder
 
