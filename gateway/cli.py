@@ -274,8 +274,8 @@ def _serve(settings: Settings) -> int:
         except (torch.OutOfMemoryError, MemoryError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(
-                f"embedding-gateway: refusing to start: model {model.served_model!r} does not fit in the memory "
-                f"of {model.device} beside {len(encoders)} loaded before it: {first}",
+                f"embedding-gateway: refusing to start: model {model.served_model!r} does not fit in memory "
+                f"(device {model.device}) beside the {len(encoders)} loaded before it: {first}",
                 file=sys.stderr,
             )
             return 2

@@ -238,3 +238,30 @@ def test_serve_with_a_bad_models_file_exits_2_with_one_line(tmp_path: Path) -> N
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "[[models]] #1" in lines[0] and "'path'" in lines[0], done.stderr
+
+
+def test_a_model_that_does_not_fit_stops_the_start_with_one_line(
+    tmp_path: Path, prompted_dir: Path, tiny_bge_m3_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The second model runs out of memory while it loads: serve names it, prints one line, exits 2."""
+    import torch
+
+    import gateway.http.app
+    from gateway.cli import _serve
+
+    loaded: list[str] = []
+
+    def load_model(settings: Settings) -> Any:
+        if settings.served_model == "tiny-m3":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        loaded.append(settings.served_model)
+        from encoder import load_encoder
+
+        return load_encoder(settings.model)
+
+    monkeypatch.setattr(gateway.http.app, "load_model", load_model)
+    path = _models_file(tmp_path, prompted_dir, tiny_bge_m3_dir)
+    assert _serve(Settings(models_file=str(path), port=0)) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("embedding-gateway:")]
+    assert loaded == ["minilm"]
+    assert len(lines) == 1 and "'tiny-m3' does not fit" in lines[0] and "2.00 GiB" in lines[0], lines
