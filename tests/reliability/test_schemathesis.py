@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 schema = schemathesis.openapi.from_path(ROOT / "openapi" / "openapi.json")
 
 pytestmark = pytest.mark.slow
-TEI_PATHS = {"/", "/embed", "/embed_sparse", "/embed_all", "/tokenize", "/decode", "/info"}
+TEI_PATHS = {"/", "/embed", "/embed_sparse", "/embed_all", "/tokenize", "/decode", "/info", "/rerank"}
 
 
 @pytest.fixture(scope="module")
