@@ -377,7 +377,7 @@ class MicroBatcher:
                 self._queue.join(item, flow)
                 joined += 1
             else:
-                item = _Item(text, ids if type(ids) is list else list(ids), kinds, call)
+                item = _Item(text, ids if isinstance(ids, list) else list(ids), kinds, call)
                 self._queue.add(item, flow)
                 in_flight[item.key] = item
                 self._queue_tokens += item.length

@@ -53,6 +53,25 @@ def activate(activation: str, logits: np.ndarray) -> np.ndarray:
     return values
 
 
+class PairIds(list[int]):
+    """A pair's token ids, and where its document starts (its token type 1): kept with the ids as
+    they travel the micro-batcher, so the forward pass needs no guess from the separators."""
+
+    document_start: int
+
+    def __init__(self, ids: list[int], document_start: int) -> None:
+        super().__init__(ids)
+        self.document_start = document_start
+
+
+def _document_start(tokens: Sequence[int], sep_token_id: int | None) -> int:
+    start = getattr(tokens, "document_start", None)
+    if isinstance(start, int):
+        return start
+    # ids from elsewhere (a copy): just after the first separator, as [CLS] query [SEP] document [SEP]
+    return next((i + 1 for i, token in enumerate(tokens) if token == sep_token_id), len(tokens))
+
+
 def is_cross_encoder(folder: Path) -> bool:
     """Whether the resolved model folder holds a sequence classifier (a reranker), not an embedder."""
     config_file = folder / "config.json"
@@ -103,17 +122,32 @@ class CrossEncoderModel(Encoder):
             return []
         truncate = self.truncate if truncate is None else truncate
         pairs = [split_pair(text) for text in texts]
-        encoded = self.tokenizer(
+        try:
+            encoded = self._encode_pairs(pairs, truncate)
+        except Exception:  # the fast tokenizer's: a query that leaves the document too little room to cut
+            for index, (query, _) in enumerate(pairs):
+                try:
+                    self._encode_pairs(pairs[index : index + 1], truncate)
+                except Exception:
+                    raise InputTooLongError(index, len(self.tokenizer(query)["input_ids"]), self.max_tokens) from None
+            raise
+        ids: list[list[int]] = []
+        types = encoded.get("token_type_ids") or [None] * len(pairs)
+        for index, (row, kinds) in enumerate(zip(encoded["input_ids"], types, strict=True)):
+            if len(row) > self.max_tokens:
+                raise InputTooLongError(index, len(row), self.max_tokens)
+            # Where the document starts, from the tokenizer itself: a query holding the text "[SEP]"
+            # becomes a separator token, so the first one is not always the query's end.
+            ids.append(PairIds(row, kinds.index(1) if kinds is not None and 1 in kinds else len(row)))
+        return ids
+
+    def _encode_pairs(self, pairs: list[tuple[str, str]], truncate: bool) -> Any:
+        return self.tokenizer(
             [query for query, _ in pairs],
             [document for _, document in pairs],
             truncation="only_second" if truncate else False,
             max_length=self.max_tokens if truncate else None,
         )
-        ids: list[list[int]] = encoded["input_ids"]
-        for index, row in enumerate(ids):
-            if len(row) > self.max_tokens:
-                raise InputTooLongError(index, len(row), self.max_tokens)
-        return ids
 
     def encode_outputs(
         self,
@@ -136,11 +170,12 @@ class CrossEncoderModel(Encoder):
             mask[row, : len(tokens)] = 1
         device = self.torch_device
         inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
-        if self._token_types and self.sep_token_id is not None:
-            # Token type 1 from just after the first [SEP] (the document), 0 before and on padding.
-            separators = ids == self.sep_token_id
-            after_first = (np.cumsum(separators, axis=1) - separators) > 0
-            inputs["token_type_ids"] = torch.from_numpy((after_first & (mask > 0)).astype(np.int64)).to(device)
+        if self._token_types:
+            # Token type 1 over the document (PairIds says where it starts), 0 before it and on padding.
+            types = np.zeros_like(ids)
+            for row, tokens in enumerate(token_ids):
+                types[row, _document_start(tokens, self.sep_token_id) : len(tokens)] = 1
+            inputs["token_type_ids"] = torch.from_numpy(types).to(device)
         assert self.model is not None
         with self._forward_lock, torch.inference_mode():
             logits: torch.Tensor = self.model(**inputs).logits.float()

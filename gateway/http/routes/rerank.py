@@ -25,6 +25,7 @@ import msgspec
 import numpy as np
 from litestar import Request, Response, post
 
+from encoder import InputTooLongError
 from encoder.cross_encoder import CrossEncoderModel, activate
 from encoder.kinds import OutputKind
 from encoder.pairs import join_pair
@@ -196,6 +197,13 @@ async def _own_scores(
     embedded before costs no pass), combined with ``EMBED_RERANK_WEIGHTS`` (0.4, 0.2, 0.4):
     ``(w1 dense + w2 sparse + w3 colbert) / (w1 + w2 + w3)``."""
     texts = [query, *documents]
+    try:
+        # the query is never cut, as on a cross-encoder: over the limit it is refused, truncating or not
+        await model.batcher.tokenize([query], truncate=False)
+    except InputTooLongError as exc:
+        raise InvalidInputError(
+            f"the query {exc.describe()}; shorten it", param="query", code="context_length_exceeded"
+        ) from None
     try:
         dense = await compute(request, model, texts, DENSE, untruncated=untruncated)  # reserves the tokens
         tenant = client_name(request.scope) or ""
