@@ -319,6 +319,8 @@ class EngineLink:
             engine_restarts=restarts.engine,
             worker_restarts=restarts.worker_restarts,
             from_engine=False,
+            engine_name=self.ledger_name,
+            names=list(kept),
         )
 
     # --- the connection --------------------------------------------------------------------

@@ -149,6 +149,8 @@ class StatsAnswer(msgspec.Struct, tag="stats_answer", array_like=True):
     engine_restarts: int
     worker_restarts: int
     from_engine: bool = True  # False: the worker's own answer from the ledger while the engine is away
+    engine_name: str = ""  # the ledger name ``engine``'s counts are kept under
+    names: list[str] = msgspec.field(default_factory=list)  # the ledger name of each of ``workers``
 
 
 Frame = (

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from encoder.batcher import DENSE_ONLY, QueueFullError
 from encoder.kinds import OutputKind, Outputs
-from gateway.core.telemetry import EngineStats
+from gateway.core.telemetry import EngineStats, TelemetryState
 from gateway.engine.client import EngineLink, EngineUnavailableError, RemoteEncoder
 from gateway.engine.protocol import StatsAnswer
 
@@ -208,12 +208,14 @@ class EngineRouter:
             raise EngineUnavailableError("it did not answer for its counters in time") from None
 
     # --- /stats --------------------------------------------------------------------------------
-    async def whole_server(self) -> tuple[StatsAnswer, list[EngineStats]]:
+    async def whole_server(self) -> tuple[StatsAnswer, list[EngineStats], dict[str, TelemetryState]]:
         """The whole server's counters (any engine's answer holds every process's, from the
-        ledger), the queues summed over the engines, and each engine's own figures."""
+        ledger, with each engine's as it has just answered), the queues summed over the engines,
+        each engine's own figures, and the counters each engine answered by its ledger name."""
         answers = await asyncio.gather(*(self._counters(link) for link in self.links), return_exceptions=True)
         engines: list[EngineStats] = []
         whole: StatsAnswer | None = None
+        fresh: dict[str, TelemetryState] = {}
         queued = in_flight = 0
         for index, (link, answer) in enumerate(zip(self.links, answers, strict=True)):
             device = link.encoder.device if link.encoder is not None else "?"
@@ -225,6 +227,7 @@ class EngineRouter:
             if whole is None or (answer.from_engine and not whole.from_engine):
                 whole = answer
             if answer.from_engine:
+                fresh[answer.engine_name] = answer.engine
                 engines.append(EngineStats.of(index, device, answer.engine, answer.queue_tokens))
                 queued += answer.queue_tokens
                 in_flight += answer.in_flight
@@ -233,7 +236,20 @@ class EngineRouter:
         if whole is None:  # no engine answered in time: the counters from the ledger, queues empty
             whole = self.links[self._reference].from_ledger()
         whole.queue_tokens, whole.in_flight = queued, in_flight
-        return whole, engines
+        with_fresh_engines(whole, fresh)
+        return whole, engines, fresh
+
+
+def with_fresh_engines(whole: StatsAnswer, fresh: dict[str, TelemetryState]) -> None:
+    """Put in ``whole`` each engine's counters as that engine has just answered them (``fresh``, by
+    ledger name) instead of what the ledger held of it: an engine writes its ledger entry only
+    once a second, so the entry of an engine other than the one that answered lags behind the
+    passes it has run (a /stats right after a request would miss them)."""
+    if len(whole.names) != len(whole.workers):  # an answer that does not name its entries
+        return
+    kept = dict(zip(whole.names, whole.workers, strict=True))
+    kept.update((name, state) for name, state in fresh.items() if name and name != whole.engine_name)
+    whole.names, whole.workers = list(kept), list(kept.values())
 
 
 def _parts(token_ids: Sequence[list[int]], engines: int) -> list[tuple[int, int]]:

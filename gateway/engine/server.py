@@ -267,13 +267,14 @@ class EngineServer:
         restarts = read_restarts(self.restarts_path)
         engine = self._keep()
         if self.ledger is None:
+            names = [Ledger.name("worker", pid) for pid in self.worker_states]
             others = list(self.worker_states.values())
         else:
             # Every worker wrote what it sent (the asker's, the collected ones') before sending it;
             # dead workers' and engines' counts are there too.
             kept = self.ledger.read()
             kept.pop(self.ledger_name, None)  # this engine's: ``engine``, as just written
-            others = list(kept.values())
+            names, others = list(kept), list(kept.values())
         return StatsAnswer(
             id=ask_id,
             engine=engine,
@@ -285,6 +286,8 @@ class EngineServer:
             worker_count=restarts.workers,
             engine_restarts=restarts.engine,
             worker_restarts=restarts.worker_restarts,
+            engine_name=self.ledger_name,
+            names=names,
         )
 
 

@@ -24,10 +24,11 @@ from gateway.core.telemetry import (
     ModelStats,
     StatsSnapshot,
     Telemetry,
+    TelemetryState,
     gpu_stats,
 )
 from gateway.engine.protocol import StatsAnswer
-from gateway.engine.router import EngineRouter
+from gateway.engine.router import EngineRouter, with_fresh_engines
 from gateway.http.answers import AnswerBuilder
 from gateway.settings import Settings
 
@@ -49,6 +50,11 @@ class ServedModel:
     def reranker(self) -> bool:
         """A cross-encoder (scores pairs on the rerank routes), not an embedding model."""
         return OutputKind.SCORE in self.encoder.outputs
+
+    @property
+    def ranks_with_own_outputs(self) -> bool:
+        """An embedding model with dense, sparse and ColBERT outputs (bge-m3): it ranks too."""
+        return self.encoder.outputs >= {OutputKind.DENSE, OutputKind.SPARSE, OutputKind.COLBERT}
 
     def live(self) -> ModelStats:
         """What /stats' ``models`` shows of it now (the telemetry adds its counters)."""
@@ -89,7 +95,8 @@ class Runtime:
     def model_for(self, name: str | None, *, reranker: bool = False) -> ServedModel:
         """The model a request names (its id, an alias, its ``path``), or the one with alias ``*``
         for any other name; else a 404 that lists what is served. None names the default: the
-        first model of the kind the route serves (``reranker``), else the first."""
+        first model of the kind the route serves (``reranker``: a cross-encoder, else a model that
+        ranks with its own outputs), else the first."""
         if name is None:
             return next((model for model in self.models if model.reranker == reranker), self.models[0])
         found = self._by_name.get(name) or self._by_name.get(ANY_MODEL)
@@ -189,12 +196,15 @@ async def _whole_server(routers: list[EngineRouter]) -> tuple[StatsAnswer, list[
     first answer that comes from an engine (each holds every process's, from the shared ledger),
     the queues summed, and every engine's own figures, numbered across the models."""
     answers = await asyncio.gather(*(router.whole_server() for router in routers))
-    whole = next((answer for answer, _ in answers if answer.from_engine), answers[0][0])
+    whole = next((answer for answer, _, _ in answers if answer.from_engine), answers[0][0])
     engines: list[EngineStats] = []
-    for answer, own in answers:
+    fresh: dict[str, TelemetryState] = {}
+    for answer, own, answered in answers:
+        fresh.update(answered)
         for engine in own:
             engines.append(msgspec.structs.replace(engine, index=len(engines)))
         if answer is not whole:
             whole.queue_tokens += answer.queue_tokens
             whole.in_flight += answer.in_flight
+    with_fresh_engines(whole, fresh)  # the other models' engines as they answered, not as last kept
     return whole, engines

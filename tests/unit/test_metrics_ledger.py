@@ -204,3 +204,37 @@ async def test_counters_that_cannot_be_summed_fail_the_question_never_hang_it(
             assert (await link.whole_server()).engine is not None  # the link lives on
     finally:
         await link.stop()
+
+
+@pytest.mark.anyio
+async def test_every_engines_passes_count_at_once_not_a_second_later(
+    minilm_encoder: Encoder, socket_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engines (two models, or two devices) under one router: /stats right after a pass on each
+    counts both passes. Each engine's answer holds the other's counts only as its ledger entry last
+    had them (written once a second), so the router must use what every engine has just answered."""
+    import gateway.engine.server as engine_server
+    from gateway.engine.router import EngineRouter
+
+    monkeypatch.setattr(engine_server, "KEEP_INTERVAL_S", 3600.0)  # no entry is fresh by luck
+    sockets = [socket_path, socket_path.with_name("second.sock")]
+    links = [EngineLink(path, truncate=True, telemetry=Telemetry()) for path in sockets]
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for index, path in enumerate(sockets):
+                engine = await stack.enter_async_context(_engine(minilm_encoder, path))
+                engine.ledger_name = f"engine-{index}"  # two engines in one process: a file each
+            for index, link in enumerate(links):
+                link.ledger_name = "worker-0"  # one worker holds both links, as in the app
+                await link.start(timeout_s=30)
+                texts = [f"fresh engine {index} text {n}" for n in range(2)]
+                await link.embed(texts, await link.tokenize(texts))
+            for _ in range(5):  # whichever engine answers first
+                whole = await EngineRouter(links).whole_server()
+                answer, engines = whole[0], whole[1]
+                total = Telemetry.combined([answer.engine, *answer.workers])
+                assert [engine.up for engine in engines] == [True, True]
+                assert total.counters.batches == 2, (answer.engine_name, answer.names)
+    finally:
+        for link in links:
+            await link.stop()
