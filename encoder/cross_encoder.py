@@ -3,8 +3,10 @@
 A sequence-classification folder (``BertForSequenceClassification``, ``XLMRobertaForSequenceClassification``:
 bge-reranker, ms-marco MiniLM) scored as sentence-transformers' ``CrossEncoder.predict`` scores it:
 the pair tokenised together (``[CLS] query [SEP] document [SEP]``, token type 1 for the document
-where the model has token types), the classifier's logits, then the model's activation (its
-``sentence_transformers.activation_fn`` in config.json; else sigmoid for one label, none for more).
+where the model has token types), the classifier's logits, then the model's activation (the
+``activation_fn`` sentence-transformers saved: config_sentence_transformers.json for 6.x, config.json
+for 4/5; else sigmoid for one label, none for more). A folder sentence-transformers 6 saved as a
+``CrossEncoder`` (a modules.json naming the classifier) is a reranker too.
 
 It is an :class:`~encoder.model.Encoder` with one output, :attr:`OutputKind.SCORE`, so pairs take
 the embedding path unchanged: each pair is one text (:mod:`encoder.pairs`), the micro-batcher packs
@@ -72,18 +74,39 @@ def _document_start(tokens: Sequence[int], sep_token_id: int | None) -> int:
     return next((i + 1 for i, token in enumerate(tokens) if token == sep_token_id), len(tokens))
 
 
+def _saved_by_sentence_transformers(folder: Path) -> dict[str, Any]:
+    """``config_sentence_transformers.json`` (sentence-transformers 6 writes a CrossEncoder's type
+    and activation there), or nothing."""
+    found = folder / "config_sentence_transformers.json"
+    if not found.is_file():
+        return {}
+    loaded = json.loads(found.read_text(encoding="utf-8"))
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def is_cross_encoder(folder: Path) -> bool:
-    """Whether the resolved model folder holds a sequence classifier (a reranker), not an embedder."""
+    """Whether the resolved model folder holds a sequence classifier (a reranker), not an embedder:
+    a bare transformers folder, or one sentence-transformers 6 saved as a ``CrossEncoder`` (its
+    modules.json then names the classifier itself, not an embedding pipeline)."""
     config_file = folder / "config.json"
-    if not config_file.is_file() or (folder / "modules.json").is_file():
+    if not config_file.is_file():
+        return False
+    saved_as = _saved_by_sentence_transformers(folder).get("model_type")
+    if (folder / "modules.json").is_file() and saved_as != "CrossEncoder":
         return False
     architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
     return any(str(name).endswith("ForSequenceClassification") for name in architectures)
 
 
-def _activation(config: Any) -> str:
+def _activation(config: Any, saved: dict[str, Any]) -> str:
+    """The activation ``CrossEncoder`` applies, found where it looks: sentence-transformers 6's
+    config_sentence_transformers.json first, then config.json (4/5, then the legacy key)."""
     st_config = getattr(config, "sentence_transformers", None) or {}
-    path = st_config.get("activation_fn") or getattr(config, "sbert_ce_default_activation_function", None)
+    path = (
+        saved.get("activation_fn")
+        or st_config.get("activation_fn")
+        or getattr(config, "sbert_ce_default_activation_function", None)
+    )
     if path is None:
         name = "Sigmoid" if config.num_labels == 1 else "Identity"
     else:
@@ -102,6 +125,7 @@ class CrossEncoderModel(Encoder):
         self.activation = activation
         config: Any = self.model.config
         self.num_labels = int(config.num_labels)
+        self.id2label = {int(index): str(label) for index, label in (config.id2label or {}).items()}
         self.sep_token_id: int | None = self.tokenizer.sep_token_id
         self._token_types = int(getattr(config, "type_vocab_size", 1) or 1) > 1
 
@@ -211,9 +235,10 @@ def load_cross_encoder(
     tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
     network = AutoModelForSequenceClassification.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
     network.eval().to(torch_device)
-    activation = _activation(network.config)
+    activation = _activation(network.config, _saved_by_sentence_transformers(spec.path))
     spec = replace(spec, pooling="cls", normalize=False, dim=int(network.config.num_labels))
-    digest = f"{replace(spec, max_tokens=limit).fingerprint()}|cross-encoder|{activation}"
+    # "v2": token types come from the tokenizer (scores cached before, for a query holding "[SEP]", were wrong).
+    digest = f"{replace(spec, max_tokens=limit).fingerprint()}|cross-encoder-v2|{activation}"
     encoder = CrossEncoderModel(
         activation=activation,
         model=network,
