@@ -14,7 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import xxhash
 
@@ -148,23 +148,56 @@ class EmbeddingService:
         the rest is tokenised: no bucket would ever hold it. ``untruncated`` (TEI's ``truncate:
         false``) refuses an input over the model's limit even where the server truncates: the
         client asked for the whole text's vector, never a prefix's."""
-        if output.kind not in self.encoder.outputs:
-            raise OutputNotSupportedError(_not_supported(output.kind, self.encoder.outputs), param="model")
-        width = self.encoder.output_width(output.kind)
+        results = await self.embed_outputs(
+            texts,
+            [output],
+            guard=guard,
+            tenant=tenant,
+            reserve=reserve,
+            max_tokens=max_tokens,
+            untruncated=untruncated,
+        )
+        return results[0]
+
+    async def embed_outputs(
+        self,
+        texts: Sequence[str],
+        outputs: Sequence[OutputSpec[Any, Any]],
+        *,
+        guard: Guard | None = None,
+        tenant: str = "",
+        reserve: Callable[[int], Awaitable[None]] | None = None,
+        max_tokens: int | None = None,
+        untruncated: bool = False,
+    ) -> list[EmbedResult[Any]]:
+        """Several outputs of ``texts`` at once (bge-m3's dense, sparse and ColBERT, to rank with):
+        one cache lookup for all, one forward pass for a text that misses any of them (each kind is
+        cached under its own key), counted once. A text is a hit when every output was cached. The
+        arguments are :meth:`embed`'s; one result per output, in order."""
+        for output in outputs:
+            if output.kind not in self.encoder.outputs:
+                raise OutputNotSupportedError(_not_supported(output.kind, self.encoder.outputs), param="model")
+        widths = [self.encoder.output_width(output.kind) for output in outputs]
         unique = list(dict.fromkeys(texts))
         if untruncated and self.truncate:
             # Hits too: under a truncating namespace a long text's cached vector is its prefix's.
             await self._tokenize_pieces(texts, unique, truncate=False)
-        space = self.namespace + output.namespace
-        keys = [cache_key(self.cache_prefix, space, text) for text in unique] if self.cache is not None else []
-        blobs = await self._lookup(keys) if keys else [None] * len(unique)
-        found = [output.unpack(blob, width) for blob in blobs]
-        missing = [i for i, value in enumerate(found) if value is None]
+        namespace = self.namespace
+        keys = [
+            [cache_key(self.cache_prefix, namespace + output.namespace, text) for text in unique] for output in outputs
+        ]
+        flat = [key for per_output in keys for key in per_output]
+        blobs = await self._lookup(flat) if self.cache is not None and flat else [None] * len(flat)
+        found: list[list[tuple[int, Any] | None]] = [
+            [output.unpack(blob, width) for blob in blobs[o * len(unique) : (o + 1) * len(unique)]]
+            for o, (output, width) in enumerate(zip(outputs, widths, strict=True))
+        ]
+        missing = [i for i in range(len(unique)) if any(per_output[i] is None for per_output in found)]
         hits = len(unique) - len(missing)
         self.telemetry.looked_up(hits, len(missing))
 
         miss_texts = [unique[i] for i in missing]
-        per_text = {unique[i]: value[0] for i, value in enumerate(found) if value is not None}
+        per_text = {unique[i]: pair[0] for i, pair in enumerate(found[0]) if pair is not None}  # hits' counts
         token_ids = await self._tokenize_within_limit(texts, miss_texts, per_text, max_tokens, tenant)
         per_text.update({text: len(ids) for text, ids in zip(miss_texts, token_ids, strict=True)})
         tokens = [per_text[text] for text in texts]
@@ -172,26 +205,34 @@ class EmbeddingService:
             await reserve(sum(tokens))
 
         if miss_texts:
-            computed = await self._compute(miss_texts, token_ids, output, guard, tenant)
-            for i, outputs in zip(missing, computed, strict=True):
-                found[i] = (outputs.tokens, output.take(outputs))
+            kinds = frozenset(output.kind for output in outputs)
+            computed = await self._compute(miss_texts, token_ids, kinds, guard, tenant)
             # An engine that restarted with another model meanwhile computed these: its link adopted
             # the new fingerprint before any of its results arrived, so a changed namespace shows it.
             # The answer would mix two models' vectors (hits of one, misses of the other), so nothing
             # is cached and the client retries, under one model.
-            if self.namespace + output.namespace != space:
+            if self.namespace != namespace:
                 raise OverloadedError("the model changed while this request was computed; retry it", retry_after=1)
+            written: list[tuple[str, bytes]] = []
+            for o, output in enumerate(outputs):
+                for i, result in zip(missing, computed, strict=True):
+                    if found[o][i] is None:  # this kind missed (a text's other kinds may have hit)
+                        found[o][i] = (result.tokens, output.take(result))
+                        written.append((keys[o][i], output.pack(result.tokens, output.take(result))))
             if self.cache is not None:
-                self._write_back([(keys[i], output.pack(*pair)) for i in missing if (pair := found[i]) is not None])
+                self._write_back(written)
 
-        values: list[T] = []
         row = {text: i for i, text in enumerate(unique)}
-        for text in texts:
-            pair = found[row[text]]
-            assert pair is not None, "every miss was computed above"
-            values.append(pair[1])
+        results = []
+        for per_output in found:
+            values = []
+            for text in texts:
+                found_pair = per_output[row[text]]
+                assert found_pair is not None, "every miss was computed above"
+                values.append(found_pair[1])
+            results.append(EmbedResult(values=values, tokens=tokens, hits=hits, misses=len(missing)))
         self.telemetry.embedded(len(texts), sum(tokens))
-        return EmbedResult(values=values, tokens=tokens, hits=hits, misses=len(missing))
+        return results
 
     async def _tokenize_within_limit(
         self,
@@ -251,10 +292,15 @@ class EmbeddingService:
         )
 
     async def _compute(
-        self, texts: list[str], token_ids: list[list[int]], output: OutputSpec[T, R], guard: Guard | None, tenant: str
+        self,
+        texts: list[str],
+        token_ids: list[list[int]],
+        kinds: frozenset[OutputKind],
+        guard: Guard | None,
+        tenant: str,
     ) -> list[Outputs]:
         try:
-            pending = self.batcher.embed(texts, token_ids, kinds=frozenset({output.kind}), tenant=tenant)
+            pending = self.batcher.embed(texts, token_ids, kinds=kinds, tenant=tenant)
             return await (guard(pending) if guard is not None else pending)
         except QueueFullError as exc:
             raise OverloadedError(str(exc), retry_after=exc.retry_after) from None

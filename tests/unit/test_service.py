@@ -10,6 +10,7 @@ import pytest
 
 from encoder import Encoder
 from encoder.batcher import MicroBatcher
+from encoder.kinds import OutputKind
 from gateway.core.cache import MemoryBlobCache
 from gateway.core.errors import InvalidInputError, OutputNotSupportedError, OverloadedError
 from gateway.core.outputs import COLBERT, DENSE, SPARSE, Answer, ResponseOptions
@@ -223,3 +224,51 @@ def test_vectors_cached_by_an_older_generation_of_this_code_are_never_read(minil
     )
     assert now != older
     assert now.startswith(minilm_encoder.fingerprint) and older.startswith(minilm_encoder.fingerprint)
+
+
+@pytest.mark.anyio
+async def test_several_outputs_take_one_pass_and_write_only_what_missed(tiny_bge_m3_dir: object) -> None:
+    """bge-m3 ranking asks dense, sparse and ColBERT of each text (issue 22's review: three passes,
+    three times the counted tokens): one lookup, one pass for a text that misses any output, only
+    the missing kinds written back, the inputs and tokens counted once."""
+    from encoder import load_encoder
+
+    encoder = load_encoder(str(tiny_bge_m3_dir))
+    telemetry = Telemetry()
+    batcher = MicroBatcher(encoder, observer=telemetry)
+    await batcher.start()
+    cache = MemoryBlobCache(max_bytes=1 << 20, ttl_seconds=60)
+    service = EmbeddingService(
+        encoder=encoder,
+        batcher=batcher,
+        cache=cache,
+        telemetry=telemetry,
+        cache_prefix="unit",
+        max_request_tokens=1000,
+        truncate=False,
+    )
+    try:
+        await service.embed(["cached dense"], DENSE)  # one kind of one text already cached
+        await service.drain(5)
+        batches = telemetry.counters.batches
+        texts = ["cached dense", "new text", "cached dense"]
+        dense, sparse, colbert = await service.embed_outputs(texts, [DENSE, SPARSE, COLBERT])
+        await service.drain(5)
+        assert telemetry.counters.batches == batches + 1, "one pass for every kind"
+        assert (dense.hits, dense.misses) == (0, 2)  # a text misses when any of its kinds does
+        kinds = frozenset({OutputKind.DENSE, OutputKind.SPARSE, OutputKind.COLBERT})
+        expected = encoder.encode_outputs(encoder.tokenize(["cached dense", "new text"]), kinds)
+        for row, index in ((0, 0), (1, 1), (2, 0)):
+            np.testing.assert_allclose(dense.values[row], expected[index].dense, atol=1e-5)
+            np.testing.assert_allclose(sparse.values[row].values, expected[index].sparse.values, atol=1e-5)
+            np.testing.assert_allclose(colbert.values[row], expected[index].colbert, atol=1e-5)
+        assert dense.tokens == sparse.tokens == [expected[i].tokens for i in (0, 1, 0)]
+        assert telemetry.counters.inputs == 1 + 3 and telemetry.counters.tokens == expected[0].tokens + sum(
+            dense.tokens
+        )
+        assert telemetry.counters.cache_writes == 1 + 5  # the first dense, then all but that one
+        again = await service.embed_outputs(texts, [DENSE, SPARSE, COLBERT])
+        assert (again[0].hits, again[0].misses) == (2, 0)
+        assert telemetry.counters.batches == batches + 1
+    finally:
+        await batcher.stop()

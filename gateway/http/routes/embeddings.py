@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from litestar import Request, Response, post
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
@@ -106,6 +106,19 @@ async def compute(
     """``output`` for ``texts`` through ``model``'s service, for the request's API key and client:
     its tokens reserved before any encoding, its queued work dropped if the client leaves, and the
     request's outcome (inputs, hits, misses, tokens) recorded for the headers, logs and key stats."""
+    results = await compute_outputs(request, model, texts, [output], untruncated=untruncated)
+    return cast(EmbedResult[T], results[0])
+
+
+async def compute_outputs(
+    request: Request[Any, Any, Any],
+    model: ServedModel,
+    texts: list[str],
+    outputs: list[OutputSpec[Any, Any]],
+    *,
+    untruncated: bool = False,
+) -> list[EmbedResult[Any]]:
+    """Several outputs of ``texts`` at once, one pass for a text that misses any (see :func:`compute`)."""
     # The key's name is the unit the encoder queue is fair between (one tenant's bulk ingest does
     # not freeze another's queries); anonymous requests share one tenant and are fair per request.
     tenant = client_name(request.scope) or ""
@@ -113,9 +126,9 @@ async def compute(
     # and stays taken if the client hangs up; not charged after the answer, when it is too late.
     reservation = token_reservation(request.scope)
     try:
-        result = await model.service.embed(
+        results = await model.service.embed_outputs(
             texts,
-            output,
+            outputs,
             guard=_disconnect_guard(request),
             tenant=tenant,
             reserve=reservation.cover if reservation is not None else None,
@@ -127,9 +140,10 @@ async def compute(
         if reservation is not None:
             reservation.release()  # the server failed it, not the client: nothing to pay for
         raise
+    first = results[0]
     done = outcome(request.scope)
-    done.inputs, done.hits, done.misses, done.tokens = len(texts), result.hits, result.misses, sum(result.tokens)
-    return result
+    done.inputs, done.hits, done.misses, done.tokens = len(texts), first.hits, first.misses, sum(first.tokens)
+    return results
 
 
 async def answer_with(
