@@ -98,7 +98,12 @@ class Runtime:
         first model of the kind the route serves (``reranker``: a cross-encoder, else a model that
         ranks with its own outputs), else the first."""
         if name is None:
-            return next((model for model in self.models if model.reranker == reranker), self.models[0])
+            return next((model for model in self.models if model.reranker == reranker), None) or (
+                # no cross-encoder: a model that ranks with its own outputs (bge-m3) before the first
+                next((model for model in self.models if model.ranks_with_own_outputs), self.models[0])
+                if reranker
+                else self.models[0]
+            )
         found = self._by_name.get(name) or self._by_name.get(ANY_MODEL)
         if found is None:
             served = ", ".join(repr(model.settings.served_model) for model in self.models)

@@ -27,33 +27,31 @@ from litestar import Request, Response, post
 
 from encoder import InputTooLongError
 from encoder.cross_encoder import CrossEncoderModel, activate
-from encoder.kinds import OutputKind
 from encoder.pairs import join_pair
 from gateway.core.errors import InvalidInputError, OutputNotSupportedError
 from gateway.core.outputs import COLBERT, DENSE, SCORE, SPARSE
 from gateway.core.schemas import decode_with
-from gateway.http.auth import client_name
 from gateway.http.errors import TEI_ERRORS
-from gateway.http.middleware import outcome
 from gateway.http.routes.common import ERRORS
-from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, compute, documented_body
+from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, compute, compute_outputs, documented_body
 from gateway.http.runtime import Runtime, ServedModel
 
 __all__ = ["RERANK_ROUTES", "TEI_RERANK", "body_schemas", "rank"]
 
 
-class Document(msgspec.Struct):
-    text: str
-
-
 class RerankRequest(msgspec.Struct, kw_only=True):
-    """``POST /v1/rerank`` (Jina's and Cohere v1's) and ``/v2/rerank`` (Cohere v2's)."""
+    """``POST /v1/rerank`` (Jina's and Cohere v1's) and ``/v2/rerank`` (Cohere v2's).
+
+    A document is a string or an object of string fields; an object is ranked by its ``text``, or
+    by the fields ``rank_fields`` names (Cohere v1): one field's value as it is, several as
+    ``field: value`` lines in that order."""
 
     query: str
-    documents: list[str | Document]
+    documents: list[str | dict[str, Any]]
     model: str | None = None
     top_n: int | None = None
     return_documents: bool = False
+    rank_fields: list[str] | None = None
 
 
 class TeiRerank(msgspec.Struct, kw_only=True):
@@ -71,7 +69,7 @@ class TeiRerank(msgspec.Struct, kw_only=True):
 class RerankResult(msgspec.Struct, omit_defaults=True):
     index: int
     relevance_score: float
-    document: Document | None = None
+    document: dict[str, Any] | None = None  # as sent: {"text": ...} for a string
 
 
 class RerankUsage(msgspec.Struct):
@@ -117,14 +115,11 @@ class Ranking(msgspec.Struct):
     tokens: int
 
 
-_OWN_OUTPUTS = frozenset({OutputKind.DENSE, OutputKind.SPARSE, OutputKind.COLBERT})
-
-
 def _reranker(model: ServedModel) -> CrossEncoderModel | None:
     """The model's cross-encoder; None for a model that ranks with its own outputs (bge-m3)."""
     encoder = model.encoder
     if not isinstance(encoder, CrossEncoderModel):
-        if encoder.outputs >= _OWN_OUTPUTS:
+        if model.ranks_with_own_outputs:
             return None
         raise OutputNotSupportedError(
             f"model {model.settings.served_model!r} is an embedding model, not a reranker (a cross-encoder), "
@@ -163,6 +158,7 @@ async def rank(
         raise InvalidInputError(f"{field}[{empty}] is empty", param=field)
     if top_n is not None and top_n < 1:
         raise InvalidInputError("'top_n' must be at least 1", param="top_n")
+    await _check_query(model, query, paired=encoder is not None)
     if encoder is None:
         scores, tokens = await _own_scores(request, model, query, documents, field=field, untruncated=untruncated)
         logits = scores
@@ -183,6 +179,21 @@ async def rank(
     return Ranking(order=order[:top_n] if top_n else order, logits=logits, scores=scores, tokens=tokens)
 
 
+async def _check_query(model: ServedModel, query: str, *, paired: bool) -> None:
+    """A query over the model's limit is refused naming the query, truncating or not: truncation
+    cuts documents, never the query. On a cross-encoder the query must leave a one-token document
+    room beside it, with the pair's special tokens."""
+    text = join_pair(query, ".") if paired else query
+    try:
+        await model.batcher.tokenize([text], truncate=False)
+    except InputTooLongError as exc:
+        raise InvalidInputError(
+            f"the query{' (with the special tokens of a pair)' if paired else ''} {exc.describe()}; shorten it",
+            param="query",
+            code="context_length_exceeded",
+        ) from None
+
+
 async def _own_scores(
     request: Request[Any, Any, Any],
     model: ServedModel,
@@ -198,17 +209,10 @@ async def _own_scores(
     ``(w1 dense + w2 sparse + w3 colbert) / (w1 + w2 + w3)``."""
     texts = [query, *documents]
     try:
-        # the query is never cut, as on a cross-encoder: over the limit it is refused, truncating or not
-        await model.batcher.tokenize([query], truncate=False)
-    except InputTooLongError as exc:
-        raise InvalidInputError(
-            f"the query {exc.describe()}; shorten it", param="query", code="context_length_exceeded"
-        ) from None
-    try:
-        dense = await compute(request, model, texts, DENSE, untruncated=untruncated)  # reserves the tokens
-        tenant = client_name(request.scope) or ""
-        sparse = await model.service.embed(texts, SPARSE, tenant=tenant, untruncated=untruncated)
-        colbert = await model.service.embed(texts, COLBERT, tenant=tenant, untruncated=untruncated)
+        # one pass for the three outputs of a text that misses any: FlagEmbedding's compute_score makes one
+        dense, sparse, colbert = await compute_outputs(
+            request, model, texts, [DENSE, SPARSE, COLBERT], untruncated=untruncated
+        )
     except InvalidInputError as exc:
         if exc.code != "context_length_exceeded":
             raise
@@ -216,9 +220,6 @@ async def _own_scores(
         for index in range(len(documents), 0, -1):
             message = message.replace(f"input[{index}]", f"{field}[{index - 1}]", 1)
         raise InvalidInputError(message, param=field, code=exc.code) from None
-    done = outcome(request.scope)
-    done.hits += sparse.hits + colbert.hits
-    done.misses += sparse.misses + colbert.misses
     weights = model.settings.rerank_weights
     query_dense, query_sparse, query_colbert = dense.values[0], sparse.values[0], colbert.values[0]
     scores = []
@@ -233,8 +234,25 @@ async def _own_scores(
     return scores, sum(dense.tokens)
 
 
-def _texts(documents: list[str | Document]) -> list[str]:
-    return [item if isinstance(item, str) else item.text for item in documents]
+def _texts(documents: list[str | dict[str, Any]], rank_fields: list[str] | None) -> list[str]:
+    """The text each document is ranked by (see :class:`RerankRequest`)."""
+    if rank_fields is not None and (not rank_fields or len(set(rank_fields)) != len(rank_fields)):
+        raise InvalidInputError("'rank_fields' must name one or more distinct fields", param="rank_fields")
+    fields = rank_fields or ["text"]
+    texts = []
+    for index, document in enumerate(documents):
+        item = {"text": document} if isinstance(document, str) else document
+        values = [item.get(name) for name in fields]
+        if not all(isinstance(value, str) for value in values):
+            missing = next(name for name, value in zip(fields, values, strict=True) if not isinstance(value, str))
+            raise InvalidInputError(
+                f"documents[{index}] has no string field {missing!r} to rank by",
+                param="rank_fields" if rank_fields else "documents",
+            )
+        texts.append(
+            str(values[0]) if len(fields) == 1 else "\n".join(f"{n}: {v}" for n, v in zip(fields, values, strict=True))
+        )
+    return texts
 
 
 def _answer(runtime: Runtime, request: Request[Any, Any, Any], content: Any) -> Response[Any]:
@@ -243,10 +261,10 @@ def _answer(runtime: Runtime, request: Request[Any, Any, Any], content: Any) -> 
 
 async def _rerank(request: Request[Any, Any, Any], version: str) -> Response[Any]:
     runtime, model, data = await accept_body(request, decode_with(RerankRequest), reranker=True)
-    texts = _texts(data.documents)
+    texts = _texts(data.documents, data.rank_fields)
     ranking = await rank(request, model, data.query, texts, data.top_n)
     results = [
-        RerankResult(index, ranking.scores[index], Document(texts[index]) if data.return_documents else None)
+        RerankResult(index, ranking.scores[index], _returned(data, index, texts[index], version))
         for index in ranking.order
     ]
     answer = RerankResponse(
@@ -257,6 +275,15 @@ async def _rerank(request: Request[Any, Any, Any], version: str) -> Response[Any
         meta=RerankMeta(ApiVersion(version), BilledUnits(1)),
     )
     return _answer(runtime, request, answer)
+
+
+def _returned(data: RerankRequest, index: int, text: str, version: str) -> dict[str, Any] | None:
+    """The document in a result: Cohere v1 gives an object back as it was sent, v2 (and a string
+    document) ``{"text": ...}`` with the text it was ranked by."""
+    if not data.return_documents:
+        return None
+    item = data.documents[index]
+    return item if isinstance(item, dict) and version == "1" else {"text": text}
 
 
 _DESCRIPTION = (

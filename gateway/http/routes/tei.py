@@ -30,6 +30,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 
+from encoder.cross_encoder import CrossEncoderModel
 from encoder.kinds import SparseWeights
 from encoder.model_files import read_model_spec
 from encoder.packing import default_max_batch_tokens
@@ -54,6 +55,7 @@ from gateway.http.middleware import ADMIT_AFTER_BODY, admit
 from gateway.http.routes.common import runtime_of
 from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, answer_with, documented_body
 from gateway.http.routes.rerank import TEI_RERANK
+from gateway.http.runtime import ServedModel
 
 __all__ = ["TEI_ROUTER", "TEI_ROUTES", "body_schemas"]
 
@@ -122,8 +124,16 @@ class EmbeddingModel(msgspec.Struct):
     pooling: str
 
 
-class ModelType(msgspec.Struct):
-    embedding: EmbeddingModel
+class ClassifierModel(msgspec.Struct):
+    id2label: dict[str, str]
+    label2id: dict[str, int]
+
+
+class ModelType(msgspec.Struct, omit_defaults=True):
+    """TEI's ``oneOf``: an embedding model's pooling, or a reranker's labels."""
+
+    embedding: EmbeddingModel | None = None
+    reranker: ClassifierModel | None = None
 
 
 class Info(msgspec.Struct):
@@ -365,6 +375,15 @@ async def tei_decode(request: Request[Any, Any, Any]) -> list[str]:
     return await asyncio.to_thread(decode)
 
 
+async def _model_type(served: ServedModel) -> ModelType:
+    encoder = served.encoder
+    if isinstance(encoder, CrossEncoderModel):
+        labels = {str(index): label for index, label in encoder.id2label.items()}
+        return ModelType(reranker=ClassifierModel(labels, {label: int(index) for index, label in labels.items()}))
+    pooling = await asyncio.to_thread(lambda: read_model_spec(encoder.path).pooling)
+    return ModelType(embedding=EmbeddingModel(pooling={"lasttoken": "last_token"}.get(pooling, pooling)))  # TEI's name
+
+
 @get("/info", summary="TEI: the served model", tags=["tei"], opt={TEI_ERRORS: True})
 async def tei_info(request: Request[Any, Any, Any], model: str | None = None) -> Info:
     """The default model's, or with ``?model=`` another served one's (ours: TEI serves one)."""
@@ -372,13 +391,11 @@ async def tei_info(request: Request[Any, Any, Any], model: str | None = None) ->
 
     served = runtime_of(request).model_for(model)
     settings, encoder = served.settings, served.encoder
-    pooling = await asyncio.to_thread(lambda: read_model_spec(encoder.path).pooling)
-    tei_pooling = {"lasttoken": "last_token"}.get(pooling, pooling)  # TEI's name for it
     return Info(
         model_id=settings.served_model,
         model_sha=settings.revision or None,
         model_dtype=encoder.dtype,
-        model_type=ModelType(embedding=EmbeddingModel(pooling=tei_pooling)),
+        model_type=await _model_type(served),
         max_concurrent_requests=settings.max_connections,
         max_input_length=encoder.max_tokens,
         max_batch_tokens=settings.max_batch_tokens or default_max_batch_tokens(encoder.torch_device.type),
