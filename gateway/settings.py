@@ -68,6 +68,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cache_ttl_seconds: PositiveInt = 604_800
     cache_prefix: str = "emb"
     cache_share_numerics: bool = False  # true: replicas differing only in dtype/runtime share vectors
+    # how cached outputs are stored: float16 halves them, int8 (a scale per vector) quarters them;
+    # the server answers what it stores, and a gate checks the type on the model at start
+    cache_dtype: Literal["float32", "float16", "int8"] = "float32"
+    cache_dtype_min_cosine: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0  # 0: by type (0.99999 / 0.999)
     cache_timeout_ms: PositiveInt = 250
     cache_breaker_failures: PositiveInt = 3  # consecutive failures that open the circuit
     cache_breaker_seconds: Annotated[float, msgspec.Meta(gt=0)] = 5.0  # how long an open circuit skips Redis

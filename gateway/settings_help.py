@@ -186,6 +186,23 @@ SETTINGS_HELP: dict[str, SettingHelp] = {
         "`false`",
         ("`true`: replicas that differ only in dtype or runtime share vectors (see [Cache](operations.md#cache))"),
     ),
+    "cache_dtype": SettingHelp(
+        "`float32`",
+        (
+            "how outputs are stored in the cache: `float16` (half the bytes) or `int8` (a scale per vector, "
+            "per ColBERT row: about a quarter); the server answers what it stores, so a miss and its "
+            "later hits are the same vector bit for bit; part of the cache namespace (see "
+            "[Cache](operations.md#cache))"
+        ),
+    ),
+    "cache_dtype_min_cosine": SettingHelp(
+        "`0`",
+        (
+            "the storage type's gate at start: the worst cosine between the model's outputs of a fixed "
+            "probe set and their stored form; below it the server does not start (exit 2); 0: by type, "
+            "0.99999 for float16 and 0.999 for int8"
+        ),
+    ),
     "cache_timeout_ms": SettingHelp(
         "`250`",
         "bound on each cache read (writes get 4x)",

@@ -18,6 +18,7 @@ import orjson
 
 from encoder.kinds import OutputKind, Outputs, SparseWeights
 from gateway.core.cache import formats
+from gateway.core.cache.formats import CacheDtype
 from gateway.core.schemas import (
     EmbeddingData,
     EmbeddingResponse,
@@ -78,7 +79,7 @@ class OutputSpec(Generic[T, R]):
 
     kind: OutputKind
     namespace: str  # appended to the fingerprint in cache keys ("" keeps dense keys short)
-    pack: Callable[[int, T], bytes]  # (tokens, value) -> sealed bytes
+    pack: Callable[[int, T, CacheDtype], bytes]  # (tokens, value, storage type) -> sealed bytes
     unpack: Callable[[bytes | None, int], tuple[int, T] | None]  # (bytes, width) -> (tokens, value) or a miss
     take: Callable[[Outputs], T]  # this kind's value from the encoder's outputs
     respond: Callable[[Answer[T], ResponseOptions], R]
@@ -184,10 +185,14 @@ COLBERT: OutputSpec[np.ndarray, MultiVectorResponse] = OutputSpec(
 )
 # A cross-encoder's raw logits (one per label) for one query-document pair; the rerank routes apply
 # the model's activation (or not: TEI's raw_scores) when they answer.
+def _pack_score(tokens: int, logits: np.ndarray, dtype: CacheDtype = "float32") -> bytes:
+    return formats.pack_dense(tokens, logits)  # a few floats: always float32, whatever the vectors' type
+
+
 SCORE: OutputSpec[np.ndarray, list[float]] = OutputSpec(
     OutputKind.SCORE,
     ":score",
-    formats.pack_dense,
+    _pack_score,
     formats.unpack_dense,
     _score,
     lambda answer, _: [float(logits[0]) for logits in answer.values],

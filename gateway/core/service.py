@@ -23,6 +23,7 @@ from encoder.batcher import InputFailedError, QueueFullError
 from encoder.kinds import HEAD_FILES, OutputKind, Outputs
 from gateway.core.backend import Batcher, EncoderInfo
 from gateway.core.cache import BlobCache, CacheSkippedError, CacheUnavailableError, cache_key
+from gateway.core.cache.formats import CacheDtype
 from gateway.core.errors import EncoderFailedError, InvalidInputError, OutputNotSupportedError, OverloadedError
 from gateway.core.outputs import DENSE, OutputSpec
 from gateway.core.ratelimit import over_tokens_limit
@@ -58,6 +59,7 @@ def cache_namespace(
     truncate: bool,
     share_numerics: bool = False,
     generation: int = CACHE_GENERATION,
+    cache_dtype: CacheDtype = "float32",
 ) -> str:
     """The part of every cache key that says which vectors these are: ``{fingerprint}-{tag}``.
 
@@ -65,9 +67,13 @@ def cache_namespace(
     what else changes a vector: the numerics (runtime, dtype, quantisation), truncation (a
     truncated vector is not the vector of the whole text) and this code's ``generation``.
     ``share_numerics`` leaves the numerics out on purpose, for replicas with, say, fp16 GPUs and
-    fp32 CPUs that should share one cache.
+    fp32 CPUs that should share one cache. ``cache_dtype`` (the storage type, ``EMBED_CACHE_DTYPE``)
+    is in it too, float32 implied: a float16 cache never reads an int8 one's entries, or a float32
+    one's (a float32 namespace keeps the keys it had before the setting existed).
     """
     described = f"{'any' if share_numerics else numerics}|truncate={truncate}|generation={generation}"
+    if cache_dtype != "float32":
+        described += f"|cache_dtype={cache_dtype}"
     return f"{fingerprint}-{xxhash.xxh3_64_hexdigest(described.encode())[:8]}"
 
 
@@ -91,6 +97,7 @@ class EmbeddingService:
         max_request_tokens: int,
         truncate: bool,
         share_numerics: bool = False,
+        cache_dtype: CacheDtype = "float32",
     ) -> None:
         self.encoder = encoder
         self.batcher = batcher
@@ -100,6 +107,9 @@ class EmbeddingService:
         self.max_request_tokens = max_request_tokens
         self.truncate = truncate
         self.share_numerics = share_numerics
+        # How outputs are stored (float32, float16, int8): a miss is answered as its later hit will
+        # be, rounded through the storage type, so one text never gets two vectors.
+        self.cache_dtype = cache_dtype
         self._namespace = ("", "")  # (fingerprint|numerics, namespace): recomputed when the model changes
         self._writes: set[asyncio.Task[None]] = set()
         self.writes_failing = False  # the last cache write failed (health reports the cache degraded)
@@ -119,6 +129,7 @@ class EmbeddingService:
                 self.encoder.numerics,
                 truncate=self.truncate,
                 share_numerics=self.share_numerics,
+                cache_dtype=self.cache_dtype,
             )
             self._namespace = (model, namespace)
         return self._namespace[1]
@@ -217,8 +228,13 @@ class EmbeddingService:
             for o, output in enumerate(outputs):
                 for i, result in zip(missing, computed, strict=True):
                     if found[o][i] is None:  # this kind missed (a text's other kinds may have hit)
-                        found[o][i] = (result.tokens, output.take(result))
-                        written.append((keys[o][i], output.pack(result.tokens, output.take(result))))
+                        packed = output.pack(result.tokens, output.take(result), self.cache_dtype)
+                        found[o][i] = (
+                            (result.tokens, output.take(result))
+                            if self.cache_dtype == "float32"
+                            else output.unpack(packed, widths[o])  # the value its hit will give
+                        )
+                        written.append((keys[o][i], packed))
             if self.cache is not None:
                 self._write_back(written)
 
