@@ -282,7 +282,7 @@ SETTINGS_HELP: dict[str, SettingHelp] = {
     ),
     "public_metrics": SettingHelp(
         "`false`",
-        "`true` opens `/stats`, `/stats/history`, `/metrics`, `/dashboard` without a key",
+        "`true` opens `/stats`, `/stats/history` and `/metrics` without a key (the `/dashboard` page is always open)",
     ),
     "api_keys_file": SettingHelp(
         "(empty)",

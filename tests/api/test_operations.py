@@ -62,7 +62,7 @@ def secured(gateway_factory, tmp_path: Path):  # type: ignore[no-untyped-def]
     return gateway_factory(api_keys=f"@{keys}")
 
 
-@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/models", "/stats", "/metrics", "/dashboard"])
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/models", "/stats", "/metrics"])
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Basic Zmlyc3Qta2V5", "Bearer"])
 def test_missing_or_wrong_key_is_401(secured, path: str, header: str | None) -> None:  # type: ignore[no-untyped-def]
     headers = {"authorization": header} if header else {}
@@ -74,6 +74,16 @@ def test_missing_or_wrong_key_is_401(secured, path: str, header: str | None) -> 
     assert error["code"] == "invalid_api_key"
     assert error["type"] == "invalid_request_error"
     assert "wrong-key" not in error["message"]
+
+
+def test_the_dashboard_page_opens_without_a_key_and_its_data_does_not(secured) -> None:  # type: ignore[no-untyped-def]
+    """The page holds no data: a browser opens it as /dashboard#key=<key> (the key stays in the
+    fragment) and the page sends the key with its own /stats and /stats/history requests."""
+    page = httpx.get(f"{secured.url}/dashboard")
+    assert page.status_code == 200 and "location.hash" in page.text
+    assert httpx.get(f"{secured.url}/stats/history").status_code == 401
+    headers = {"authorization": "Bearer first-key"}
+    assert httpx.get(f"{secured.url}/stats/history", headers=headers).status_code == 200
 
 
 def test_right_keys_pass_and_health_stays_open(secured) -> None:  # type: ignore[no-untyped-def]
@@ -141,7 +151,7 @@ def test_dashboard_is_self_contained(gateway_factory) -> None:  # type: ignore[n
 def test_every_route_needs_a_key_unless_marked_public(secured) -> None:  # type: ignore[no-untyped-def]
     """Deny by default: walk every route the app has (its OpenAPI pages included)."""
     app = secured.server.config.app
-    public = {"/health", "/livez", "/readyz"}
+    public = {"/health", "/livez", "/readyz", "/dashboard"}  # the dashboard page holds no data
     checked = 0
     for route in app.routes:
         path = route.path.replace("{model_id:str}", "some-model").replace("{file_name:str}", "x.html")
