@@ -5,6 +5,10 @@ The encoder is three small steps that the micro-batcher can call separately:
 * :meth:`Encoder.tokenize` - token ids without padding (cheap, runs off the forward thread);
 * :meth:`Encoder.encode` - one forward pass over a list of id lists, padded only to *its* longest;
 * :meth:`Encoder.embed` - both, with length-sorted, token-budgeted batches, for in-process use.
+
+Beside them here: :func:`served_limit` and :func:`quiet_transformers`, shared with the
+cross-encoder's loader. The error for an input too long is :mod:`encoder.input_limits`; bge-m3's
+sparse and ColBERT heads are loaded and cut to their rows by :mod:`encoder.output_heads`.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from transformers.utils import logging as hf_logging
 
 from encoder.backend import Backend, TorchBackend
 from encoder.device import configure_cpu_threads, resolve_device, resolve_dtype
+from encoder.input_limits import InputTooLongError
+from encoder.int8_gate import GateFloor
 from encoder.kinds import HEAD_FILES, OutputKind, Outputs, SparseWeights
 from encoder.model_files import ModelSpec, read_model_spec, resolve_model_dir
-from encoder.onnx_int8 import GateFloor
+from encoder.output_heads import _load_heads, _rows
 from encoder.packing import default_max_batch_tokens, plan_batches
 from encoder.pooling import Pooling, normalize, pool
 from encoder.tokenizing import TooManyTokens, template_tokens, tokenize_exact
@@ -49,48 +55,6 @@ MAX_CHARS_PER_TOKEN = 32
 # Characters of one input read at most to decide its tokens (about a second of tokenising). Only a
 # text that long with fewer tokens than the model takes in all of it is refused for it.
 MAX_READ_CHARS = 1_000_000
-
-
-class InputTooLongError(ValueError):
-    """An input has more tokens than the model takes and truncation is off, or its tokens could not
-    be decided within the bounds on tokenising one input (truncating or not).
-
-    ``at_least`` is set when the input was not tokenised to its end (it was known to be too long
-    before): then ``tokens`` counts only what was read, a lower bound. ``unread`` is set when its
-    first ``unread`` characters did not decide its tokens: they were :data:`MAX_READ_CHARS`, or
-    (``open_word``) they held the token budget in one word still open, which no cut may split.
-    """
-
-    def __init__(
-        self,
-        index: int,
-        tokens: int,
-        limit: int,
-        *,
-        at_least: bool = False,
-        unread: int | None = None,
-        open_word: bool = False,
-    ) -> None:
-        self.index, self.tokens, self.limit, self.at_least = index, tokens, limit, at_least
-        self.unread, self.open_word = unread, open_word
-        super().__init__(f"input {index} {self.describe()}; shorten it, split it, or enable truncation")
-
-    def describe(self) -> str:
-        """What is too long, for messages: '... has 300 tokens, more than ... 256 tokens'."""
-        if self.unread is not None and self.open_word:
-            return (
-                f"holds a run that this model's tokenizer segments as one word (no space or other break) "
-                f"too long to decide: its first {self.unread} characters hold {self.tokens} tokens, the most "
-                f"this server tokenises of one input, and the run goes on (this model takes {self.limit}); "
-                f"break it with spaces"
-            )
-        if self.unread is not None:
-            return (
-                f"is longer than {self.unread} characters, the most this server reads of one input, and those "
-                f"hold only {self.tokens} tokens (this model takes {self.limit})"
-            )
-        counted = f"at least {self.tokens} tokens" if self.at_least else f"{self.tokens} tokens"
-        return f"has {counted}, more than this model's limit of {self.limit} tokens"
 
 
 class Encoder:
@@ -372,7 +336,7 @@ def load_encoder(
     if quantize == "int8" and torch_device.type != "cpu":
         raise ValueError(f"int8 runs on the CPU only; the device is {torch_device} (set the device to cpu)")
     if quantize == "int8":
-        from encoder.onnx_int8 import int8_dtype_problem
+        from encoder.int8_machine import int8_dtype_problem
 
         problem = int8_dtype_problem(dtype)
         if problem is not None:
@@ -387,7 +351,7 @@ def load_encoder(
     backend: Backend | None = None
     numerics = ""
     if quantize == "int8":
-        from encoder.onnx_int8 import prepare_int8
+        from encoder.int8_prepare import prepare_int8
 
         int8 = prepare_int8(spec, tokenizer, cache_dir=onnx_cache_dir, threads=threads, floor=int8_floor)
         backend, numerics = int8.backend, int8.numerics
@@ -432,29 +396,3 @@ def quiet_transformers() -> None:
     """transformers' warnings about long inputs and its progress bars off: we report inputs ourselves."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def _load_heads(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[OutputKind, torch.nn.Linear]:
-    """bge-m3's extra heads, when the folder has them: ``sparse_linear.pt`` and ``colbert_linear.pt``."""
-    heads: dict[OutputKind, torch.nn.Linear] = {}
-    for kind, name in HEAD_FILES.items():
-        path = folder / name
-        if not path.is_file():
-            continue
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        out_features, in_features = state["weight"].shape
-        head = torch.nn.Linear(in_features, out_features)
-        head.load_state_dict(state)
-        heads[kind] = head.eval().to(device=device, dtype=dtype)
-    return heads
-
-
-def _rows(
-    hidden: torch.Tensor, mask: torch.Tensor, rows: list[int], lengths: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` of a padded batch, cut to the longest of them (every row, uncut, without a copy)."""
-    if len(rows) == len(lengths):
-        return hidden, mask
-    longest = max(lengths[row] for row in rows)
-    index = torch.tensor(rows, device=hidden.device)
-    return hidden[:, :longest].index_select(0, index), mask[:, :longest].index_select(0, index)
