@@ -183,6 +183,8 @@ SPARSE: OutputSpec[SparseWeights, SparseResponse] = OutputSpec(
 COLBERT: OutputSpec[np.ndarray, MultiVectorResponse] = OutputSpec(
     OutputKind.COLBERT, ":colbert", formats.pack_colbert, formats.unpack_colbert, _colbert, _colbert_response
 )
+
+
 # A cross-encoder's raw logits (one per label) for one query-document pair; the rerank routes apply
 # the model's activation (or not: TEI's raw_scores) when they answer.
 def _pack_score(tokens: int, logits: np.ndarray, dtype: CacheDtype = "float32") -> bytes:

@@ -40,4 +40,6 @@ def test_each_default_shown_is_the_real_default() -> None:
 
 def test_the_committed_page_is_what_the_code_renders() -> None:
     page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    assert page == render(), "docs/configuration.md drifted: run `python -m gateway.settings_help > docs/configuration.md`"
+    assert page == render(), (
+        "docs/configuration.md drifted: run `python -m gateway.settings_help > docs/configuration.md`"
+    )
