@@ -1,19 +1,18 @@
 """``embedding-gateway cache stats | purge | warm``: look after the vector cache from a shell.
 
-* ``stats``: keys and bytes per model fingerprint and output kind. Every key is counted with SCAN
+* ``stats``: keys and bytes per cache namespace and output kind. Every key is counted with SCAN
   (on every primary of a cluster); bytes come from ``MEMORY USAGE`` of a sample of each group's
   keys, scaled to the group.
-* ``purge --fingerprint FP``: counts the fingerprint's keys; with ``--yes`` UNLINKs them in batches
+* ``purge --fingerprint FP``: counts the namespace's keys; with ``--yes`` UNLINKs them in batches
   (a progress bar on stderr) and reports how many Redis really removed. For the vectors of a model
   that is no longer served. ``FP`` is a namespace as ``stats`` prints it, or the model fingerprint
   alone (every namespace of that model).
-* ``warm FILE --url URL``: sends a corpus (JSONL with ``{"text": ...}`` per line, or plain text with
-  one per line) through a running gateway in token-budgeted requests, so its vectors are cached
-  before the traffic comes. Resumable: ``FILE.warm-state`` holds the byte offset of the next line.
+* ``warm FILE --url URL``: lives in ``gateway.cachectl_warm`` (it talks to a running gateway over
+  HTTP, not to Redis); ``warm`` and ``WarmReport`` are re-exported here.
 
-Keys look like ``{prefix}:{fingerprint}[:{kind}]:{hex digest of the text}``, where "fingerprint" is the
-whole cache namespace (``{model fingerprint}-{numerics tag}``, ``/stats`` ``cache.namespace``)
-(``gateway.core.cache.base``, ``gateway.core.outputs``).
+Keys look like ``{prefix}:{namespace}[:{kind}]:{hex digest of the text}``, where the namespace is
+``{model fingerprint}-{numerics tag}`` (``/stats`` ``cache.namespace``; see ``gateway.core.cache.base``
+and ``gateway.core.outputs``).
 
 ``stats`` and ``purge`` reach Redis as the server does, through the cache's own clients
 (``gateway.core.cache.clients``) for ``EMBED_REDIS_MODE``: one node, the master the sentinels name,
@@ -29,12 +28,11 @@ import contextlib
 import json
 import re
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from gateway.cachectl_warm import WarmReport, add_warm_parser, run_warm, warm
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -178,151 +176,51 @@ async def purge(
     return found, removed
 
 
-# --- warm --------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class WarmReport:
-    texts: int = 0
-    hits: int = 0
-    misses: int = 0
-    requests: int = 0
-    seconds: float = 0.0
-    resumed_at: int = 0  # byte offset the run started from
-
-    @property
-    def texts_per_second(self) -> float:
-        return self.texts / self.seconds if self.seconds else 0.0
-
-
-def _text_of(line: str, jsonl: bool) -> str | None:
-    line = line.rstrip("\r\n")
-    if not line.strip():
-        return None
-    if not jsonl:
-        return line
-    value = json.loads(line)
-    text = value.get("text") if isinstance(value, dict) else None
-    if not isinstance(text, str):
-        raise ValueError('every JSONL line needs a string "text"')
-    return text or None
-
-
-def _is_jsonl(path: Path) -> bool:
-    if path.suffix in (".jsonl", ".ndjson"):
-        return True
-    with path.open("rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                return raw.lstrip().startswith(b"{")
-    return False
-
-
-def _batches(path: Path, start: int, max_tokens: int, max_inputs: int) -> Iterator[tuple[list[str], int]]:
-    """(texts, byte offset after them): a request's worth each, by a 4-characters-per-token estimate."""
-    jsonl = _is_jsonl(path)
-    texts: list[str] = []
-    budget = 0
-    with path.open("rb") as handle:
-        handle.seek(start)
-        offset = start
-        for raw in handle:
-            offset += len(raw)
-            text = _text_of(raw.decode("utf-8"), jsonl)
-            if text is None:
-                continue
-            estimate = len(text) // 4 + 2
-            if texts and (budget + estimate > max_tokens or len(texts) >= max_inputs):
-                yield texts, offset - len(raw)
-                texts, budget = [], 0
-            texts.append(text)
-            budget += estimate
-        if texts:
-            yield texts, offset
-
-
-def warm(
-    path: Path,
-    url: str,
-    *,
-    api_key: str = "",
-    model: str | None = None,
-    max_tokens: int = 8192,
-    max_inputs: int = 256,
-    state: Path | None = None,
-    restart: bool = False,
-    progress: bool = True,
-    timeout_s: float = 300.0,
-) -> WarmReport:
-    """Send ``path``'s texts through the gateway at ``url``; resume from ``state`` unless ``restart``."""
-    import httpx
-    from tqdm import tqdm
-
-    state = state or path.with_name(path.name + ".warm-state")
-    start = 0
-    if state.exists() and not restart:
-        start = int(json.loads(state.read_text()).get("offset", 0))
-    report = WarmReport(resumed_at=start)
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    endpoint = url.rstrip("/") + ("/embeddings" if url.rstrip("/").endswith("/v1") else "/v1/embeddings")
-    began = time.perf_counter()
-    size = path.stat().st_size
-    with (
-        httpx.Client(timeout=timeout_s, headers=headers) as client,
-        tqdm(
-            total=size, initial=start, unit="B", unit_scale=True, desc="warm", disable=not progress, file=sys.stderr
-        ) as bar,
-    ):
-        done = start
-        for texts, offset in _batches(path, start, max_tokens, max_inputs):
-            body: dict[str, Any] = {"input": texts, "encoding_format": "base64"}
-            if model:
-                body["model"] = model
-            while True:
-                response = client.post(endpoint, json=body)
-                if response.status_code in (429, 503):  # over a limit or a full queue: wait as told
-                    time.sleep(float(response.headers.get("retry-after", "1")))
-                    continue
-                break
-            if response.status_code != 200:
-                raise RuntimeError(f"{endpoint} answered {response.status_code}: {response.text[:300]}")
-            report.requests += 1
-            report.texts += len(texts)
-            report.hits += int(response.headers.get("x-cache-hits", 0))
-            report.misses += int(response.headers.get("x-cache-misses", 0))
-            state.write_text(json.dumps({"offset": offset, "file": str(path), "size": size}))
-            bar.update(offset - done)
-            done = offset
-    report.seconds = time.perf_counter() - began
-    state.write_text(json.dumps({"offset": size, "file": str(path), "size": size, "finished": True}))
-    return report
-
-
 # --- CLI ---------------------------------------------------------------------------------------
+
+
+STATS_DESCRIPTION = """\
+Count the cached vectors in Redis, grouped by cache namespace (one per model and numeric format,
+as /stats shows it) and by output kind (dense, sparse, colbert). Every key is counted; the bytes
+are estimated from a sample of each group. Redis is reached with the same settings as serve:
+EMBED_REDIS_URL (--redis-url), EMBED_REDIS_MODE and EMBED_CACHE_PREFIX."""
+
+PURGE_DESCRIPTION = """\
+Delete the cached vectors of one namespace, for example those of a model that is no longer served.
+Without --yes it only counts them. --fingerprint takes a namespace as "cache stats" prints it, or
+the model fingerprint alone (the part before the dash) to delete every namespace of that model.
+Redis is reached with the same settings as serve."""
 
 
 def add_parsers(commands: Any, settings_flags: Any) -> None:
     """``cache stats | purge | warm`` under ``embedding-gateway`` (``settings_flags``: serve's flags)."""
-    cache = commands.add_parser("cache", help="look after the vector cache: stats, purge, warm")
-    actions = cache.add_subparsers(dest="cache_command", required=True)
-    stats = actions.add_parser("stats", help="keys and bytes per model fingerprint (same Redis flags as serve)")
-    stats.add_argument("--sample", type=int, default=200, help="keys sized with MEMORY USAGE per group")
+    cache = commands.add_parser(
+        "cache",
+        help="look after the vector cache: stats, purge, warm",
+        description="Look after the vector cache: count it (stats), delete a model's vectors (purge), "
+        "or fill it from a corpus through a running gateway (warm).",
+    )
+    actions = cache.add_subparsers(dest="cache_command", required=True, metavar="{stats,purge,warm}")
+    raw = argparse.RawDescriptionHelpFormatter
+    stats = actions.add_parser(
+        "stats", help="count cached vectors and their bytes", description=STATS_DESCRIPTION, formatter_class=raw
+    )
+    stats.add_argument("--sample", type=int, default=200, help="keys per group whose size is measured (default: 200)")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     settings_flags(stats)
-    purge_ = actions.add_parser("purge", help="delete one fingerprint's keys (counts only without --yes)")
-    purge_.add_argument("--fingerprint", required=True)
-    purge_.add_argument("--yes", action="store_true", help="really delete")
-    purge_.add_argument("--batch", type=int, default=500, help="keys per UNLINK")
+    purge_ = actions.add_parser(
+        "purge",
+        help="delete one namespace's vectors (only counts them without --yes)",
+        description=PURGE_DESCRIPTION,
+        formatter_class=raw,
+    )
+    purge_.add_argument(
+        "--fingerprint", required=True, help="the namespace to delete (as stats prints it), or a model fingerprint"
+    )
+    purge_.add_argument("--yes", action="store_true", help="really delete (without it: count only)")
+    purge_.add_argument("--batch", type=int, default=500, help="keys deleted per Redis command (default: 500)")
     settings_flags(purge_)
-    warm_ = actions.add_parser("warm", help="send a corpus through a running gateway so its vectors are cached")
-    warm_.add_argument("file", type=Path, help="JSONL with {'text': ...} per line, or plain text, one per line")
-    warm_.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8001")
-    warm_.add_argument("--api-key", default="", help="Bearer key of the gateway (when it has keys)")
-    warm_.add_argument("--model", default=None)
-    warm_.add_argument("--max-tokens", type=int, default=8192, help="estimated tokens per request")
-    warm_.add_argument("--max-inputs", type=int, default=256, help="texts per request")
-    warm_.add_argument("--state", type=Path, default=None, help="resume file (default: FILE.warm-state)")
-    warm_.add_argument("--restart", action="store_true", help="ignore the resume file and start at line 1")
+    add_warm_parser(actions)
 
 
 @contextlib.asynccontextmanager
@@ -400,21 +298,7 @@ def run(
     """One ``cache`` command. ``stats`` and ``purge`` reach Redis as ``settings`` say (default: loaded
     from ``args`` and the environment, with ``redis_url`` and ``prefix`` over them)."""
     if args.cache_command == "warm":
-        report = warm(
-            args.file,
-            args.url,
-            api_key=args.api_key,
-            model=args.model,
-            max_tokens=args.max_tokens,
-            max_inputs=args.max_inputs,
-            state=args.state,
-            restart=args.restart,
-        )
-        print(
-            f"warmed {report.texts} texts in {report.requests} requests, {report.seconds:.1f} s: "
-            f"{report.hits} hits, {report.misses} misses, {report.texts_per_second:.1f} texts/s"
-        )
-        return 0
+        return run_warm(args)
     settings = settings or _settings(args, redis_url, prefix)
     from redis.asyncio.sentinel import MasterNotFoundError
     from redis.exceptions import RedisClusterException, RedisError

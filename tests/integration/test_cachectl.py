@@ -115,7 +115,7 @@ def test_warm_sends_a_corpus_and_resumes(gateway_factory, tmp_path: Path, capsys
     argv = ["cache", "warm", str(path), "--url", live.url, "--api-key", "warm-key", "--max-tokens", "40"]
     assert main(argv) == 0
     out = capsys.readouterr()
-    assert "warmed 30 texts in" in out.out and "0 hits, 30 misses" in out.out and "texts/s" in out.out
+    assert "warmed 30 texts (30 newly cached, 0 already cached), skipped 0;" in out.out and "texts/s" in out.out
     requests = int(out.out.split(" requests")[0].rsplit(" ", 1)[1])
     assert requests >= 4, "the token budget splits the corpus"
     stats = httpx.get(f"{live.url}/stats", headers={"authorization": "Bearer warm-key"}).json()
@@ -130,6 +130,160 @@ def test_warm_sends_a_corpus_and_resumes(gateway_factory, tmp_path: Path, capsys
     state.write_text(json.dumps({"offset": offset}))
     assert main(argv) == 0
     resumed = capsys.readouterr().out
-    assert "warmed 18 texts" in resumed and "18 hits, 0 misses" in resumed
+    assert "warmed 18 texts (0 newly cached, 18 already cached)" in resumed
     assert main([*argv, "--restart"]) == 0
     assert "warmed 30 texts" in capsys.readouterr().out
+
+
+def test_warm_skips_a_text_past_the_model_limit_and_warms_the_rest(gateway_factory, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Issue 25: a text past the model's limit (truncation off, the default) is skipped, listed in the
+    side file and counted; every other text, those of its own request included, is warmed."""
+    live = gateway_factory()
+    texts = [f"warm corpus line {i} with a few words" for i in range(20)]
+    texts[7] = "word " * 400  # 402 tokens, the model takes 256
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    code = main(["cache", "warm", str(path), "--url", live.url])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "Traceback" not in out.err
+    side = path.with_name(path.name + ".warm-skipped")
+    assert "warmed 19 texts" in out.out and "skipped 1" in out.out and str(side) in out.out
+    (entry,) = [json.loads(line) for line in side.read_text().splitlines()]
+    assert entry["line"] == 8 and entry["text"] == texts[7] and "256 tokens" in entry["reason"]
+    assert "(19 newly cached, 0 already cached)" in out.out, "the rest of its request is warmed"
+    rest = [t for i, t in enumerate(texts) if i != 7]
+    again = httpx.post(f"{live.url}/v1/embeddings", json={"input": rest}, timeout=60)
+    assert again.headers["x-cache-hits"] == "19"
+
+
+def test_warm_skips_unreadable_and_empty_lines_and_resumes_the_side_file(
+    gateway_factory, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """Lines that hold no text a request can carry are skipped before sending, one entry each; a
+    resumed run adds to the side file, ``--restart`` starts it again."""
+    live = gateway_factory()
+    good = [json.dumps({"text": f"readable line {i}"}).encode() for i in range(6)]
+    bad = [b'{"text": "cut off', b'{"text": 5}', b'{"text": ""}', b'{"text": "\\ud800 alone"}', b"\xff\xfe not utf-8"]
+    rows = [good[0], bad[0], good[1], bad[1], b"", good[2], bad[2], good[3], bad[3], good[4], bad[4], good[5]]
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    argv = ["cache", "warm", str(path), "--url", live.url]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "warmed 6 texts (6 newly cached, 0 already cached), skipped 5" in out
+    side = path.with_name(path.name + ".warm-skipped")
+    entries = [json.loads(line) for line in side.read_text(encoding="utf-8").splitlines()]
+    assert [e["line"] for e in entries] == [2, 4, 7, 9, 11], "blank line 5 is no text and no skip"
+    assert "not a JSON line" in entries[0]["reason"] and entries[0]["raw"] == '{"text": "cut off'
+    assert entries[1]["reason"] == 'no string "text" field'
+    assert entries[2] == {"line": 7, "reason": "empty text", "text": ""}
+    assert entries[3]["text"] == "\ud800 alone" and "surrogate" in entries[3]["reason"]
+    assert "not UTF-8" in entries[4]["reason"]
+
+    state = path.with_name(path.name + ".warm-state")
+    state.write_text(json.dumps({"offset": len(b"\n".join(rows[:8])) + 1}))  # resume at line 9
+    assert main(argv) == 0
+    assert "warmed 2 texts (0 newly cached, 2 already cached), skipped 2" in capsys.readouterr().out
+    assert [json.loads(line)["line"] for line in side.read_text().splitlines()] == [2, 4, 7, 9, 11, 9, 11]
+    path.write_bytes(b"\n".join(good) + b"\n")
+    assert main([*argv, "--restart"]) == 0
+    assert "skipped 0;" in capsys.readouterr().out
+    assert not side.exists(), "a fresh run that skips nothing leaves no stale list"
+
+
+def test_warm_splits_a_request_refused_as_a_whole(gateway_factory, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A 400 that names no text (the request is over the server's per-request token limit) halves
+    the request until it fits; nothing is skipped."""
+    live = gateway_factory(max_request_tokens=60)
+    texts = [f"split me into smaller requests please {i}" for i in range(16)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(texts) + "\n")
+    assert main(["cache", "warm", str(path), "--url", live.url]) == 0
+    out = capsys.readouterr().out
+    assert "warmed 16 texts (16 newly cached, 0 already cached), skipped 0;" in out
+    assert int(out.split(" requests")[0].rsplit(" ", 1)[1]) >= 4
+
+
+class _Flaky:
+    """A proxy in front of a gateway that answers its first POSTs with 503 (Retry-After: 0) and 429
+    (no Retry-After), then passes requests on."""
+
+    def __init__(self, upstream: str, failures: list[int]) -> None:
+        import http.server
+        import threading
+
+        self.failures, self.posts = list(failures), 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *_: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                proxy.posts += 1
+                if proxy.failures:
+                    status = proxy.failures.pop(0)
+                    self.send_response(status)
+                    if status == 503:
+                        self.send_header("retry-after", "0")
+                    self.send_header("content-length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
+                answer = httpx.post(upstream + self.path, content=body, headers={"content-type": "application/json"})
+                self.send_response(answer.status_code)
+                for name in ("content-type", "x-cache-hits", "x-cache-misses"):
+                    if name in answer.headers:
+                        self.send_header(name, answer.headers[name])
+                self.send_header("content-length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_warm_waits_out_429_and_503_and_gives_up_after_retries(gateway_factory, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    live = gateway_factory()
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"retried text {i}\n" for i in range(5)))
+    flaky = _Flaky(live.url, [503, 429, 503])
+    try:
+        assert main(["cache", "warm", str(path), "--url", flaky.url]) == 0
+        assert "warmed 5 texts (5 newly cached, 0 already cached), skipped 0;" in capsys.readouterr().out
+        assert flaky.posts == 4, "three refusals waited out, then the request went through"
+
+        flaky.failures = [503] * 3
+        code = main(["cache", "warm", str(path), "--url", flaky.url, "--restart", "--retries", "2"])
+        captured = capsys.readouterr()
+        assert code == 1
+        assert "gave up after 3 tries" in captured.err and "HTTP 503" in captured.err
+        assert "Traceback" not in captured.err
+    finally:
+        flaky.server.shutdown()
+        flaky.server.server_close()
+
+
+def test_warm_exits_1_when_nothing_can_be_warmed(gateway_factory, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from support.processes import free_port
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("word " * 400 + "\n" + "more " * 400 + "\n")
+    live = gateway_factory(api_keys="right-key")
+    assert main(["cache", "warm", str(path), "--url", live.url, "--api-key", "right-key"]) == 1
+    captured = capsys.readouterr()
+    assert "warmed 0 texts" in captured.out and "skipped 2" in captured.out
+    assert "nothing could be warmed" in captured.err
+
+    assert main(["cache", "warm", str(path), "--url", live.url, "--api-key", "wrong", "--restart"]) == 1
+    assert "refused the key (401" in capsys.readouterr().err
+
+    began = time.monotonic()
+    assert main(["cache", "warm", str(path), "--url", f"http://127.0.0.1:{free_port()}", "--restart"]) == 1
+    captured = capsys.readouterr()
+    assert "cannot reach the gateway" in captured.err and "Traceback" not in captured.err
+    assert time.monotonic() - began < 5, "a wrong URL fails at once, not after the retries"
