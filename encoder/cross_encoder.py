@@ -98,6 +98,18 @@ def is_cross_encoder(folder: Path) -> bool:
     return any(str(name).endswith("ForSequenceClassification") for name in architectures)
 
 
+def _default_prompt(saved: dict[str, Any]) -> str:
+    """The prompt sentence-transformers 6 puts before each pair's first text (its query) when the
+    model was saved with a ``default_prompt_name``; none otherwise."""
+    name = saved.get("default_prompt_name")
+    if not name:
+        return ""
+    prompts = saved.get("prompts") or {}
+    if not isinstance(prompts, dict) or not isinstance(prompts.get(name), str):
+        raise ValueError(f"default_prompt_name {name!r} names no prompt in config_sentence_transformers.json")
+    return str(prompts[name])
+
+
 def _activation(config: Any, saved: dict[str, Any]) -> str:
     """The activation ``CrossEncoder`` applies, found where it looks: sentence-transformers 6's
     config_sentence_transformers.json first, then config.json (4/5, then the legacy key)."""
@@ -119,10 +131,12 @@ def _activation(config: Any, saved: dict[str, Any]) -> str:
 class CrossEncoderModel(Encoder):
     """A loaded reranker (see the module's docstring). Build it with :func:`load_cross_encoder`."""
 
-    def __init__(self, *, activation: str, **kwargs: Any) -> None:
+    def __init__(self, *, activation: str, query_prompt: str = "", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         assert self.model is not None
         self.activation = activation
+        # sentence-transformers 6's default prompt, put before each pair's query as predict() does
+        self.query_prompt = query_prompt
         config: Any = self.model.config
         self.num_labels = int(config.num_labels)
         self.id2label = {int(index): str(label) for index, label in (config.id2label or {}).items()}
@@ -145,7 +159,7 @@ class CrossEncoderModel(Encoder):
         if not texts:
             return []
         truncate = self.truncate if truncate is None else truncate
-        pairs = [split_pair(text) for text in texts]
+        pairs = [(self.query_prompt + query, document) for query, document in map(split_pair, texts)]
         try:
             encoded = self._encode_pairs(pairs, truncate)
         except Exception:  # the fast tokenizer's: a query that leaves the document too little room to cut
@@ -235,12 +249,15 @@ def load_cross_encoder(
     tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
     network = AutoModelForSequenceClassification.from_pretrained(str(spec.transformer_path), dtype=torch_dtype)
     network.eval().to(torch_device)
-    activation = _activation(network.config, _saved_by_sentence_transformers(spec.path))
+    saved = _saved_by_sentence_transformers(spec.path)
+    activation = _activation(network.config, saved)
+    query_prompt = _default_prompt(saved)
     spec = replace(spec, pooling="cls", normalize=False, dim=int(network.config.num_labels))
     # "v2": token types come from the tokenizer (scores cached before, for a query holding "[SEP]", were wrong).
-    digest = f"{replace(spec, max_tokens=limit).fingerprint()}|cross-encoder-v2|{activation}"
+    digest = f"{replace(spec, max_tokens=limit).fingerprint()}|cross-encoder-v2|{activation}|{query_prompt!r}"
     encoder = CrossEncoderModel(
         activation=activation,
+        query_prompt=query_prompt,
         model=network,
         tokenizer=tokenizer,
         spec=spec,

@@ -208,7 +208,10 @@ class EmbeddingService:
         self.telemetry.looked_up(hits, len(missing))
 
         miss_texts = [unique[i] for i in missing]
-        per_text = {unique[i]: pair[0] for i, pair in enumerate(found[0]) if pair is not None}  # hits' counts
+        # The hits' token counts. A text that missed any kind is tokenised with the misses: counting
+        # its cached count too would count it twice against the request's and the key's limits.
+        missed = set(missing)
+        per_text = {unique[i]: pair[0] for i, pair in enumerate(found[0]) if pair is not None and i not in missed}
         token_ids = await self._tokenize_within_limit(texts, miss_texts, per_text, max_tokens, tenant)
         per_text.update({text: len(ids) for text, ids in zip(miss_texts, token_ids, strict=True)})
         tokens = [per_text[text] for text in texts]

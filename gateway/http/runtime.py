@@ -52,6 +52,11 @@ class ServedModel:
         return OutputKind.SCORE in self.encoder.outputs
 
     @property
+    def ranks(self) -> bool:
+        """A cross-encoder of one label: one score a pair (a two-label classifier cannot rank)."""
+        return self.reranker and self.encoder.output_width(OutputKind.SCORE) == 1
+
+    @property
     def ranks_with_own_outputs(self) -> bool:
         """An embedding model with dense, sparse and ColBERT outputs (bge-m3): it ranks too."""
         return self.encoder.outputs >= {OutputKind.DENSE, OutputKind.SPARSE, OutputKind.COLBERT}
@@ -98,12 +103,12 @@ class Runtime:
         first model of the kind the route serves (``reranker``: a cross-encoder, else a model that
         ranks with its own outputs), else the first."""
         if name is None:
-            return next((model for model in self.models if model.reranker == reranker), None) or (
-                # no cross-encoder: a model that ranks with its own outputs (bge-m3) before the first
-                next((model for model in self.models if model.ranks_with_own_outputs), self.models[0])
-                if reranker
-                else self.models[0]
-            )
+            if not reranker:
+                return next((model for model in self.models if not model.reranker), self.models[0])
+            # a cross-encoder of one label; else a model that ranks with its own outputs (bge-m3)
+            ranking = [model for model in self.models if model.ranks]
+            ranking += [model for model in self.models if model.ranks_with_own_outputs]
+            return ranking[0] if ranking else self.models[0]
         found = self._by_name.get(name) or self._by_name.get(ANY_MODEL)
         if found is None:
             served = ", ".join(repr(model.settings.served_model) for model in self.models)

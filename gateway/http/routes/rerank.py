@@ -47,7 +47,9 @@ class RerankRequest(msgspec.Struct, kw_only=True):
     ``field: value`` lines in that order."""
 
     query: str
-    documents: list[str | dict[str, Any]]
+    # An object's fields stay raw JSON: only the ranked ones are read (an odd number in a field
+    # nobody ranks by, say 1e999, must not fail the request), and v1 returns the object as sent.
+    documents: list[str | dict[str, msgspec.Raw]]
     model: str | None = None
     top_n: int | None = None
     return_documents: bool = False
@@ -69,7 +71,7 @@ class TeiRerank(msgspec.Struct, kw_only=True):
 class RerankResult(msgspec.Struct, omit_defaults=True):
     index: int
     relevance_score: float
-    document: dict[str, Any] | None = None  # as sent: {"text": ...} for a string
+    document: dict[str, Any] | None = None  # as sent (raw JSON values): {"text": ...} for a string
 
 
 class RerankUsage(msgspec.Struct):
@@ -221,37 +223,57 @@ async def _own_scores(
             message = message.replace(f"input[{index}]", f"{field}[{index - 1}]", 1)
         raise InvalidInputError(message, param=field, code=exc.code) from None
     weights = model.settings.rerank_weights
-    query_dense, query_sparse, query_colbert = dense.values[0], sparse.values[0], colbert.values[0]
+    # In float64: a float32 product's last bits depend on where the arrays sit in memory, and a
+    # score must not change between the miss and its hit.
+    query_dense, query_sparse = dense.values[0].astype(np.float64), sparse.values[0]
+    query_colbert = colbert.values[0].astype(np.float64)
     scores = []
     for doc_dense, doc_sparse, doc_colbert in zip(dense.values[1:], sparse.values[1:], colbert.values[1:], strict=True):
         _, in_query, in_doc = np.intersect1d(query_sparse.indices, doc_sparse.indices, return_indices=True)
+        lexical = query_sparse.values[in_query].astype(np.float64) @ doc_sparse.values[in_doc].astype(np.float64)
         parts = (
-            float(np.dot(query_dense, doc_dense)),
-            float(np.dot(query_sparse.values[in_query], doc_sparse.values[in_doc])),
-            float((query_colbert @ doc_colbert.T).max(axis=1).sum() / max(1, len(query_colbert))),
+            float(query_dense @ doc_dense.astype(np.float64)),
+            float(lexical),
+            float((query_colbert @ doc_colbert.astype(np.float64).T).max(axis=1).sum() / max(1, len(query_colbert))),
         )
         scores.append(sum(w * part for w, part in zip(weights, parts, strict=True)) / sum(weights))
     return scores, sum(dense.tokens)
 
 
-def _texts(documents: list[str | dict[str, Any]], rank_fields: list[str] | None) -> list[str]:
+def _field(item: dict[str, msgspec.Raw], name: str) -> str | None:
+    raw = item.get(name)
+    if raw is None:
+        return None
+    try:
+        return msgspec.json.decode(raw, type=str)
+    except msgspec.ValidationError:
+        return None
+
+
+def _texts(documents: list[str | dict[str, msgspec.Raw]], rank_fields: list[str] | None) -> list[str]:
     """The text each document is ranked by (see :class:`RerankRequest`)."""
     if rank_fields is not None and (not rank_fields or len(set(rank_fields)) != len(rank_fields)):
         raise InvalidInputError("'rank_fields' must name one or more distinct fields", param="rank_fields")
     fields = rank_fields or ["text"]
     texts = []
     for index, document in enumerate(documents):
-        item = {"text": document} if isinstance(document, str) else document
-        values = [item.get(name) for name in fields]
-        if not all(isinstance(value, str) for value in values):
-            missing = next(name for name, value in zip(fields, values, strict=True) if not isinstance(value, str))
+        if isinstance(document, str):  # a string document has only its text
+            values = [document if name == "text" else None for name in fields]
+        else:
+            values = [_field(document, name) for name in fields]
+        missing = next((name for name, value in zip(fields, values, strict=True) if value is None), None)
+        if missing is not None:
             raise InvalidInputError(
                 f"documents[{index}] has no string field {missing!r} to rank by",
                 param="rank_fields" if rank_fields else "documents",
             )
-        texts.append(
-            str(values[0]) if len(fields) == 1 else "\n".join(f"{n}: {v}" for n, v in zip(fields, values, strict=True))
-        )
+        strings = [value for value in values if value is not None]
+        if not any(value.strip() for value in strings):
+            raise InvalidInputError(
+                f"documents[{index}] is empty: every field it is ranked by is blank", param="documents"
+            )
+        joined = "\n".join(f"{name}: {value}" for name, value in zip(fields, strings, strict=True))
+        texts.append(strings[0] if len(fields) == 1 else joined)
     return texts
 
 
