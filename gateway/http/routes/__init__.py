@@ -4,6 +4,7 @@ The embedding routes build and compress their own answers (:mod:`gateway.http.an
 others share Litestar's compression middleware, so the app lists them apart.
 """
 
+from gateway.http.routes.cohere import COHERE_ROUTES
 from gateway.http.routes.embeddings import create_embeddings, create_multivector, create_sparse
 from gateway.http.routes.models import list_models, retrieve_model
 from gateway.http.routes.operations import dashboard, health, livez, metrics, readyz, stats, stats_history
@@ -12,7 +13,7 @@ from gateway.http.routes.tei import TEI_ROUTER
 
 __all__ = ["EMBEDDING_ROUTES", "OTHER_ROUTES", "ROUTES", "TEI_ROUTER"]
 
-EMBEDDING_ROUTES = [create_embeddings, create_sparse, create_multivector, *RERANK_ROUTES]
+EMBEDDING_ROUTES = [create_embeddings, create_sparse, create_multivector, *RERANK_ROUTES, *COHERE_ROUTES]
 OTHER_ROUTES = [
     list_models,
     retrieve_model,
