@@ -147,7 +147,7 @@ def settings_from_stdin() -> Settings:
 
 def run_engine_process(settings: Settings, socket_path: Path, restarts_file: Path | None) -> int:
     from gateway.engine.server import run_engine
-    from gateway.http.app import load_model
+    from gateway.loading import load_model  # the engine process serves no HTTP: it never imports gateway.http
 
     configure_logging(settings)
     return run_engine(settings, socket_path, load_model, restarts_file, stop_pipe=sys.stdin.buffer)

@@ -11,54 +11,42 @@ link reconnects in the background.
 A restarted engine may serve another model (its folder changed in place): the link then adopts it
 before it takes a single answer from it, so :class:`RemoteEncoder` (fingerprint, tokenizer, widths)
 and with it the service's cache namespace always describe the model that computes the misses.
+
+This module is what callers use: :class:`EngineLink`'s batcher face (``start``, ``tokenize``,
+``embed``, the queue figures the router reads) and the whole server's counters (``whole_server``).
+The socket under it, with the reconnection and the model's adoption, is
+:mod:`gateway.engine.connection`; the model's description and tokenizer are
+:mod:`gateway.engine.remote_encoder`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
-from typing import Any
 
-import torch
-
-from encoder import Encoder
 from encoder.batcher import DENSE_ONLY, InputFailedError, QueueFullError, WorkerCrashedError
 from encoder.kinds import OutputKind, Outputs
-from encoder.model_files import read_model_spec
-from gateway.core.telemetry import Telemetry, TelemetryState
-from gateway.engine import protocol
-from gateway.engine.ledger import RESTARTS_FILE, Ledger, read_restarts
+from gateway.engine.connection import RECONNECT_INTERVAL_S, EngineConnection, EngineUnavailableError
+from gateway.engine.ledger import RESTARTS_FILE, read_restarts
 from gateway.engine.protocol import (
-    Cancel,
-    Collect,
     EmbedCall,
     EmbedFailed,
     EmbedResult,
-    EngineInfo,
-    Frame,
-    Hello,
-    Push,
-    QueueState,
     StatsAnswer,
     StatsAsk,
-    Unreadable,
     decode_outputs,
-    read_frame,
-    write_frame,
 )
+from gateway.engine.remote_encoder import FirstRow, RemoteEncoder
 
 __all__ = ["EngineLink", "EngineUnavailableError", "RemoteEncoder"]
 
 logger = logging.getLogger("gateway.worker")
 
 _INLINE_TOKENIZE_CHARS = 2048
-RECONNECT_INTERVAL_S = 0.05
 PUSH_INTERVAL_S = 1.0  # also how stale the queue figures may get: the engine answers each push with them
 # An engine that has answered nothing (not even a push) for this long is hung (SIGSTOP, a wedged
 # driver, a deadlock): its link is dropped as if it had died, its calls fail over or get 503, and
@@ -67,81 +55,7 @@ PUSH_INTERVAL_S = 1.0  # also how stale the queue figures may get: the engine an
 SILENCE_S = 5.0
 
 
-class EngineUnavailableError(QueueFullError):
-    """The engine process cannot be reached now (it is being restarted): retry in a second."""
-
-    def __init__(self, reason: str) -> None:
-        self.queued, self.limit, self.retry_after = 0, 0, 1.0
-        RuntimeError.__init__(self, f"the encoder is restarting ({reason}); retry shortly")
-
-
-def load_tokenizer_only(info: EngineInfo, truncate: bool) -> Encoder:
-    """An :class:`~encoder.Encoder` with the engine's tokenizer and limits and no weights: only its
-    :meth:`~encoder.Encoder.tokenize` and :meth:`~encoder.Encoder.token_names` are used."""
-    from transformers import AutoTokenizer
-
-    spec = read_model_spec(Path(info.path))
-    tokenizer = AutoTokenizer.from_pretrained(str(spec.transformer_path))
-    return Encoder(
-        model=torch.nn.Module(),
-        tokenizer=tokenizer,
-        spec=spec,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        max_tokens=info.max_tokens,
-        truncate=truncate,
-        threads=1,
-        fingerprint=info.fingerprint,
-    )
-
-
-class RemoteEncoder:
-    """The engine's encoder as the service and routes see it (see :class:`gateway.core.backend.EncoderInfo`)."""
-
-    def __init__(self, info: EngineInfo, tokenizer: Encoder) -> None:
-        self.torch_device = torch.device("cpu")  # no GPU memory here: the engine reports its own
-        self.adopt(info, tokenizer)
-
-    def adopt(self, info: EngineInfo, tokenizer: Encoder) -> None:
-        """Describe the model ``info`` names from now on: the service, routes and /stats hold this
-        object, so they all follow at once."""
-        self.info = info
-        self.tokenizer = tokenizer
-        self.fingerprint = info.fingerprint
-        self.numerics = info.numerics
-        self.dim = info.dim
-        self.max_tokens = info.max_tokens
-        self.device = info.device
-        self.dtype = info.dtype
-        self.threads = info.threads
-        self.path = Path(info.path)
-        self.outputs = frozenset(OutputKind(kind) for kind in info.widths)
-
-    def output_width(self, kind: OutputKind) -> int:
-        return self.info.widths.get(str(kind), 0)
-
-    def token_names(self, ids: list[int]) -> list[str]:
-        return self.tokenizer.token_names(ids)
-
-    @property
-    def hf_tokenizer(self) -> Any:
-        return self.tokenizer.hf_tokenizer
-
-
-class _FirstRow(list[int]):
-    """The first row of ids :meth:`EngineLink.tokenize` returns, marked with the model whose
-    tokenizer made it (its ``fingerprint``): the service may cut and join the answers of several
-    calls, but keeps the rows, so :meth:`EngineLink.embed` (on this link or another engine's) can
-    tell ids made for a model the engine no longer serves."""
-
-    __slots__ = ("fingerprint",)
-
-    def __init__(self, ids: list[int], fingerprint: str) -> None:
-        super().__init__(ids)
-        self.fingerprint = fingerprint
-
-
-class EngineLink:
+class EngineLink(EngineConnection):
     """One connection to the engine, shared by every request of this worker (many in flight).
 
     ``max_frame_bytes`` bounds one frame either way (default :data:`~gateway.engine.protocol.MAX_FRAME_BYTES`):
@@ -149,38 +63,6 @@ class EngineLink:
     ``ledger``: where this worker keeps its counts, written before every time it sends them; by
     default the supervisor's next to ``socket_path`` (:meth:`Ledger.beside`), if there is one.
     """
-
-    def __init__(
-        self,
-        socket_path: Path,
-        *,
-        truncate: bool,
-        telemetry: Telemetry,
-        max_frame_bytes: int | None = None,
-        ledger: Ledger | None = None,
-    ) -> None:
-        self.socket_path = socket_path
-        self.truncate = truncate
-        self.telemetry = telemetry
-        self.ledger = ledger if ledger is not None else Ledger.beside(socket_path)
-        self.ledger_name = Ledger.name("worker")
-        self.max_frame_bytes = max_frame_bytes or protocol.MAX_FRAME_BYTES
-        self.encoder: RemoteEncoder | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._reconnect_task: asyncio.Task[None] | None = None
-        self._push_task: asyncio.Task[None] | None = None
-        self._waiting: dict[int, asyncio.Future[Frame]] = {}
-        self._ids = itertools.count(1)
-        self._queue_tokens = 0
-        self._tokens_per_second = 3000.0
-        self._max_queue_tokens = 0
-        self._engine_ready = True
-        self._generation = 0  # counts the models adopted: which tokenizer made some ids
-        self._stopped = False
-        self.reconnects = 0
-        self.sent_tokens = 0  # tokens of this worker's calls the engine has not answered yet
-        self._heard_at = 0.0  # loop time of the engine's last frame on this connection
 
     # --- the batcher's face ----------------------------------------------------------------
     @property
@@ -241,7 +123,7 @@ class EngineLink:
                 ids = await asyncio.to_thread(partial(tokenizer.tokenize, texts, truncate=truncate))
             if generation == self._generation:  # else the model changed meanwhile: again, with the new tokenizer
                 if ids:
-                    ids[0] = _FirstRow(ids[0], self.encoder.fingerprint)
+                    ids[0] = FirstRow(ids[0], self.encoder.fingerprint)
                 return ids
 
     async def embed(
@@ -254,7 +136,7 @@ class EngineLink:
     ) -> list[Outputs]:
         assert self.encoder is not None
         serving = self.encoder.fingerprint
-        if any(isinstance(row, _FirstRow) and row.fingerprint != serving for row in token_ids):
+        if any(isinstance(row, FirstRow) and row.fingerprint != serving for row in token_ids):
             # Tokenised for the model the engine served before it restarted: retry under the new one.
             raise EngineUnavailableError("it now serves another model")
         call_id = next(self._ids)
@@ -322,148 +204,6 @@ class EngineLink:
             engine_name=self.ledger_name,
             names=list(kept),
         )
-
-    # --- the connection --------------------------------------------------------------------
-    async def _ask(self, call_id: int, frame: Frame) -> Frame:
-        writer = self._writer
-        if writer is None:
-            raise EngineUnavailableError("no connection to the engine process")
-        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._waiting[call_id] = future
-        try:
-            write_frame(writer, frame, self.max_frame_bytes)
-            return await future
-        except asyncio.CancelledError:
-            if self._writer is writer and not writer.is_closing():
-                # the client left: the engine withdraws the inputs
-                write_frame(writer, Cancel(call_id), self.max_frame_bytes)
-            raise
-        finally:
-            self._waiting.pop(call_id, None)
-
-    async def _connect(self) -> None:
-        reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
-        try:
-            write_frame(writer, Hello(os.getpid()), self.max_frame_bytes)
-            async with asyncio.timeout(10):
-                info = await read_frame(reader, self.max_frame_bytes)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            writer.close()
-            raise ConnectionError(f"the engine did not answer hello: {exc!r}") from None
-        if not isinstance(info, EngineInfo):
-            writer.close()
-            raise ConnectionError(f"the engine answered hello with {type(info).__name__}")
-        try:
-            await self._adopt(info)
-        except BaseException:
-            writer.close()
-            raise
-        # Only now may answers arrive: every one of them is read with this engine's model in place.
-        self._max_queue_tokens = info.max_queue_tokens
-        self._queue_tokens, self._tokens_per_second = info.queue_tokens, info.tokens_per_second
-        self._engine_ready = info.ready
-        self._writer = writer
-        self._heard_at = asyncio.get_running_loop().time()
-        self._reader_task = asyncio.create_task(self._read(reader, writer), name="engine-reader")
-
-    async def _adopt(self, info: EngineInfo) -> None:
-        """Take the model ``info`` names (the first one, or a restarted engine's new one)."""
-        encoder = self.encoder
-        if encoder is not None and (info.fingerprint, info.path) == (encoder.fingerprint, str(encoder.path)):
-            encoder.adopt(info, encoder.tokenizer)  # the same model; device, threads... as they are now
-            return
-        tokenizer = await asyncio.to_thread(load_tokenizer_only, info, self.truncate)
-        if encoder is None:
-            self.encoder = RemoteEncoder(info, tokenizer)
-            return
-        logger.warning(
-            "the restarted engine serves another model (fingerprint %s, was %s; %s): this worker adopts it, "
-            "its cache namespace follows",
-            info.fingerprint,
-            encoder.fingerprint,
-            info.path,
-        )
-        self._generation += 1
-        encoder.adopt(info, tokenizer)
-
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                frame = await read_frame(reader, self.max_frame_bytes)
-                self._heard_at = asyncio.get_running_loop().time()
-                if isinstance(frame, Collect):
-                    self._push()
-                    continue
-                if isinstance(frame, QueueState):
-                    self._queue_tokens, self._tokens_per_second = frame.queue_tokens, frame.tokens_per_second
-                    self._engine_ready = frame.ready
-                    continue
-                if isinstance(frame, Unreadable):
-                    self._unreadable(frame)
-                    continue
-                call_id = getattr(frame, "id", None)
-                future = self._waiting.get(call_id) if isinstance(call_id, int) else None
-                if future is not None and not future.done():
-                    future.set_result(frame)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            if not self._stopped:
-                logger.warning(
-                    "lost the engine process at %s (%s); its work goes to the other engines, if any, else 503, "
-                    "until it is back",
-                    self.socket_path.name,
-                    type(exc).__name__,
-                )
-        finally:
-            writer.close()
-            if self._writer is writer:
-                self._drop("the engine process went away")
-                if not self._stopped:
-                    self._reconnect_task = asyncio.create_task(self._reconnect(), name="engine-reconnect")
-
-    def _unreadable(self, frame: Unreadable) -> None:
-        """An answer this side could not take fails its own request; the link and the others go on."""
-        logger.error("an answer from the engine could not be read: %s", frame.reason)
-        future = self._waiting.get(frame.id)
-        if future is not None and not future.done():
-            future.set_exception(InputFailedError(f"the engine's answer could not be read: {frame.reason}"))
-
-    def _drop(self, reason: str) -> None:
-        self._writer = None
-        self._queue_tokens = 0  # that engine's queue is gone with it; a new one starts empty
-        waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
-            if not future.done():
-                future.set_exception(EngineUnavailableError(reason))
-
-    async def _reconnect(self) -> None:
-        while not self._stopped:
-            try:
-                await self._connect()
-            except OSError:
-                await asyncio.sleep(RECONNECT_INTERVAL_S)
-                continue
-            except Exception:  # e.g. the new model's tokenizer does not load: keep trying, never give up
-                logger.exception("could not take the restarted engine's model; trying again")
-                await asyncio.sleep(1.0)
-                continue
-            self.reconnects += 1
-            logger.info("connected to the engine process again")
-            self._push()
-            return
-
-    def _keep(self) -> TelemetryState:
-        """This worker's counters now, written to the ledger first: the engine reports them to
-        scrapes, and once reported they must outlive this process."""
-        state = self.telemetry.state()
-        if self.ledger is not None:
-            self.ledger.write(self.ledger_name, state)
-        return state
-
-    def _push(self) -> None:
-        state = self._keep()  # also while the engine is away: a worker killed then keeps its counts
-        writer = self._writer
-        if writer is not None and not writer.is_closing():
-            write_frame(writer, Push(os.getpid(), state), self.max_frame_bytes)
 
     async def _push_loop(self) -> None:
         """Every second, this worker's counters to the ledger and the engine (so /stats in any

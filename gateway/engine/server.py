@@ -50,6 +50,7 @@ from gateway.engine.protocol import (
     read_frame,
     write_frame,
 )
+from gateway.loading import load_model as load_configured_model
 from gateway.settings import Settings
 
 __all__ = ["EngineServer", "Restarts", "StopPipe", "run_engine"]
@@ -348,13 +349,13 @@ def ignore_stop_signals() -> None:
 def run_engine(
     settings: Settings,
     socket_path: Path,
-    load_model: Callable[[Settings], Encoder],
+    load_model: Callable[[Settings], Encoder] = load_configured_model,
     restarts_path: Path | None = None,
     stop_pipe: BinaryIO | None = None,
 ) -> int:
-    """Load the model with ``load_model`` (the CLI passes the HTTP server's loader: the engine never
-    imports :mod:`gateway.http`), then serve workers on ``socket_path`` until ``stop_pipe`` closes
-    (or the supervisor is gone)."""
+    """Load the model with ``load_model`` (by default :func:`gateway.loading.load_model`, the loader
+    the single-process server uses too; the engine never imports :mod:`gateway.http`), then serve
+    workers on ``socket_path`` until ``stop_pipe`` closes (or the supervisor is gone)."""
     ignore_stop_signals()
     stopper = StopPipe(stop_pipe) if stop_pipe is not None else None
     started = time.perf_counter()

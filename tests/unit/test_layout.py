@@ -110,10 +110,45 @@ def test_core_knows_no_web_framework_and_encoder_knows_no_gateway() -> None:
     for path, names in _external_imports("encoder").items():
         bad = {n for n in names if n.split(".")[0] in {"gateway", "litestar", "redis", "msgspec", "uvicorn"}}
         assert not bad, f"{path} imports {bad}"
-    for path, names in _external_imports("gateway/engine").items():
-        assert not {n for n in names if n.startswith("gateway.http")}, f"{path} imports the HTTP layer"
     for path, names in _external_imports("bench").items():
         assert not {n for n in names if n.split(".")[0] == "tests"}, f"{path} imports the test suite"
+
+
+def _is_http(name: str) -> bool:
+    return name == "gateway.http" or name.startswith("gateway.http.")
+
+
+def test_engine_never_imports_the_http_layer() -> None:
+    """The engine process serves no HTTP: no module of gateway/engine imports gateway.http, directly
+    or through the project modules it imports (its model loader, gateway.loading, included)."""
+    for path, names in _external_imports("gateway/engine").items():
+        assert not {n for n in names if _is_http(n)}, f"{path} imports the HTTP layer"
+    graph = _graph()
+    engine = sorted(name for name in graph if name.startswith("gateway.engine"))
+    assert "gateway.engine.server" in engine, "the graph must cover the engine"
+    for start in engine:
+        reached: set[str] = set()
+        pending = [start]
+        while pending:
+            for target in graph.get(pending.pop(), ()):
+                if target not in reached:
+                    reached.add(target)
+                    pending.append(target)
+        http = sorted(filter(_is_http, reached))
+        assert not http, f"{start} reaches the HTTP layer through {http}"
+
+
+def test_the_engine_process_loads_no_web_framework() -> None:
+    code = (
+        "import sys, pathlib, gateway.engine.server, gateway.engine.supervisor, gateway.loading;"
+        # the CLI's engine entry, as the supervisor starts it (the engine itself stubbed out)
+        "gateway.engine.server.run_engine = lambda *args, **kwargs: 0;"
+        "from gateway.cli_serve import run_engine_process; from gateway.settings import Settings;"
+        "run_engine_process(Settings(), pathlib.Path('/nonexistent/engine.sock'), None);"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('litestar', 'uvicorn') or m.startswith('gateway.http')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
 
 
 def test_importing_the_core_loads_no_web_framework() -> None:
@@ -139,3 +174,14 @@ def test_no_type_ignores_in_the_package() -> None:
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             assert "type: ignore" not in path.read_text(), path
+
+
+def test_no_module_is_over_400_lines() -> None:
+    """Small modules with one responsibility each (issue 25): a module past 400 lines is split."""
+    long = {
+        str(path.relative_to(ROOT)): count
+        for package in ("gateway", "encoder")
+        for path in (ROOT / package).rglob("*.py")
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) > 400
+    }
+    assert not long, f"split these by responsibility: {long}"

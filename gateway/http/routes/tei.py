@@ -17,6 +17,10 @@ turn truncation on per call, since the cache namespace records it), but ``trunca
 truncating server is honoured: an input over the limit is a 413, never a prefix's vector;
 ``/embed_all`` returns bge-m3's ColBERT token vectors, the model's own token-level output, not the
 raw last hidden state.
+
+The routes are split by what they do: embeddings and ``/info`` here (with the router that serves
+them all), ``/tokenize`` and ``/decode`` in :mod:`~gateway.http.routes.tei_tokens`, and what every
+TEI route shares (its OpenAPI entry, TEI's error answers) in :mod:`~gateway.http.routes.tei_common`.
 """
 
 from __future__ import annotations
@@ -26,9 +30,8 @@ from typing import Any, Literal
 
 import msgspec
 import numpy as np
-from litestar import Request, Response, Router, get, post
+from litestar import Request, Response, Router, get
 from litestar.exceptions import HTTPException
-from litestar.openapi import ResponseSpec
 
 from encoder.cross_encoder import CrossEncoderModel
 from encoder.kinds import SparseWeights
@@ -49,12 +52,12 @@ from gateway.core.outputs import (
     shorten,
 )
 from gateway.core.schemas import decode_with
-from gateway.http.auth import KEY_REQUESTS
-from gateway.http.errors import TEI_ERRORS, TeiError, tei_error
-from gateway.http.middleware import ADMIT_AFTER_BODY, admit
+from gateway.http.errors import TEI_ERRORS, tei_error
 from gateway.http.routes.common import runtime_of
-from gateway.http.routes.embeddings import EMBEDDING_OPT, accept_body, answer_with, documented_body
+from gateway.http.routes.embeddings import accept_body, answer_with
 from gateway.http.routes.rerank import TEI_RERANK
+from gateway.http.routes.tei_common import TEI_EMBEDDING_OPT, tei_post
+from gateway.http.routes.tei_tokens import TeiDecode, TeiTokenize, tei_decode, tei_tokenize
 from gateway.http.runtime import ServedModel
 
 __all__ = ["TEI_ROUTER", "TEI_ROUTES", "body_schemas"]
@@ -92,27 +95,6 @@ class TeiEmbedOther(msgspec.Struct, kw_only=True):
     @property
     def input(self) -> str | list[str | int | list[int]]:
         return _texts(self.inputs, self.truncation_direction)
-
-
-class TeiTokenize(msgspec.Struct, kw_only=True):
-    inputs: str | list[str]
-    add_special_tokens: bool = True
-    prompt_name: str | None = None
-    model: str | None = None  # ours: which served model's tokenizer (default: the first)
-
-
-class TeiDecode(msgspec.Struct, kw_only=True):
-    ids: list[int | list[int]]  # one list of ids, or a list of them
-    skip_special_tokens: bool = True
-    model: str | None = None  # ours: which served model's tokenizer (default: the first)
-
-
-class SimpleToken(msgspec.Struct):
-    id: int
-    text: str
-    special: bool
-    start: int | None
-    stop: int | None
 
 
 class SparseValue(msgspec.Struct):
@@ -185,36 +167,6 @@ TEI_SPARSE = SPARSE.answered_as(_tei_sparse)
 TEI_ALL = COLBERT.answered_as(_tei_all)
 
 
-_TEI_ERRORS = {
-    status: ResponseSpec(TeiError, description=description, generate_examples=False)
-    for status, description in {
-        401: "Missing or wrong API key",
-        404: "Unknown model",
-        413: "An input or the request is too large",
-        422: "Invalid input",
-        424: "The encoder could not compute an input",
-        429: "Overloaded or over the key's limits; honour Retry-After",
-    }.items()
-}
-
-
-_TEI_EMBEDDING = {**EMBEDDING_OPT, TEI_ERRORS: True}
-_TEI_BODY = {ADMIT_AFTER_BODY: True, TEI_ERRORS: True, KEY_REQUESTS: True}
-
-
-def _tei_post(path: str | list[str], summary: str, schema: str, opt: dict[str, bool]) -> post:
-    """The decorator every TEI POST route shares: its body documented, TEI's errors, its opt."""
-    return post(
-        path,
-        status_code=200,
-        summary=summary,
-        tags=["tei"],
-        opt=opt,
-        responses=_TEI_ERRORS,
-        operation_class=documented_body(schema),
-    )
-
-
 def body_schemas() -> dict[str, Any]:
     """JSON Schemas of the TEI bodies (decoded by our own strict decoders), for the OpenAPI components."""
     (_, components) = msgspec.json.schema_components(
@@ -223,7 +175,7 @@ def body_schemas() -> dict[str, Any]:
     return components
 
 
-@_tei_post(["/embed", "/"], "TEI: embeddings", "TeiEmbed", _TEI_EMBEDDING)
+@tei_post(["/embed", "/"], "TEI: embeddings", "TeiEmbed", TEI_EMBEDDING_OPT)
 async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, model, data = await accept_body(request, decode_with(TeiEmbed))
     dim = model.encoder.dim
@@ -233,146 +185,16 @@ async def tei_embed(request: Request[Any, Any, Any]) -> Response[Any]:
     return await answer_with(request, runtime, data, TEI_DENSE, options, untruncated=data.truncate is False)
 
 
-@_tei_post("/embed_sparse", "TEI: sparse weights (bge-m3)", "TeiEmbedOther", _TEI_EMBEDDING)
+@tei_post("/embed_sparse", "TEI: sparse weights (bge-m3)", "TeiEmbedOther", TEI_EMBEDDING_OPT)
 async def tei_embed_sparse(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, _, data = await accept_body(request, decode_with(TeiEmbedOther))
     return await answer_with(request, runtime, data, TEI_SPARSE, ResponseOptions(), untruncated=data.truncate is False)
 
 
-@_tei_post("/embed_all", "TEI: token vectors (bge-m3's ColBERT)", "TeiEmbedOther", _TEI_EMBEDDING)
+@tei_post("/embed_all", "TEI: token vectors (bge-m3's ColBERT)", "TeiEmbedOther", TEI_EMBEDDING_OPT)
 async def tei_embed_all(request: Request[Any, Any, Any]) -> Response[Any]:
     runtime, _, data = await accept_body(request, decode_with(TeiEmbedOther))
     return await answer_with(request, runtime, data, TEI_ALL, ResponseOptions(), untruncated=data.truncate is False)
-
-
-@_tei_post("/tokenize", "TEI: tokenize", "TeiTokenize", _TEI_BODY)
-async def tei_tokenize(request: Request[Any, Any, Any]) -> list[list[SimpleToken]]:
-    runtime = runtime_of(request)
-    body = await request.body()
-    admit(request.scope)  # counted in flight once its body is here, as the embedding routes
-    data = decode_with(TeiTokenize)(body)
-    model = runtime.model_for(data.model)
-    texts = [data.inputs] if isinstance(data.inputs, str) else data.inputs
-    limit = model.settings.max_inputs
-    if not texts or len(texts) > limit:
-        raise InvalidInputError(f"send 1 to {limit} inputs", param="inputs", code="too_many_inputs")
-    name = model.prompts.name_for(data.prompt_name, None)
-    texts = model.prompts.prepend(list(texts), name)
-    tokenizer = model.encoder.hf_tokenizer
-    max_tokens = model.settings.max_request_tokens
-
-    def tokenize() -> list[list[SimpleToken]]:
-        _bound_tokens(tokenizer, texts, max_tokens)
-        encoded = tokenizer(
-            texts,
-            add_special_tokens=data.add_special_tokens,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-            truncation=False,
-        )
-        counted = sum(len(ids) for ids in encoded["input_ids"])
-        if counted > max_tokens:  # each token is ~50 bytes of answer: bounded as an embedding request is
-            raise InvalidInputError(
-                f"the request holds {counted} tokens; this server takes at most {max_tokens} per request",
-                param="inputs",
-                code="request_too_large",
-            )
-        return [
-            _tokens(tokenizer, text, ids, offsets, special)
-            for text, ids, offsets, special in zip(
-                texts, encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], strict=True
-            )
-        ]
-
-    return await asyncio.to_thread(tokenize)
-
-
-_PIECE_CHARS = 65_536
-
-
-def _bound_tokens(tokenizer: Any, texts: list[str], max_tokens: int) -> None:
-    """Refuse a request sure to pass ``max_tokens`` after tokenising about that many tokens, not all
-    of it: a piece at a time, ids only (offsets come after, for a request that fits). A cut may split
-    a word into more tokens than it has whole, so each cut is allowed two."""
-    counted = cuts = 0
-    for text in texts:
-        for start in range(0, len(text), _PIECE_CHARS):
-            counted += len(tokenizer(text[start : start + _PIECE_CHARS], add_special_tokens=False)["input_ids"])
-            cuts += 1
-            if counted > max_tokens + 2 * cuts:
-                raise InvalidInputError(
-                    f"the request holds more than {max_tokens} tokens; this server takes at most {max_tokens} "
-                    "per request",
-                    param="inputs",
-                    code="request_too_large",
-                )
-
-
-def _tokens(
-    tokenizer: Any, text: str, ids: list[int], offsets: list[tuple[int, int]], special: list[int]
-) -> list[SimpleToken]:
-    """One input's tokens as TEI gives them: ``start`` and ``stop`` are UTF-8 *byte* offsets into
-    the (prompted) input, as TEI's Rust tokenizer reports them, so a client slicing the input's
-    bytes finds each piece."""
-    byte_at = _byte_offsets(text)
-    row = []
-    for token, (start, stop), is_special in zip(ids, offsets, special, strict=True):
-        row.append(
-            SimpleToken(
-                id=token,
-                text=tokenizer.convert_ids_to_tokens(token) if is_special else text[start:stop],
-                special=bool(is_special),
-                start=None if is_special else byte_at[start],
-                stop=None if is_special else byte_at[stop],
-            )
-        )
-    return row
-
-
-def _byte_offsets(text: str) -> list[int] | range:
-    """Character offset -> UTF-8 byte offset, for every offset 0..len(text)."""
-    if text.isascii():
-        return range(len(text) + 1)
-    offsets = [0]
-    for character in text:
-        offsets.append(offsets[-1] + len(character.encode("utf-8", "surrogatepass")))
-    return offsets
-
-
-@_tei_post("/decode", "TEI: decode ids", "TeiDecode", _TEI_BODY)
-async def tei_decode(request: Request[Any, Any, Any]) -> list[str]:
-    runtime = runtime_of(request)
-    body = await request.body()
-    admit(request.scope)
-    data = decode_with(TeiDecode)(body)
-    model = runtime.model_for(data.model)
-    nested = [item for item in data.ids if isinstance(item, list)]
-    flat = [item for item in data.ids if isinstance(item, int)]
-    batches = nested if nested and not flat else [flat]
-    if not data.ids or (nested and flat):
-        raise InvalidInputError("ids: one list of token ids, or a list of such lists", param="ids")
-    if len(batches) > runtime.settings.max_inputs:
-        raise InvalidInputError(
-            f"send 1 to {runtime.settings.max_inputs} lists of ids", param="ids", code="too_many_inputs"
-        )
-    counted, limit = sum(len(batch) for batch in batches), runtime.settings.max_request_tokens
-    if counted > limit:
-        raise InvalidInputError(
-            f"the request holds {counted} ids; this server takes at most {limit} per request",
-            param="ids",
-            code="request_too_large",
-        )
-    tokenizer = model.encoder.hf_tokenizer
-
-    def decode() -> list[str]:  # off the event loop: 300,000 ids take a while
-        vocabulary = len(tokenizer)
-        for batch in batches:
-            if not batch or any(not 0 <= i < vocabulary for i in batch):
-                raise InvalidInputError(f"ids must be non-empty lists of token ids below {vocabulary}", param="ids")
-        texts: list[str] = tokenizer.batch_decode(batches, skip_special_tokens=data.skip_special_tokens)
-        return texts
-
-    return await asyncio.to_thread(decode)
 
 
 async def _model_type(served: ServedModel) -> ModelType:
