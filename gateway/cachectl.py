@@ -68,7 +68,12 @@ class KeyGroup:
     @property
     def bytes(self) -> int:
         """Estimated: the sample's mean times the number of keys."""
-        return round(self.sampled_bytes / len(self.sampled) * self.keys) if self.sampled else 0
+        return round(self.bytes_per_entry * self.keys)
+
+    @property
+    def bytes_per_entry(self) -> float:
+        """The sample's mean ``MEMORY USAGE`` (value, key and Redis' overhead): what EMBED_CACHE_DTYPE changes."""
+        return self.sampled_bytes / len(self.sampled) if self.sampled else 0.0
 
 
 def parse_key(key: str, prefix: str) -> tuple[str, str] | None:
@@ -337,16 +342,24 @@ async def _redis_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print_stats(groups: list[KeyGroup], prefix: str, *, as_json: bool) -> None:
     rows = [
-        {"fingerprint": g.fingerprint, "kind": g.kind, "keys": g.keys, "bytes": g.bytes, "sampled": len(g.sampled)}
+        {
+            "fingerprint": g.fingerprint,
+            "kind": g.kind,
+            "keys": g.keys,
+            "bytes": g.bytes,
+            "bytes_per_entry": round(g.bytes_per_entry),
+            "sampled": len(g.sampled),
+        }
         for g in groups
     ]
     if as_json:
         print(json.dumps({"prefix": prefix, "groups": rows}))
         return
     width = max([len("namespace"), *(len(str(row["fingerprint"])) for row in rows)])
-    print(f"{'namespace':<{width}} {'kind':<8} {'keys':>12} {'bytes (est.)':>14} {'sampled':>8}")
+    print(f"{'namespace':<{width}} {'kind':<8} {'keys':>12} {'bytes (est.)':>14} {'bytes/entry':>12} {'sampled':>8}")
     for row in rows:
         print(
-            f"{row['fingerprint']:<{width}} {row['kind']:<8} {row['keys']:>12,} {row['bytes']:>14,} {row['sampled']:>8}"
+            f"{row['fingerprint']:<{width}} {row['kind']:<8} {row['keys']:>12,} {row['bytes']:>14,} "
+            f"{row['bytes_per_entry']:>12,} {row['sampled']:>8}"
         )
     print(f"{'total':<{width + 9}} {sum(g.keys for g in groups):>12,} {sum(g.bytes for g in groups):>14,}")

@@ -65,6 +65,7 @@ def test_stats_and_purge(gateway_factory, fresh_redis, capsys: pytest.CaptureFix
     assert len(groups) == 3, "rate-limit buckets and other apps' keys are not cache entries"
     dense = groups[(fingerprint, "dense")]
     assert dense["bytes"] >= 25 * 384 * 4, "each value holds a 384-d float32 vector"
+    assert 384 * 4 <= dense["bytes_per_entry"] <= 384 * 4 + 600, "a float32 vector, its key and Redis' overhead"
     assert groups[(OLD, "dense")]["sampled"] == 200
     assert 1200 * 100 <= groups[(OLD, "dense")]["bytes"] <= 1200 * 400
 
