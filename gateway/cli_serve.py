@@ -92,12 +92,13 @@ def serve(settings: Settings) -> int:
 
     from encoder.onnx_int8 import Int8CacheError, QualityGateError
     from gateway.core.models_file import model_settings
+    from gateway.core.storage_gate import StorageGateError
 
     encoders = []
     for model in model_settings(settings):  # EMBED_MODEL alone, or each of EMBED_MODELS_FILE's in turn
         try:
             encoders.append(load_model(model))
-        except (QualityGateError, Int8CacheError) as exc:
+        except (QualityGateError, Int8CacheError, StorageGateError) as exc:
             print(f"embedding-gateway: refusing to start: {exc}", file=sys.stderr)
             return 2
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -146,11 +147,19 @@ def settings_from_stdin() -> Settings:
 
 
 def run_engine_process(settings: Settings, socket_path: Path, restarts_file: Path | None) -> int:
+    from encoder.onnx_int8 import Int8CacheError, QualityGateError
+    from gateway.core.storage_gate import StorageGateError
     from gateway.engine.server import run_engine
     from gateway.loading import load_model  # the engine process serves no HTTP: it never imports gateway.http
 
     configure_logging(settings)
-    return run_engine(settings, socket_path, load_model, restarts_file, stop_pipe=sys.stdin.buffer)
+    try:
+        return run_engine(settings, socket_path, load_model, restarts_file, stop_pipe=sys.stdin.buffer)
+    except (QualityGateError, Int8CacheError, StorageGateError) as exc:  # one line; the supervisor exits 2
+        print(f"embedding-gateway: refusing to start: {exc}", file=sys.stderr, flush=True)
+        # At once: the stop-pipe thread is blocked reading stdin, and a normal interpreter exit
+        # aborts on that lock (a core dump and signal 6 instead of the exit status).
+        os._exit(2)
 
 
 def _watch_parent(parent: int, server: Any) -> None:

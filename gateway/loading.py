@@ -13,7 +13,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from encoder import Encoder, load_encoder
+from encoder.kinds import OutputKind
 from encoder.onnx_int8 import GateFloor
+from gateway.core.storage_gate import StorageGateError, check_storage
 from gateway.settings import Settings
 
 __all__ = ["load_model"]
@@ -54,6 +56,11 @@ def _load_and_warm_up(settings: Settings) -> Encoder:
         ),
     )
     encoder.warmup()
+    if settings.cache_dtype != "float32" and encoder.outputs - {OutputKind.SCORE}:  # scores stay float32
+        gate = check_storage(encoder, settings.cache_dtype, settings.cache_dtype_min_cosine or None)
+        if not gate.passed:
+            raise StorageGateError(settings.served_model, gate)
+        logger.info("storage gate passed: %s", gate.describe())
     logger.info(
         "loaded: model=%s served_as=%s device=%s dtype=%s weights=%.1f MiB%s",
         settings.model,

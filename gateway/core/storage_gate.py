@@ -22,7 +22,7 @@ from encoder.kinds import OutputKind, Outputs, SparseWeights
 from gateway.core.cache.formats import CacheDtype
 from gateway.core.outputs import COLBERT, DENSE, SPARSE, OutputSpec
 
-__all__ = ["FLOORS", "StorageGate", "check_storage"]
+__all__ = ["FLOORS", "StorageGate", "StorageGateError", "check_storage"]
 
 # The worst cosine each storage type must keep; float32 is stored as computed.
 FLOORS: dict[CacheDtype, float] = {"float32": 1.0, "float16": 0.99999, "int8": 0.999}
@@ -59,6 +59,17 @@ class StorageGate:
             for kind in self.worst
         )
         return f"cache dtype {self.dtype}: {figures}; the floor is {self.floor}"
+
+
+class StorageGateError(RuntimeError):
+    """The storage type loses more than its floor allows on this model: the server must not start."""
+
+    def __init__(self, model: str, gate: StorageGate) -> None:
+        self.gate = gate
+        super().__init__(
+            f"model {model!r}: {gate.describe()}: store float32 (EMBED_CACHE_DTYPE=float32) or a wider type, "
+            "or lower EMBED_CACHE_DTYPE_MIN_COSINE knowingly"
+        )
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -88,6 +88,7 @@ class Supervisor:
         self.restarting: dict[int, tuple[float, float]] = {}
         self.workers: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
         self.stopping = threading.Event()
+        self.start_refused = False  # an engine exited 2 while starting (a quality gate, a setting)
         self._worker_line = b""
         self._engine_lines: list[bytes] = []
 
@@ -166,6 +167,7 @@ class Supervisor:
                 assert engine is not None
                 if engine.poll() is not None:
                     logger.error("engine %d exited with %s while starting", index, engine.returncode)
+                    self.start_refused = engine.returncode == 2  # a gate or a setting: one line said why
                     return False
                 if self.socket_paths[index].exists():
                     self.engines_ready[index] = True
@@ -191,7 +193,7 @@ class Supervisor:
         try:
             self._write_restarts()
             if not self._start_engines(list(range(len(self.devices)))):
-                return 1
+                return 2 if self.start_refused else 1
             logger.info(
                 "%d engine(s) ready (%s; pids %s); starting %d workers on port %d",
                 len(self.devices),

@@ -245,6 +245,7 @@ def _served(
         max_request_tokens=settings.max_request_tokens,
         truncate=settings.truncate,
         share_numerics=settings.cache_share_numerics,
+        cache_dtype=settings.cache_dtype,
     )
     return ServedModel(settings, encoder, batcher, service, prompt_book(encoder.path, settings.default_prompt_name))
 
