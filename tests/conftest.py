@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,55 @@ def gateway_factory(minilm_encoder):  # type: ignore[no-untyped-def]
             return stack.enter_context(ThreadedGateway(app))
 
         yield start
+
+
+@pytest.fixture
+def serve_app() -> Iterator[Any]:
+    """Start the real app (uvicorn on a thread) on an encoder already loaded, with settings overrides:
+    ``serve_app(encoder, model_name="x", truncate=True)``. Each gets its own cache prefix; every one
+    started is stopped at teardown. Test modules wrap it as their ``serve`` with their default model."""
+    import uuid
+    from contextlib import ExitStack
+
+    from gateway import Settings, create_app
+    from tests.servers import ThreadedGateway
+
+    with ExitStack() as stack:
+
+        def start(encoder: Any, *, model_name: str, **overrides: Any) -> ThreadedGateway:
+            fields = {"model_name": model_name, "cache_prefix": f"test-{uuid.uuid4().hex[:8]}", **overrides}
+            app = create_app(Settings(model=str(encoder.path), **fields), encoder=encoder)
+            return stack.enter_context(ThreadedGateway(app))
+
+        yield start
+
+
+# --- rerankers: a tiny random BERT sequence classifier on MiniLM's tokenizer, and its reference ---------
+@pytest.fixture(scope="session")
+def cross_dir(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from support.factories import build_cross_encoder
+
+    return build_cross_encoder(tmp_path_factory.mktemp("reranker") / "model", tokenizer_from=minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def reranker(cross_dir: Path) -> Any:
+    from encoder import load_encoder
+
+    return load_encoder(str(cross_dir), truncate=True)
+
+
+@pytest.fixture(scope="session")
+def cross_encoder(cross_dir: Path) -> Any:
+    """sentence-transformers' CrossEncoder on the same folder: the reference scores."""
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(cross_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def bge_m3(tiny_bge_m3_dir: Path) -> Any:
+    """The tiny bge-m3-shaped model, loaded (dense, sparse and ColBERT outputs)."""
+    from encoder import load_encoder
+
+    return load_encoder(str(tiny_bge_m3_dir))

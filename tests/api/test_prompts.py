@@ -8,8 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway import Settings, create_app
 from tests.servers import ThreadedGateway
 
 PROMPTS = {"query": "query: ", "passage": "passage: "}
@@ -50,19 +47,11 @@ def st_model(prompted_dir: Path) -> Any:
 
 
 @pytest.fixture
-def serve(prompted_encoder: Any) -> Iterator[Any]:
-    gateways: list[ThreadedGateway] = []
+def serve(serve_app: Any, prompted_encoder: Any) -> Any:
+    def start(**overrides: Any) -> Any:
+        return serve_app(prompted_encoder, **{"model_name": "prompted", **overrides})
 
-    def start(**overrides: Any) -> ThreadedGateway:
-        fields = {"model_name": "prompted", "cache_prefix": f"prompts-{uuid.uuid4().hex[:8]}", **overrides}
-        settings = Settings(model=str(prompted_encoder.path), **fields)
-        gateway = ThreadedGateway(create_app(settings, encoder=prompted_encoder)).__enter__()
-        gateways.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in gateways:
-        gateway.__exit__(None, None, None)
+    return start
 
 
 def _embed(gateway: ThreadedGateway, **body: Any) -> httpx.Response:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +10,17 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway import Settings, create_app
 from tests.servers import ThreadedGateway
 
 TEXTS = ["Text embeddings inference", "a gateway in front of Redis", "the third text"]
 
 
 @pytest.fixture
-def serve(minilm_encoder: Any) -> Iterator[Any]:
-    gateways: list[ThreadedGateway] = []
+def serve(serve_app: Any, minilm_encoder: Any) -> Any:
+    def start(encoder: Any = None, **overrides: Any) -> Any:
+        return serve_app(encoder or minilm_encoder, **{"model_name": "all-MiniLM-L6-v2", **overrides})
 
-    def start(encoder: Any = None, **overrides: Any) -> ThreadedGateway:
-        encoder = encoder or minilm_encoder
-        fields = {"model_name": "all-MiniLM-L6-v2", "cache_prefix": f"tei-{uuid.uuid4().hex[:8]}", **overrides}
-        gateway = ThreadedGateway(create_app(Settings(model=str(encoder.path), **fields), encoder=encoder))
-        gateways.append(gateway.__enter__())
-        return gateway
-
-    yield start
-    for gateway in gateways:
-        gateway.__exit__(None, None, None)
+    return start
 
 
 def _post(gateway: ThreadedGateway, path: str, body: dict[str, Any], **headers: str) -> httpx.Response:

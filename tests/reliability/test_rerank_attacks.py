@@ -7,7 +7,6 @@ fail while the defect is there); "Held attack" tests pin behaviour that resisted
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,41 +24,12 @@ DOCUMENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cross_dir(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from support.factories import build_cross_encoder
-
-    return build_cross_encoder(tmp_path_factory.mktemp("reranker") / "model", tokenizer_from=minilm_dir)
-
-
-@pytest.fixture(scope="module")
-def reranker(cross_dir: Path) -> Any:
-    from encoder import load_encoder
-
-    return load_encoder(str(cross_dir), truncate=True)
-
-
-@pytest.fixture(scope="module")
-def cross_encoder(cross_dir: Path) -> Any:
-    from sentence_transformers import CrossEncoder
-
-    return CrossEncoder(str(cross_dir), device="cpu")
-
-
 @pytest.fixture
-def serve(reranker: Any) -> Iterator[Any]:
-    gateways: list[ThreadedGateway] = []
+def serve(serve_app: Any, reranker: Any) -> Any:
+    def start(encoder: Any = None, **overrides: Any) -> Any:
+        return serve_app(encoder or reranker, **{"model_name": "tiny-reranker", **overrides})
 
-    def start(encoder: Any = None, **overrides: Any) -> ThreadedGateway:
-        encoder = encoder or reranker
-        fields = {"model_name": "tiny-reranker", "cache_prefix": f"attack-{uuid.uuid4().hex[:8]}", **overrides}
-        gateway = ThreadedGateway(create_app(Settings(model=str(encoder.path), **fields), encoder=encoder))
-        gateways.append(gateway.__enter__())
-        return gateway
-
-    yield start
-    for gateway in gateways:
-        gateway.__exit__(None, None, None)
+    return start
 
 
 def _post(gateway: ThreadedGateway, path: str, body: Any, **kwargs: Any) -> httpx.Response:
@@ -656,13 +626,6 @@ def test_cohere_v1_sdk_rerank_and_rank_fields(serve: Any, cross_encoder: Any) ->
 
 
 # --- bge-m3 passes and stats -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bge_m3(tiny_bge_m3_dir: Path) -> Any:
-    from encoder import load_encoder
-
-    return load_encoder(str(tiny_bge_m3_dir))
 
 
 def test_bge_m3_rerank_is_one_pass_per_text_and_counted_once(serve: Any, bge_m3: Any) -> None:

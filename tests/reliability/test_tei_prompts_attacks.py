@@ -12,7 +12,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +60,11 @@ def st_model(prompted_dir: Path) -> Any:
 
 
 @pytest.fixture
-def serve(prompted_encoder: Any) -> Iterator[Any]:
-    gateways: list[ThreadedGateway] = []
+def serve(serve_app: Any, prompted_encoder: Any) -> Any:
+    def start(encoder: Any = None, **overrides: Any) -> Any:
+        return serve_app(encoder or prompted_encoder, **{"model_name": "prompted", **overrides})
 
-    def start(encoder: Any = None, **overrides: Any) -> ThreadedGateway:
-        encoder = encoder or prompted_encoder
-        fields = {"model_name": "prompted", "cache_prefix": f"attack-{uuid.uuid4().hex[:8]}", **overrides}
-        gateway = ThreadedGateway(create_app(Settings(model=str(encoder.path), **fields), encoder=encoder))
-        gateways.append(gateway.__enter__())
-        return gateway
-
-    yield start
-    for gateway in gateways:
-        gateway.__exit__(None, None, None)
+    return start
 
 
 def _post(gateway: ThreadedGateway, path: str, body: Any, timeout: float = 30, **headers: str) -> httpx.Response:
