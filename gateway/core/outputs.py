@@ -80,7 +80,8 @@ class OutputSpec(Generic[T, R]):
     kind: OutputKind
     namespace: str  # appended to the fingerprint in cache keys ("" keeps dense keys short)
     pack: Callable[[int, T, CacheDtype], bytes]  # (tokens, value, storage type) -> sealed bytes
-    unpack: Callable[[bytes | None, int], tuple[int, T] | None]  # (bytes, width) -> (tokens, value) or a miss
+    # (bytes, width, storage type) -> (tokens, value), or a miss (another type's value is one too)
+    unpack: Callable[[bytes | None, int, CacheDtype], tuple[int, T] | None]
     take: Callable[[Outputs], T]  # this kind's value from the encoder's outputs
     respond: Callable[[Answer[T], ResponseOptions], R]
 
@@ -191,11 +192,15 @@ def _pack_score(tokens: int, logits: np.ndarray, dtype: CacheDtype = "float32") 
     return formats.pack_dense(tokens, logits)  # a few floats: always float32, whatever the vectors' type
 
 
+def _unpack_score(data: bytes | None, width: int, dtype: CacheDtype = "float32") -> tuple[int, np.ndarray] | None:
+    return formats.unpack_dense(data, width, "float32")
+
+
 SCORE: OutputSpec[np.ndarray, list[float]] = OutputSpec(
     OutputKind.SCORE,
     ":score",
     _pack_score,
-    formats.unpack_dense,
+    _unpack_score,
     _score,
     lambda answer, _: [float(logits[0]) for logits in answer.values],
 )

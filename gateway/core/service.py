@@ -200,7 +200,7 @@ class EmbeddingService:
         flat = [key for per_output in keys for key in per_output]
         blobs = await self._lookup(flat) if self.cache is not None and flat else [None] * len(flat)
         found: list[list[tuple[int, Any] | None]] = [
-            [output.unpack(blob, width) for blob in blobs[o * len(unique) : (o + 1) * len(unique)]]
+            [output.unpack(blob, width, self.cache_dtype) for blob in blobs[o * len(unique) : (o + 1) * len(unique)]]
             for o, (output, width) in enumerate(zip(outputs, widths, strict=True))
         ]
         missing = [i for i in range(len(unique)) if any(per_output[i] is None for per_output in found)]
@@ -235,7 +235,7 @@ class EmbeddingService:
                         found[o][i] = (
                             (result.tokens, output.take(result))
                             if self.cache_dtype == "float32"
-                            else output.unpack(packed, widths[o])  # the value its hit will give
+                            else output.unpack(packed, widths[o], self.cache_dtype)  # the value its hit will give
                         )
                         written.append((keys[o][i], packed))
             if self.cache is not None:

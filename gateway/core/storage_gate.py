@@ -5,8 +5,9 @@
 the first request the model's own outputs of the int8 probe set (:mod:`encoder.int8_probe`: prose,
 code, other languages, short and long texts) go through the storage and back, and the worst cosine
 between an output and its stored form must reach the type's floor: 0.99999 for float16, 0.999 for
-int8 (or ``EMBED_CACHE_DTYPE_MIN_COSINE``). Dense vectors, sparse weights (over the same token ids)
-and every ColBERT row are measured; a reranker's scores are always stored as float32.
+int8 (or ``EMBED_CACHE_DTYPE_MIN_COSINE``). Dense vectors (whole, and cut to 1, 2, 4, ... 512
+dimensions as ``dimensions`` cuts them), sparse weights (over the value's token ids) and every
+ColBERT row are measured; a reranker's scores are always stored as float32.
 """
 
 from __future__ import annotations
@@ -80,7 +81,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def _worst(kind: OutputKind, value: Any, stored: Any) -> float:
     if isinstance(value, SparseWeights) and isinstance(stored, SparseWeights):
-        return _cosine(value.values, stored.values)  # over the same token ids, in the same order
+        # over the value's token ids (a weight stored as 0 is dropped with its id)
+        by_id = dict(zip(stored.indices.tolist(), stored.values.tolist(), strict=True))
+        return _cosine(value.values, np.array([by_id.get(i, 0.0) for i in value.indices.tolist()]))
+    if kind == OutputKind.DENSE:  # whole, and cut short as `dimensions` cuts it (the head's blocks)
+        whole, kept = np.asarray(value), np.asarray(stored)
+        cuts = [width for width in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if width < len(whole)]
+        return min(_cosine(whole[:width], kept[:width]) for width in [*cuts, len(whole)])
     if kind == OutputKind.COLBERT:
         rows = zip(np.asarray(value), np.asarray(stored), strict=True)
         return min((_cosine(row, kept) for row, kept in rows), default=1.0)
@@ -109,7 +116,7 @@ def check_storage(encoder: _LocalEncoder, dtype: CacheDtype, floor: float | None
         for result in outputs:
             value = spec.take(result)
             packed = spec.pack(result.tokens, value, dtype)
-            stored = spec.unpack(packed, width)
+            stored = spec.unpack(packed, width, dtype)
             assert stored is not None, "a value just packed unpacks"
             lowest = min(lowest, _worst(spec.kind, value, stored[1]))
             total += len(packed)
