@@ -2,10 +2,11 @@
 
 A corpus is JSONL (``{"text": ...}`` on each line; other fields are ignored) or plain text, one text
 per line; a ``.jsonl`` or ``.ndjson`` name, or a first non-blank line starting with ``{``, means
-JSONL. Blank lines are ignored. A line that cannot be a text (not UTF-8, not JSON, no string
-``"text"``, an empty text, a lone surrogate escape such as ``"\\ud800"`` that no UTF-8 request can
-carry) becomes a :class:`Skipped` entry, never an exception: one bad line must not end a run over
-millions of good ones.
+JSONL. Blank lines are ignored, and so is a UTF-8 byte order mark at the start of the file (an
+encoding mark some editors write, not text: kept, it would change the first text's cache key). A
+line that cannot be a text (not UTF-8, not JSON, no string ``"text"``, an empty text, a lone
+surrogate escape such as ``"\\ud800"`` that no UTF-8 request can carry) becomes a :class:`Skipped`
+entry, never an exception: one bad line must not end a run over millions of good ones.
 
 :func:`read_batches` groups the texts into requests by a token estimate (4 characters a token, 2
 more per text) and hands each group over with the byte offset after it, which is what the warm
@@ -54,13 +55,17 @@ class Skipped:
         return line + "\n"
 
 
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark: Excel, PowerShell and Notepad start a file with it
+
+
 def _is_jsonl(path: Path) -> bool:
     if path.suffix in (".jsonl", ".ndjson"):
         return True
     with path.open("rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                return raw.lstrip().startswith(b"{")
+        for number, raw in enumerate(handle):
+            line = raw.removeprefix(_BOM) if number == 0 else raw
+            if line.strip():
+                return line.lstrip().startswith(b"{")
     return False
 
 
@@ -106,7 +111,8 @@ def read_batches(
         handle.seek(start)
         offset, number = start, first_line
         for raw in handle:
-            read = _read_line(raw, number, jsonl)
+            # a BOM at byte 0 marks the encoding; it is no part of the first text
+            read = _read_line(raw.removeprefix(_BOM) if offset == 0 else raw, number, jsonl)
             number += 1
             offset += len(raw)
             if isinstance(read, Skipped):

@@ -2,12 +2,14 @@
 
 How a run goes
 --------------
-The corpus is read line by line: JSONL with ``{"text": ...}`` on each line, or plain text with one
-text per line (blank lines are ignored). Texts are grouped into requests of about ``--max-tokens``
-estimated tokens (4 characters a token) and at most ``--max-inputs`` texts, and sent to the
-gateway's ``/v1/embeddings`` one request at a time. The gateway computes the texts it has not seen
-and caches them; the ``x-cache-hits`` and ``x-cache-misses`` headers of each answer say how many
-were already cached and how many were computed now.
+The corpus is read line by line (``gateway.cachectl_corpus``): JSONL with ``{"text": ...}`` on each
+line, or plain text with one text per line (blank lines and a UTF-8 byte order mark are ignored).
+Texts are grouped into requests of about ``--max-tokens`` estimated tokens (4 characters a token)
+and at most ``--max-inputs`` texts, and sent to the gateway's ``/v1/embeddings`` one request at a
+time (``gateway.cachectl_gateway``). The gateway computes the texts it has not seen and caches them;
+the ``x-cache-hits`` and ``x-cache-misses`` headers of each answer say how many were already cached
+and how many were computed now. A 200 that is not an embeddings answer (``--url`` points at another
+service) stops the run: nothing was cached.
 
 A real corpus holds texts the gateway refuses: one past the model's limit (when the server does not
 truncate), an empty ``"text"``, a line that is not JSON or not UTF-8. One such text must not end the
@@ -20,202 +22,74 @@ run, so:
   each half, down to single texts; a single text still refused is skipped;
 * a 429 or a 5xx (rate limit, full queue, restarting server) and a dropped connection are retried
   after the wait the ``Retry-After`` header asks for, or 0.5 s doubling up to 30 s, ``--retries``
-  times in a row before the run stops.
+  times in a row before the run stops;
+* a 500 error of the gateway's own that is still there after the retries (the encoder fails on one
+  text every time) splits the request like a refusal, and the one text that keeps failing is
+  skipped; three such texts in a row stop the run (the server fails on everything).
 
 Every skipped line goes to the side file (``FILE.warm-skipped`` unless ``--skipped-file``): one JSON
 object per line with the line number, the reason and the text (or the raw line when it held no
 text). Its lines have a ``"text"`` field, so the side file can itself be warmed again once the
-reason is fixed (for example after turning truncation on).
+reason is fixed (for example after turning truncation on). The side file is checked at the start
+(a folder that cannot be written stops the run before anything is sent), and a batch's skipped
+lines are written together with the state, so a resumed run never lists a line twice.
 
-Resuming: ``FILE.warm-state`` holds the byte offset of the next line to send, written after each
-request. A run that stopped (Ctrl-C, server gone) goes on from there when started again, and adds
-to the side file; ``--restart`` starts again at line 1 with an empty side file.
+Resuming (``gateway.cachectl_state``): ``FILE.warm-state`` holds the byte offset of the next line to
+send, written as a whole after each request. A run that stopped (Ctrl-C, server gone) goes on from
+there when started again, and adds to the side file; ``--restart`` starts again at line 1 with an
+empty side file. A state file that is not one, or does not fit the corpus (a new export in its
+place), is refused with a line naming ``--restart``. A second run on the same state while one is
+going is refused (the lock ``FILE.warm-state.lock``).
 
 Exit status: 0 when the corpus was gone through (some texts may be skipped), 1 when nothing could be
 warmed (every text was skipped) or the run stopped (the gateway could not be reached or refused the
-key, the model or the URL).
+key, the model or the URL; a bad state file; another run on it), 130 when stopped by Ctrl-C (it
+prints the summary so far; run it again to resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from gateway.cachectl_corpus import Line, Skipped, first_line_number, read_batches
+from gateway.cachectl_corpus import Skipped, first_line_number, read_batches
+from gateway.cachectl_gateway import Sender, WarmError, WarmInterrupted, WarmReport
+from gateway.cachectl_state import locked, read_state, write_state
 
-if TYPE_CHECKING:
-    import httpx
-
-__all__ = ["WarmError", "WarmReport", "add_warm_parser", "run_warm", "warm"]
-
-_NAMED_INPUT = re.compile(r"^input\[(\d+)\]")  # how the gateway names the text a 400 is about
-_REFUSED = frozenset({400, 413, 422})  # the request's content is refused: skip or split, never retry as is
-_RETRIED = frozenset({429, 500, 502, 503, 504})  # a limit or a passing server trouble: wait and send again
-_BACKOFF_FIRST_S = 0.5
-_BACKOFF_MAX_S = 30.0
+__all__ = ["WarmError", "WarmInterrupted", "WarmReport", "add_warm_parser", "run_warm", "warm"]
 
 
-class WarmError(Exception):
-    """The run cannot go on (the gateway cannot be reached, or refuses the key, the model or the URL).
-
-    ``report`` holds what the run did before it stopped (set by :func:`warm`)."""
-
-    report: WarmReport | None = None
-
-
-@dataclass(slots=True)
-class WarmReport:
-    """What a run did; ``summary()`` is the line ``cache warm`` prints."""
-
-    texts: int = 0  # warmed: answered by the gateway (already cached or computed now)
-    hits: int = 0  # of those, already cached
-    misses: int = 0  # of those, computed and cached now
-    skipped: int = 0
-    requests: int = 0  # answered 200
-    retries: int = 0
-    seconds: float = 0.0
-    resumed_at: int = 0  # byte offset the run started from
-    skipped_file: Path | None = None
-    stopped: str = ""  # why the run ended early, or ""
-
-    @property
-    def texts_per_second(self) -> float:
-        return self.texts / self.seconds if self.seconds else 0.0
-
-    def summary(self) -> str:
-        where = f" (listed in {self.skipped_file})" if self.skipped and self.skipped_file else ""
-        return (
-            f"warmed {self.texts} texts ({self.misses} newly cached, {self.hits} already cached), "
-            f"skipped {self.skipped}{where}; {self.requests} requests in {self.seconds:.1f} s, "
-            f"{self.texts_per_second:.1f} texts/s"
-        )
-
-
-# --- reading the corpus ------------------------------------------------------------------------
-
-# --- talking to the gateway --------------------------------------------------------------------
-
-
-def _error_message(response: httpx.Response) -> str:
-    """The gateway's error message (OpenAI's envelope), or the start of the body."""
-    try:
-        body = response.json()
-        message = body["error"]["message"]
-        if isinstance(message, str):
-            return message
-    except (ValueError, KeyError, TypeError):
+def _check_writable(side: Path) -> None:
+    """OSError now, before anything is sent, when the side file cannot be written; a file that was
+    not there is not left behind (a run that skips nothing leaves no side file)."""
+    existed = side.exists()
+    with side.open("a", encoding="utf-8"):
         pass
-    return response.text[:300].strip() or f"HTTP {response.status_code}"
+    if not existed:
+        side.unlink()
 
 
-class _Warmer:
-    """Sends batches, retries what is passing, skips what is refused, and keeps the count."""
+class _SideFile:
+    """The side file, opened at the first skipped line and written a batch at a time."""
 
-    def __init__(
-        self, client: httpx.Client, *, endpoint: str, model: str | None, retries: int, report: WarmReport, side: Path
-    ) -> None:
-        self.client, self.endpoint, self.model, self.retries = client, endpoint, model, retries
-        self.report, self.side_path = report, side
-        self.side: IO[str] | None = None  # opened at the first skip: a run that skips nothing leaves no file
-        self.answered = False  # has the gateway answered once? (a refused connection before: a wrong URL)
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: IO[str] | None = None
 
-    def skip(self, entry: Skipped) -> None:
-        if self.side is None:
-            self.side = self.side_path.open("a", encoding="utf-8")
-        self.side.write(entry.json_line())
-        self.report.skipped += 1
-
-    def flush(self) -> None:
-        """The skipped lines on disk: done before the state file moves past them."""
-        if self.side is not None:
-            self.side.flush()
+    def write(self, entries: list[Skipped]) -> None:
+        if not entries:
+            return
+        if self.handle is None:
+            self.handle = self.path.open("a", encoding="utf-8")
+        self.handle.write("".join(entry.json_line() for entry in sorted(entries, key=lambda e: e.number)))
+        self.handle.flush()
 
     def close(self) -> None:
-        if self.side is not None:
-            self.side.close()
-
-    def send(self, lines: list[Line]) -> None:
-        """Warm ``lines``: every text the gateway takes is warmed, every one it refuses skipped."""
-        pending = [lines]
-        while pending:
-            group = pending.pop()
-            response = self._post([line.text for line in group])
-            if response.status_code == 200:
-                self.report.requests += 1
-                self.report.texts += len(group)
-                self.report.hits += int(response.headers.get("x-cache-hits", 0))
-                self.report.misses += int(response.headers.get("x-cache-misses", 0))
-                continue
-            message = _error_message(response)
-            named = _NAMED_INPUT.match(message)
-            index = int(named.group(1)) if named else -1
-            if 0 <= index < len(group):  # the gateway names the text: skip it, send the others again
-                self.skip(Skipped(group[index].number, message, text=group[index].text))
-                rest = group[:index] + group[index + 1 :]
-                if rest:
-                    pending.append(rest)
-            elif len(group) == 1:
-                self.skip(Skipped(group[0].number, message, text=group[0].text))
-            else:  # refused as a whole (over a per-request limit): each half on its own, first half first
-                half = len(group) // 2
-                pending += [group[half:], group[:half]]
-
-    def _post(self, texts: list[str]) -> httpx.Response:
-        """The gateway's answer to one request: 200 or a refusal of its content (400, 413, 422);
-        anything else is retried or raises WarmError."""
-        import httpx
-
-        body: dict[str, Any] = {"input": texts, "encoding_format": "base64"}
-        if self.model:
-            body["model"] = self.model
-        failures = 0
-        while True:
-            try:
-                response = self.client.post(self.endpoint, json=body)
-            except httpx.TransportError as exc:
-                if isinstance(exc, httpx.ConnectError) and not self.answered:
-                    raise WarmError(f"cannot reach the gateway at {self.endpoint}: {exc}") from None
-                problem, wait = f"{type(exc).__name__}: {exc}", None
-            else:
-                self.answered = True
-                if response.status_code == 200 or response.status_code in _REFUSED:
-                    return response
-                if response.status_code not in _RETRIED:
-                    raise WarmError(self._fatal(response))
-                problem, wait = (
-                    f"HTTP {response.status_code}: {_error_message(response)}",
-                    response.headers.get("retry-after"),
-                )
-            failures += 1
-            if failures > self.retries:
-                raise WarmError(f"gave up after {failures} tries at {self.endpoint}: {problem}")
-            self.report.retries += 1
-            time.sleep(_backoff(failures, wait))
-
-    def _fatal(self, response: httpx.Response) -> str:
-        message = _error_message(response)
-        status = response.status_code
-        if status in (401, 403):
-            return f"the gateway refused the key ({status}: {message}); pass the right --api-key"
-        if status == 404:
-            return f"{self.endpoint} answered 404 ({message}); check --url and --model"
-        return f"{self.endpoint} answered {status}: {message}"
-
-
-def _backoff(failures: int, retry_after: str | None) -> float:
-    """Seconds to wait before try ``failures + 1``: what Retry-After asks (seconds), else 0.5 s doubling."""
-    if retry_after is not None:
-        try:
-            return min(max(float(retry_after), 0.0), 300.0)
-        except ValueError:
-            pass  # an HTTP date: not sent by this gateway; fall back to the doubling wait
-    return float(min(_BACKOFF_FIRST_S * 2 ** (failures - 1), _BACKOFF_MAX_S))
+        if self.handle is not None:
+            self.handle.close()
 
 
 def warm(
@@ -235,50 +109,92 @@ def warm(
 ) -> WarmReport:
     """Send ``path``'s texts through the gateway at ``url``; resume from ``state`` unless ``restart``.
 
-    Raises WarmError when the run must stop; the report so far is its ``report`` attribute."""
+    Raises WarmError when the run must stop (WarmInterrupted on Ctrl-C); the report so far is its
+    ``report`` attribute. OSError when the corpus, the state or the side file fails before the start."""
+    state = state or path.with_name(path.name + ".warm-state")
+    skipped_file = skipped_file or path.with_name(path.name + ".warm-skipped")
+    with locked(state):
+        start = 0 if restart else read_state(state, path)
+        if start == 0:
+            skipped_file.unlink(missing_ok=True)  # a fresh run: the last run's list would mislead
+        _check_writable(skipped_file)
+        return _run(
+            path,
+            url,
+            start,
+            state=state,
+            skipped_file=skipped_file,
+            api_key=api_key,
+            model=model,
+            max_tokens=max_tokens,
+            max_inputs=max_inputs,
+            retries=retries,
+            progress=progress,
+            timeout_s=timeout_s,
+        )
+
+
+def _run(
+    path: Path,
+    url: str,
+    start: int,
+    *,
+    state: Path,
+    skipped_file: Path,
+    api_key: str,
+    model: str | None,
+    max_tokens: int,
+    max_inputs: int,
+    retries: int,
+    progress: bool,
+    timeout_s: float,
+) -> WarmReport:
+    """The run itself, from byte ``start``, the lock held."""
     import httpx
     from tqdm import tqdm
 
-    state = state or path.with_name(path.name + ".warm-state")
-    skipped_file = skipped_file or path.with_name(path.name + ".warm-skipped")
-    start = 0
-    if state.exists() and not restart:
-        start = int(json.loads(state.read_text()).get("offset", 0))
-    if start == 0:
-        skipped_file.unlink(missing_ok=True)  # a fresh run: the last run's list would mislead
     report = WarmReport(resumed_at=start, skipped_file=skipped_file)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     endpoint = url.rstrip("/") + ("/embeddings" if url.rstrip("/").endswith("/v1") else "/v1/embeddings")
     began = time.perf_counter()
     size = path.stat().st_size
     batches = read_batches(path, start, first_line_number(path, start), max_tokens, max_inputs)
-    with (
-        httpx.Client(timeout=timeout_s, headers=headers) as client,
-        tqdm(
-            total=size, initial=start, unit="B", unit_scale=True, desc="warm", disable=not progress, file=sys.stderr
-        ) as bar,
-    ):
-        warmer = _Warmer(client, endpoint=endpoint, model=model, retries=retries, report=report, side=skipped_file)
-        done = start
-        try:
+    side = _SideFile(skipped_file)
+    try:
+        with (
+            httpx.Client(timeout=timeout_s, headers=headers) as client,
+            tqdm(
+                total=size, initial=start, unit="B", unit_scale=True, desc="warm", disable=not progress, file=sys.stderr
+            ) as bar,
+        ):
+            sender = Sender(client, endpoint=endpoint, model=model, retries=retries, report=report)
+            done = start
             for texts, bad, offset in batches:
-                for entry in bad:
-                    warmer.skip(entry)
                 if texts:
-                    warmer.send(texts)
-                warmer.flush()
-                state.write_text(json.dumps({"offset": offset, "file": str(path), "size": size}))
+                    sender.send(texts)
+                skipped = bad + sender.take_skips()  # written with the state: none listed twice on resume
+                side.write(skipped)
+                report.skipped += len(skipped)
+                write_state(state, path, offset, size)
                 bar.update(offset - done)
                 done = offset
-        except WarmError as exc:
-            report.seconds = time.perf_counter() - began
-            exc.report = report
-            raise
-        finally:
-            warmer.close()
-    report.seconds = time.perf_counter() - began
-    state.write_text(json.dumps({"offset": size, "file": str(path), "size": size, "finished": True}))
+        write_state(state, path, size, size, finished=True)
+    except WarmError as exc:
+        exc.report = report
+        raise
+    except OSError as exc:  # the corpus, the state or the side file failed mid-run
+        raise _stopped(WarmError(f"{exc}"), report) from exc
+    except KeyboardInterrupt:
+        raise _stopped(WarmInterrupted("interrupted; run it again to resume"), report) from None
+    finally:
+        side.close()
+        report.seconds = time.perf_counter() - began
     return report
+
+
+def _stopped(error: WarmError, report: WarmReport) -> WarmError:
+    error.report = report
+    return error
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -295,7 +211,9 @@ and the text. The other texts of the same request are sent again. Rate limits (4
 restarting server (5xx) are waited out and retried.
 
 The run can be resumed: FILE.warm-state records how far it got, and the same command goes on from
-there (use --restart to begin again at line 1).
+there (use --restart to begin again at line 1). A state file that does not fit FILE (a new export
+in its place) is refused, naming --restart. A second run on the same state while one is going is
+refused (it holds FILE.warm-state.lock).
 
 It ends with one line: texts warmed (newly cached, already cached), texts skipped and the side
 file, requests, seconds and texts per second."""
@@ -304,7 +222,9 @@ WARM_EPILOG = """\
 exit status:
   0  the corpus was gone through (some texts may have been skipped)
   1  nothing could be warmed (every text was skipped), or the run stopped: the gateway could not
-     be reached, or refused the API key, the model or the URL (run it again to resume)
+     be reached, or refused the API key, the model or the URL (run it again to resume); the state
+     file does not fit FILE (pass --restart); another run holds the lock
+  130  stopped by Ctrl-C, after printing the summary so far (run it again to resume)
 
 example:
   embedding-gateway cache warm corpus.jsonl --url http://127.0.0.1:8001 --api-key "$KEY\""""
@@ -364,11 +284,17 @@ def run_warm(args: argparse.Namespace) -> int:
         stopped: WarmReport | None = getattr(exc, "report", None)
         if stopped is not None:
             print(stopped.summary())
+        if isinstance(exc, WarmInterrupted):
+            print(f"embedding-gateway cache warm: {exc}", file=sys.stderr)
+            return 130
         print(f"embedding-gateway cache warm: stopped: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # the corpus, the state or the side file cannot be read or written
+    except OSError as exc:  # the corpus, the state or the side file cannot be read or written at the start
         print(f"embedding-gateway cache warm: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the run began: nothing was sent
+        print("embedding-gateway cache warm: interrupted; run it again to resume", file=sys.stderr)
+        return 130
     print(report.summary())
     if report.skipped and not report.texts:
         print("embedding-gateway cache warm: nothing could be warmed: every text was skipped", file=sys.stderr)

@@ -39,6 +39,7 @@ from gateway.cli_serve import (
     settings_from_stdin,
 )
 from gateway.settings import ENV_PREFIX, Settings, SettingsError
+from gateway.settings_help import SETTINGS_HELP
 
 __all__ = [
     "JsonFormatter",
@@ -85,14 +86,19 @@ Started by "serve" itself, not by hand. It reads its settings as one JSON line o
 the command line, where any local user could read the API keys and the Redis password."""
 
 
-def _default_text(value: object) -> str:
-    """A setting's default as the help shows it (argparse expands %, so it is doubled)."""
+def _default_text(name: str, value: object) -> str:
+    """A setting's default as the help shows it (argparse expands %, so it is doubled). An empty
+    default that the server fills in itself (the model's name, the ONNX cache folder) shows what
+    docs/configuration.md says it becomes, not "empty"."""
     if isinstance(value, bool):
         text = "on" if value else "off"
     elif isinstance(value, tuple):
         text = ",".join(str(item) for item in value) or "empty"
     else:
         text = str(value) if value != "" else "empty"
+    page = SETTINGS_HELP[name].default if name in SETTINGS_HELP else "(empty)"
+    if text == "empty" and page != "(empty)":
+        text = page.split(" (")[0].replace("`", "")
     return text.replace("%", "%%")
 
 
@@ -104,7 +110,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "settings",
         f"each flag sets the environment variable of the same name ({ENV_PREFIX}MODEL for --model)\n"
-        "and wins over it; README's settings table says what each one does",
+        "and wins over it; docs/configuration.md (the Configuration page) says what each one does",
     )
     defaults = {field.name: field.default for field in msgspec.structs.fields(Settings)}
     for name in Settings.field_names():
@@ -113,7 +119,7 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
             dest=name,
             default=None,
             metavar=name.upper(),
-            help=f"{ENV_PREFIX}{name.upper()} (default: {_default_text(defaults.get(name))})",
+            help=f"{ENV_PREFIX}{name.upper()} (default: {_default_text(name, defaults.get(name))})",
         )
 
 

@@ -32,7 +32,7 @@ class SettingsError(ValueError):
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Server configuration. README.md's settings table documents each field."""
+    """Server configuration. docs/configuration.md (``gateway.settings_help``) documents each field."""
 
     # model
     model: str = "BAAI/bge-m3"

@@ -189,8 +189,8 @@ SETTINGS_HELP: dict[str, SettingHelp] = {
     "cache_dtype": SettingHelp(
         "`float32`",
         (
-            "how outputs are stored in the cache: `float16` (half the bytes) or `int8` (a scale per vector, "
-            "per ColBERT row: about a quarter); the server answers what it stores, so a miss and its "
+            "how outputs are stored in the cache: `float16` (half the bytes) or `int8` (a scale per block "
+            "of a vector: about 0.3x); the server answers what it stores, so a miss and its "
             "later hits are the same vector bit for bit; part of the cache namespace (see "
             "[Cache](operations.md#cache))"
         ),
