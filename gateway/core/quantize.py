@@ -9,7 +9,8 @@ range of each dimension from the batch it is given unless told ``ranges``: then 
 depend on the other texts of its request, and codes from two requests cannot be compared. Here the
 ranges are calibrated once per model (:class:`Calibrator`): the dense vectors of a fixed set of
 texts (:data:`CALIBRATION_TEXTS`, plain and with each instruction prompt the model would apply),
-each dimension's minimum and maximum over them. Every request is then quantised with the same
+each dimension's minimum and maximum over them, the first calibration of the model's cache
+namespace shared by every replica through the cache. Every request is then quantised with the same
 ranges, as ``quantize_embeddings(x, "int8" | "uint8", ranges=ranges)`` does, bit for bit; a value
 outside its dimension's range is clipped to the first or last step.
 
@@ -19,15 +20,18 @@ Pure numpy, no web framework: the HTTP routes (:mod:`gateway.http.routes.cohere`
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
 import numpy as np
 import xxhash
 
 from encoder import InputTooLongError
-from gateway.core.errors import OutputNotSupportedError
+from gateway.core.cache import CacheUnavailableError, cache_key
+from gateway.core.errors import OutputNotSupportedError, OverloadedError
 from gateway.core.outputs import DENSE, shorten
 from gateway.core.prompts import PromptBook
 from gateway.core.service import EmbeddingService
@@ -40,9 +44,12 @@ __all__ = [
     "Calibrated",
     "Calibrator",
     "Precision",
+    "calibration_key",
     "quantize",
     "ranges_of",
 ]
+
+logger = logging.getLogger(__name__)
 
 Precision = Literal["int8", "uint8", "binary", "ubinary"]
 
@@ -52,7 +59,7 @@ CALIBRATION_VERSION = 1
 CALIBRATION_TENANT = "calibration"  # the encoder queue's tenant for calibration passes
 # the input types whose prompts are calibrated too (with the model's default prompt)
 CALIBRATION_INPUT_TYPES = ("search_query", "search_document", "classification", "clustering")
-_CHUNK = 32  # texts per service call while calibrating
+_CHUNK = 32  # texts tokenised at once to leave out those over the limit (no truncation)
 
 # A fixed, varied set: questions and passages, short and long, prose, code, numbers, lists, many
 # topics and several languages and scripts, each short enough for any model's limit (a text over
@@ -242,19 +249,60 @@ class _Vectors:
     widths: dict[int, Calibrated] = field(default_factory=dict)
 
 
+class _Shared(msgspec.Struct, array_like=True, frozen=True):
+    """A calibration as the cache keeps it for every replica of the model (the first one stored wins)."""
+
+    version: int
+    prompts: list[str]
+    rows: int
+    dim: int
+    digest: str  # xxh3-64 of ``vectors``
+    vectors: bytes  # rows x dim, little-endian float32, exactly as calibrated
+
+
+def _encode(vectors: _Vectors) -> bytes:
+    data = np.ascontiguousarray(vectors.matrix, dtype="<f4").tobytes()
+    rows, dim = vectors.matrix.shape
+    shared = _Shared(CALIBRATION_VERSION, list(vectors.prompts), rows, dim, xxhash.xxh3_64_hexdigest(data), data)
+    return msgspec.msgpack.encode(shared)
+
+
+def _decode(blob: bytes, namespace: str, dim: int) -> _Vectors | None:
+    """The stored calibration, or None when it is not one this model can use (logged)."""
+    try:
+        shared = msgspec.msgpack.decode(blob, type=_Shared)
+    except msgspec.DecodeError as exc:
+        logger.warning("the stored int8/uint8 calibration is unreadable (%s); using this process's", exc)
+        return None
+    if (
+        shared.version != CALIBRATION_VERSION
+        or shared.dim != dim
+        or shared.rows < 1
+        or len(shared.vectors) != shared.rows * dim * 4
+        or xxhash.xxh3_64_hexdigest(shared.vectors) != shared.digest
+    ):
+        logger.warning("the stored int8/uint8 calibration does not fit this model; using this process's")
+        return None
+    matrix = np.frombuffer(shared.vectors, dtype="<f4").reshape(shared.rows, dim).astype(np.float32)
+    return _Vectors(namespace, matrix, tuple(shared.prompts))
+
+
 class Calibrator:
     """The int8/uint8 ranges of one model, calibrated on first use and kept.
 
-    The calibration texts go through the model's own service (cache, micro-batcher, its fair queue
-    as tenant :data:`CALIBRATION_TENANT`), so another replica or worker sharing the cache calibrates
-    from the same cached vectors, and gets the same ranges. An asyncio lock makes concurrent first
-    requests wait for one calibration. The ranges at a shorter width (``output_dimension``) come
-    from the same vectors, cut and re-normalised as the answer's are. A model whose cache
-    namespace changes (an engine restarted with other weights or numerics) is calibrated anew."""
+    Every replica, worker and restart of a model (one cache namespace) uses the first calibration
+    stored in the cache (:func:`calibration_key`), adopted without encoder work; finding none, a
+    calibrator calibrates, stores its vectors with ``put_first`` (``SET NX``) and adopts what the
+    cache then holds, so two replicas calibrating at once both use the first one stored. Without a
+    cache, or when it fails, the process keeps its own, made deterministic: each calibration text is
+    computed alone, one after another (a batch's padding and size change a vector's last bits),
+    through the model's service (cache, micro-batcher, tenant :data:`CALIBRATION_TENANT`). An
+    asyncio lock makes concurrent first requests wait for one calibration. A shorter width's ranges
+    (``output_dimension``) come from the same full-width vectors, cut and re-normalised as the
+    answer's are. A model whose namespace changes is calibrated anew."""
 
     def __init__(self, service: EmbeddingService, prompts: PromptBook) -> None:
-        self.service = service
-        self.prompts = prompts
+        self.service, self.prompts = service, prompts
         self._lock = asyncio.Lock()
         self._vectors: _Vectors | None = None
 
@@ -270,7 +318,7 @@ class Calibrator:
             async with self._lock:
                 vectors = self._vectors
                 if vectors is None or vectors.namespace != self.service.namespace:
-                    vectors = await self._calibrate()
+                    vectors = await self._shared()
                     self._vectors = vectors
         found = vectors.widths.get(width)
         if found is None:
@@ -280,6 +328,31 @@ class Calibrator:
             found = Calibrated(ranges, len(vectors.matrix), vectors.prompts, vectors.namespace, digest)
             vectors.widths[width] = found
         return found
+
+    async def _shared(self) -> _Vectors:
+        """The namespace's stored calibration, else this process's, stored first-wins and read back."""
+        cache, namespace, dim = self.service.cache, self.service.namespace, self.service.encoder.dim
+        if cache is None:
+            return await self._calibrate()
+        key = calibration_key(self.service.cache_prefix, namespace)
+        try:
+            stored = (await cache.get_blobs([key]))[0]
+        except CacheUnavailableError as exc:
+            logger.debug("reading the stored int8/uint8 calibration failed: %s", exc)
+            stored = None
+        found = _decode(stored, namespace, dim) if stored is not None else None
+        if found is not None:
+            return found
+        local = await self._calibrate()
+        if local.namespace != namespace:  # the model changed while reading: not this namespace's to share
+            return local
+        try:
+            stored = await cache.put_first(key, _encode(local))
+        except CacheUnavailableError as exc:
+            logger.warning("sharing the int8/uint8 calibration failed (%s): this process keeps its own", exc)
+            return local
+        found = _decode(stored, namespace, dim) if stored is not None else None
+        return found if found is not None else local
 
     def _prompt_names(self) -> tuple[str, ...]:
         names = [self.prompts.name_for(None, kind) for kind in CALIBRATION_INPUT_TYPES]
@@ -292,18 +365,20 @@ class Calibrator:
         texts = list(CALIBRATION_TEXTS)
         for name in names:
             texts.extend(self.prompts.prepend(list(CALIBRATION_TEXTS), name))
-        chunks = [texts[start : start + _CHUNK] for start in range(0, len(texts), _CHUNK)]
         if not self.service.truncate:
-            chunks = [await self._within_limit(chunk) for chunk in chunks]
-        results = await asyncio.gather(
-            *(self.service.embed(chunk, DENSE, tenant=CALIBRATION_TENANT) for chunk in chunks if chunk)
-        )
-        rows = [np.asarray(value, dtype=np.float32) for result in results for value in result.values]
+            chunks = [texts[start : start + _CHUNK] for start in range(0, len(texts), _CHUNK)]
+            texts = [text for chunk in chunks for text in await self._within_limit(chunk)]
+        rows = []
+        for text in texts:  # one at a time: a vector of its own pass, and one text in the queue at once
+            result = await self.service.embed([text], DENSE, tenant=CALIBRATION_TENANT)
+            rows.append(np.asarray(result.values[0], dtype=np.float32))
         if not rows:
             raise OutputNotSupportedError(
                 "int8 and uint8 need calibration, and no calibration text fits this model's input limit",
                 param="embedding_types",
             )
+        if self.service.namespace != namespace:  # the engine changed models meanwhile: two models' vectors
+            raise OverloadedError("the model changed while int8/uint8 ranges were calibrated; retry", retry_after=1)
         return _Vectors(namespace, np.stack(rows), names)
 
     async def _within_limit(self, chunk: Sequence[str]) -> list[str]:
@@ -317,3 +392,9 @@ class Calibrator:
                 continue
             break
         return kept
+
+
+def calibration_key(prefix: str, namespace: str) -> str:
+    """Where the cache keeps a namespace's shared calibration (``cache stats`` shows its kind as
+    ``calibration``, and ``cache purge`` of the namespace removes it with the vectors)."""
+    return cache_key(prefix, namespace + ":calibration", f"v{CALIBRATION_VERSION}")

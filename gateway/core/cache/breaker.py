@@ -176,6 +176,9 @@ class CircuitBreakerCache:
     async def put_blobs(self, items: Sequence[tuple[str, bytes]]) -> None:
         await self._call((self.circuit, self.write_circuit), lambda: self.inner.put_blobs(items))
 
+    async def put_first(self, key: str, value: bytes) -> bytes | None:
+        return await self._call((self.circuit, self.write_circuit), lambda: self.inner.put_first(key, value))
+
     async def ping(self) -> bool:
         # Health checks probe Redis itself (they are rare), and a good answer closes the main circuit
         # (not the write circuit: a read-only replica answers PING too).

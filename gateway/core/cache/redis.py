@@ -49,9 +49,20 @@ def _describe(exc: BaseException) -> str:
 
 
 def _failure(what: str, exc: BaseException) -> CacheUnavailableError:
-    if isinstance(exc, ResponseError):
+    if isinstance(exc, ResponseError) and not isinstance(exc, _MOVED):
         return CacheRefusedError(f"redis {what} refused: {_describe(exc)}")
     return CacheUnavailableError(f"redis {what} failed: {_describe(exc)}")
+
+
+def _kept(written: object, stored: object) -> bytes | None:
+    """What ``put_first``'s ``SET NX`` and ``GET`` replies say is kept: the value read back (even
+    when the write was refused: another one stored it first), else the write's or the read's error."""
+    if isinstance(stored, bytes):
+        return stored
+    for what, reply in (("write", written), ("read", stored)):
+        if isinstance(reply, BaseException):
+            raise _failure(what, reply)
+    return None
 
 
 class RedisBlobCache:
@@ -152,6 +163,21 @@ class RedisBlobCache:
                         await pipe.execute()
             except _FAILURES as exc:
                 raise _failure("write", exc) from exc
+
+    async def put_first(self, key: str, value: bytes) -> bytes | None:
+        async with self._slot():
+            if self.cluster is not None:
+                return await self.cluster.put_first(key, value, self.ttl_seconds, self.timeout_s * 4)
+            assert self.client is not None
+            try:
+                async with asyncio.timeout(self.timeout_s * 4):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        pipe.set(key, value, ex=self.ttl_seconds, nx=True)
+                        pipe.get(key)
+                        written, stored = await pipe.execute(raise_on_error=False)
+            except _FAILURES as exc:
+                raise _failure("write", exc) from exc
+            return _kept(written, stored)
 
     async def ping(self) -> bool:
         try:
@@ -322,6 +348,19 @@ class _ClusterStore:
             raise CacheRefusedError(f"redis cluster refused {refused} writes")
         if written == 0 and self._all_down():
             raise CacheUnavailableError("redis cluster: every master is failing")
+
+    async def put_first(self, key: str, value: bytes, ttl_seconds: int, deadline_s: float) -> bytes | None:
+        """``SET NX`` then ``GET`` of one key, in one pipeline on the master of its slot."""
+        await self._ready(deadline_s)
+        groups = self._group([key])
+        if not groups:
+            raise CacheUnavailableError("redis cluster: no master answers for the key's slot")
+        ((node, _),) = groups.values()
+        commands = [("SET", key, value, "NX", "EX", ttl_seconds), ("GET", key)]
+        result = await self._node_call(node, commands, deadline_s)
+        if isinstance(result, BaseException):
+            raise _failure("write", result)
+        return _kept(*result)
 
     async def ping(self) -> bool:
         try:

@@ -4,8 +4,9 @@ The body names ``texts``, ``embedding_types`` and an ``input_type``; the texts g
 admission, API key limits, in-flight cap, prompts, cache and micro-batcher as OpenAI's route
 (:func:`~gateway.http.routes.embeddings.compute`): the ``float`` answer is the cached dense vector,
 and every other type is made from it (:mod:`gateway.core.quantize`), so asking for five types costs
-one lookup and at most one pass. ``int8`` and ``uint8`` use ranges calibrated once per model, shown
-by ``GET /v2/embed/ranges``; ``binary`` and ``ubinary`` need none. Errors are OpenAI's envelope (the
+one lookup and at most one pass. ``int8`` and ``uint8`` use ranges calibrated once per model (the
+first calibration of its cache namespace, shared by every replica through the cache), shown by
+``GET /v2/embed/ranges``; ``binary`` and ``ubinary`` need none. Errors are OpenAI's envelope (the
 ``cohere`` SDK raises its ``BadRequestError`` and friends with that body).
 
 What is honoured, and what is refused with a 400 naming the field (never silently ignored):
@@ -268,6 +269,10 @@ async def embed_v2(request: Request[Any, Any, Any]) -> Response[CohereEmbedRespo
     texts, types, width = _check(data, model)
     prompt_name = model.prompts.name_for(None, data.input_type)  # an unknown input type: 400 before any work
     prompted = model.prompts.prepend(texts, prompt_name)
+    calibrated: Calibrated | None = None
+    if "int8" in types or "uint8" in types:
+        # Before compute() takes the key's tokens: a calibration that fails (503) costs the key nothing.
+        calibrated = await calibrator_for(model).ranges(width)
     try:
         result = await compute(request, model, prompted, DENSE, untruncated=data.truncate in ("NONE", "START"))
     except InvalidInputError as exc:
@@ -275,9 +280,6 @@ async def embed_v2(request: Request[Any, Any, Any]) -> Response[CohereEmbedRespo
             raise
         raise _too_long(exc, data.truncate, model.service.truncate) from None
     vectors = np.stack(shorten(result.values, width if width != model.encoder.dim else None)).astype(np.float32)
-    calibrated: Calibrated | None = None
-    if "int8" in types or "uint8" in types:
-        calibrated = await calibrator_for(model).ranges(width)
     embeddings = _Embeddings()
     for kind in types:
         if kind == "float":
