@@ -17,9 +17,12 @@ from collections.abc import Sequence
 from typing import Generic, TypeVar, cast
 
 from encoder.queue_records import (
+    _BACKGROUND_SEQ,
     _QUEUED,
     _REMOVED,
     _TAKEN,
+    BACKGROUND_COST,
+    BACKGROUND_TENANT,
     Flow,
     QueuedInput,
     _Bucket,
@@ -31,7 +34,7 @@ from encoder.queue_records import (
     _top,
 )
 
-__all__ = ["BatchQueue"]
+__all__ = ["BACKGROUND_COST", "BACKGROUND_TENANT", "BatchQueue"]
 
 Q = TypeVar("Q", bound=QueuedInput)
 
@@ -46,6 +49,12 @@ class BatchQueue(Generic[Q]):
     tenant or flow is forgotten when its last queued input is taken or withdrawn, so one that comes
     back later starts afresh, never from a stale count; withdrawn inputs were never computed and
     are never counted.
+
+    The background tenant, :data:`BACKGROUND_TENANT` (Batch API work), runs below interactive
+    traffic yet keeps the device busy: not gated (that would starve it), it is charged
+    :data:`BACKGROUND_COST` (16) times its tokens, so each interactive tenant with queued work gets
+    16 times its share, and it loses ties (its ``seq`` is 2**40 above any other's). Its flows are
+    charged plain tokens and share its turns fairly; the same heaps serve it, at the same costs.
 
     :meth:`take` builds the batch around the neediest flow's oldest input (length ``L``): first
     more inputs of length ``L``, then of the nearest shorter and longer lengths, taking at each
@@ -175,13 +184,13 @@ class BatchQueue(Generic[Q]):
         tenant = flow.group
         assert tenant is not None, "a queued input's flow is registered"
         ahead = min(max(0, item.tag - flow.served), flow.tokens - item.length)
-        return tenant.served + min(tenant.tokens - item.length, ahead * tenant.flows)
+        return tenant.served + min(tenant.tokens - item.length, ahead * tenant.flows) * tenant.cost
 
     def _start_in(self, flow: Flow) -> int:
         """The same estimate for an input appended to ``flow`` now (registering it if needed)."""
         tenant = flow.group
         if tenant is not None:
-            return tenant.served + min(tenant.tokens, flow.tokens * tenant.flows)
+            return tenant.served + min(tenant.tokens, flow.tokens * tenant.flows) * tenant.cost
         tenant = self._tenants.get(flow.tenant)
         if tenant is not None:  # a new flow starts as the neediest of its tenant's
             return tenant.served
@@ -276,7 +285,11 @@ class BatchQueue(Generic[Q]):
             least, dropped = _top(self._heap)
             self.examined += dropped
             self._seq += 1
-            tenant = _Tenant(flow.tenant, self._seq, served=least.served if least is not None else 0)
+            served = least.served if least is not None else 0
+            if flow.tenant == BACKGROUND_TENANT:  # loses ties, pays BACKGROUND_COST per token
+                tenant = _Tenant(flow.tenant, self._seq + _BACKGROUND_SEQ, served, cost=BACKGROUND_COST)
+            else:
+                tenant = _Tenant(flow.tenant, self._seq, served)
             self._tenants[flow.tenant] = tenant
             heapq.heappush(self._heap, (tenant.served, tenant.seq, tenant.version, tenant))
         least_flow, dropped = _top(tenant.heap)
@@ -345,8 +358,8 @@ class BatchQueue(Generic[Q]):
         tenant = flow.group
         assert tenant is not None
         # Served means taken for compute: charged now, so the next plan already counts it.
-        flow.served += item.length
-        tenant.served += item.length
+        flow.served += item.length  # plain tokens: a tenant's flows share its turns fairly
+        tenant.served += item.length * tenant.cost
         plan.touched[flow] = tenant
         self._unqueue(item)
 

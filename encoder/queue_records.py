@@ -23,7 +23,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-__all__ = ["Flow", "QueuedInput"]
+__all__ = ["BACKGROUND_COST", "BACKGROUND_TENANT", "Flow", "QueuedInput"]
+
+# The background tenant (OpenAI Batch API work): no API key's name can equal it (key names are
+# stripped, so never start with a space). It is charged BACKGROUND_COST tokens of virtual time per
+# token computed, so an interactive tenant with queued work gets 16 times its tokens (16/17 of the
+# compute against one), and it loses every tie (BatchQueue gives it a tenant seq _BACKGROUND_SEQ
+# above any interactive one's). See BatchQueue's docstring.
+BACKGROUND_TENANT = " batch"
+BACKGROUND_COST = 16
+_BACKGROUND_SEQ = 2**40
 
 
 # The life of a queued input. Containers that keep inputs in arrival order skip taken and removed
@@ -91,6 +100,7 @@ class _Tenant:
     name: str
     seq: int
     served: int
+    cost: int = 1  # virtual time charged per token computed: BACKGROUND_COST for the background tenant
     queued: int = 0
     tokens: int = 0  # of its queued inputs
     version: int = 0
