@@ -118,6 +118,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     int8_min_cosine: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.98  # worst probe text, int8 vs float32
     int8_min_mean_cosine: Annotated[float, msgspec.Meta(ge=-1, le=1)] = 0.995
     int8_min_top10_overlap: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95  # probe queries' top 10 documents
+    # OpenAI's Batch API (issue 23): files and outputs in a folder every replica shares; empty: off
+    batch_dir: str = ""
+    batch_max_file_bytes: PositiveInt = 200 * 1024 * 1024  # an uploaded file (OpenAI's 200 MB); 400 above
+    batch_max_lines: PositiveInt = 50_000  # request lines of one batch file (OpenAI's 50,000); 400 above
+    batch_chunk_inputs: PositiveInt = 1024  # inputs of one unit of work a replica takes (and redoes if it dies)
+    batch_chunks_in_flight: PositiveInt = 2  # chunks one process runs at once (the next queued while one runs)
+    batch_claim_idle_s: PositiveFloat = 60.0  # a chunk whose replica went silent this long is redone elsewhere
 
     def __post_init__(self) -> None:
         # msgspec reports a ValueError raised here as a validation error at this struct.

@@ -341,6 +341,22 @@ SETTINGS_HELP: dict[str, SettingHelp] = {
         "`0.95`",
         ("int8 quality gate: share of float32's top-10 documents per probe query that int8 also ranks top 10"),
     ),
+    "batch_dir": SettingHelp(
+        "(none: the Batch API is off)",
+        "folder for `/v1/files` and batch outputs; replicas must share it (an RWX volume); "
+        "with `EMBED_REDIS_URL` the jobs and work queue live in Redis, else in this folder, run by one process",
+    ),
+    "batch_max_file_bytes": SettingHelp("`209715200`", "largest uploaded file (OpenAI's 200 MB); 400 above"),
+    "batch_max_lines": SettingHelp("`50000`", "most request lines in one batch file (OpenAI's 50,000); 400 above"),
+    "batch_chunk_inputs": SettingHelp(
+        "`1024`", "inputs in one unit of batch work: what a replica takes at a time, and redoes if its holder died"
+    ),
+    "batch_chunks_in_flight": SettingHelp(
+        "`2`", "chunks each server process runs at once (the next one queued for the device while one runs)"
+    ),
+    "batch_claim_idle_s": SettingHelp(
+        "`60.0`", "a chunk whose replica stopped renewing its claim this long is taken over by another (XAUTOCLAIM)"
+    ),
 }
 
 _INTRO = """# Configuration

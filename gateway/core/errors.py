@@ -11,10 +11,12 @@ from __future__ import annotations
 
 __all__ = [
     "ClientDisconnectedError",
+    "ConflictError",
     "EncoderFailedError",
     "GatewayError",
     "InvalidInputError",
     "ModelNotFoundError",
+    "NotFoundError",
     "OutputNotSupportedError",
     "OverloadedError",
     "RateLimitedError",
@@ -52,6 +54,14 @@ class ModelNotFoundError(GatewayError):
     """The request names a model this server does not serve."""
 
     code = "model_not_found"
+
+
+class NotFoundError(GatewayError):
+    """The request names a file or batch that does not exist (or belongs to another key)."""
+
+
+class ConflictError(GatewayError):
+    """The request asks what the object's state no longer allows (cancel a finished batch)."""
 
 
 class UnauthenticatedError(GatewayError):

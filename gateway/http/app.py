@@ -42,11 +42,13 @@ from gateway.engine.client import EngineLink
 from gateway.engine.router import EngineRouter
 from gateway.http.answers import AnswerBuilder
 from gateway.http.auth import ApiKeyMiddleware
+from gateway.http.batch_api import running_batches
 from gateway.http.clients import ClientHooks
 from gateway.http.compression import AnswerCompressor, compression_middleware
 from gateway.http.errors import exception_handlers
 from gateway.http.middleware import InFlight, RequestContextMiddleware, request_id
 from gateway.http.routes import EMBEDDING_ROUTES, OTHER_ROUTES, TEI_ROUTER
+from gateway.http.routes.batches import batch_routes
 from gateway.http.routes.rerank import body_schemas as rerank_body_schemas
 from gateway.http.routes.tei import body_schemas as tei_body_schemas
 from gateway.http.runtime import Runtime, ServedModel
@@ -99,7 +101,8 @@ def _compressed(settings: Settings) -> list[DefineMiddleware]:
 def _routes(settings: Settings) -> list[ControllerRouterHandler]:
     """Embedding routes compress their own answers (answers.py); the rest go through Litestar's middleware."""
     # TEI's routes answer like the embedding routes (their own compression) with TEI's error shape.
-    return [*EMBEDDING_ROUTES, TEI_ROUTER, Router("/", route_handlers=OTHER_ROUTES, middleware=_compressed(settings))]
+    others = [*OTHER_ROUTES, *batch_routes(settings)]
+    return [*EMBEDDING_ROUTES, TEI_ROUTER, Router("/", route_handlers=others, middleware=_compressed(settings))]
 
 
 def _openapi(settings: Settings) -> OpenAPIConfig:
@@ -348,7 +351,8 @@ def create_app(
         gc.freeze()
         await _log_ready(served, vector_cache)
         try:
-            yield
+            async with running_batches(app, settings, runtime):
+                yield
         finally:
             runtime.draining = True
             sampler.cancel()

@@ -20,10 +20,12 @@ from litestar.types import ExceptionHandlersMap
 
 from gateway.core.errors import (
     ClientDisconnectedError,
+    ConflictError,
     EncoderFailedError,
     GatewayError,
     InvalidInputError,
     ModelNotFoundError,
+    NotFoundError,
     OverloadedError,
     RequestsRateLimitedError,
     TokensRateLimitedError,
@@ -61,6 +63,8 @@ ERROR_TABLE: dict[type[GatewayError], tuple[int, str]] = {
     InvalidInputError: (400, "invalid_request_error"),
     UnauthenticatedError: (401, "invalid_request_error"),
     ModelNotFoundError: (404, "invalid_request_error"),
+    NotFoundError: (404, "invalid_request_error"),
+    ConflictError: (409, "invalid_request_error"),
     ClientDisconnectedError: (499, "invalid_request_error"),  # nobody reads it: nginx's status, for our logs
     EncoderFailedError: (500, "server_error"),
     OverloadedError: (503, "server_error"),

@@ -11,6 +11,8 @@ import msgspec
 from encoder.batcher import QueueFullError
 from encoder.kinds import OutputKind
 from gateway.core.backend import Batcher, EncoderInfo
+from gateway.core.batch.runner import BatchRunner
+from gateway.core.batch.service import BatchService
 from gateway.core.cache import BlobCache, CircuitBreakerCache
 from gateway.core.errors import ModelNotFoundError, OverloadedError
 from gateway.core.history import HistoryRing
@@ -90,6 +92,8 @@ class Runtime:
     engines: list[EngineRouter] = field(default_factory=list)
     # Every model served (EMBED_MODELS_FILE), the default first; empty: the one above alone.
     models: list[ServedModel] = field(default_factory=list)
+    batches: BatchService | None = None  # OpenAI's Batch API (EMBED_BATCH_DIR); None: off
+    batch_runner: BatchRunner | None = None
     _by_name: dict[str, ServedModel] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

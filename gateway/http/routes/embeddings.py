@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar, cast
 from litestar import Request, Response, post
 from litestar.openapi.spec import OpenAPIMediaType, Operation, Reference, RequestBody
 
+from encoder.batch_queue import BACKGROUND_TENANT
 from encoder.kinds import Outputs
 from gateway.core.errors import (
     ClientDisconnectedError,
@@ -39,6 +40,7 @@ from gateway.http.routes.common import ERRORS, runtime_of
 from gateway.http.runtime import Runtime, ServedModel
 
 __all__ = [
+    "BACKGROUND_LINE",
     "EMBEDDING_OPT",
     "accept_body",
     "answer_with",
@@ -51,6 +53,9 @@ __all__ = [
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# The scope state key that marks a batch's line run through a route in-process (no client, no socket).
+BACKGROUND_LINE = "gateway.batch_line"
 
 
 def documented_body(schema: str) -> type[Operation]:
@@ -121,7 +126,9 @@ async def compute_outputs(
     """Several outputs of ``texts`` at once, one pass for a text that misses any (see :func:`compute`)."""
     # The key's name is the unit the encoder queue is fair between (one tenant's bulk ingest does
     # not freeze another's queries); anonymous requests share one tenant and are fair per request.
-    tenant = client_name(request.scope) or ""
+    # A batch line (gateway.http.batch_lines) runs as the batch tenant, with no client to hang up.
+    background = request.scope.get("state", {}).get(BACKGROUND_LINE, False)
+    tenant = BACKGROUND_TENANT if background else client_name(request.scope) or ""
     # A key's tokens per minute is taken once the request's tokens are counted, before any encoding,
     # and stays taken if the client hangs up; not charged after the answer, when it is too late.
     reservation = token_reservation(request.scope)
@@ -129,7 +136,7 @@ async def compute_outputs(
         results = await model.service.embed_outputs(
             texts,
             outputs,
-            guard=_disconnect_guard(request),
+            guard=None if background else _disconnect_guard(request),
             tenant=tenant,
             reserve=reservation.cover if reservation is not None else None,
             # more than the key's whole limit is refused before the rest of it is tokenised

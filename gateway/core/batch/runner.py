@@ -1,0 +1,265 @@
+"""The batch runner: every server process takes chunks of batches and runs them, below requests.
+
+Its loop claims a chunk from the :class:`JobStore` (a dead replica's first), runs each of its lines
+through ``execute`` (the same path as the route the batch names, as the batch's background tenant:
+the encoder's fair queue gives it the smallest share, so interactive requests keep their pace and
+the device is never idle), writes the chunk's output and error lines to two files named by the
+chunk (written whole, so a chunk run twice leaves one copy), and records the chunk's outcome.
+``batch_chunks_in_flight`` chunks run at once, so the next is queued while one computes.
+
+A batch whose every chunk has an outcome is finalised by whichever runner takes its lock: its
+parts are joined in line order into the output and error files, and its status becomes final.
+Lines answered 429 or 503 (the server is busy) are retried, never written as failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from gateway.core.batch.files import FileStore, _write_atomically
+from gateway.core.batch.lines import LineError, failed_line, ran_line
+from gateway.core.batch.plan import Plan, lines_of
+from gateway.core.batch.schemas import TERMINAL, BatchErrorEntry, BatchRecord, RequestLine
+from gateway.core.batch.store import ChunkDone, Claim, JobStore
+
+__all__ = ["BatchRunner", "Execute", "LineAnswer", "output_file_ids", "plan_path"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LineAnswer:
+    status: int
+    body: bytes  # JSON: the route's answer, or its error envelope
+    error_code: str | None = None  # the error's ``code`` (for the error file's ``error``)
+    error_message: str = ""
+
+
+# (endpoint, request body, owner) -> the answer the route would have given
+Execute = Callable[[str, bytes, str], Awaitable[LineAnswer]]
+
+_RETRY = frozenset({429, 503})
+_SERVER_FAILURE_TRIES = 3
+
+
+def plan_path(folder: Path, batch_id: str) -> Path:
+    return folder / "batches" / batch_id / "plan.json"
+
+
+def output_file_ids(batch_id: str) -> tuple[str, str]:
+    """The output and error files' ids: fixed by the batch, so a finalisation run twice writes one each."""
+    suffix = batch_id.removeprefix("batch_")
+    return f"file-{suffix}-output", f"file-{suffix}-errors"
+
+
+@dataclass
+class BatchRunner:
+    jobs: JobStore
+    files: FileStore
+    folder: Path
+    execute: Execute
+    chunks_in_flight: int = 2
+    claim_idle_s: float = 60.0
+    consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    clock: Callable[[], float] = time.time
+    lines_done: dict[str, int] = field(default_factory=lambda: {"completed": 0, "failed": 0})  # by this process
+    _plans: dict[str, Plan] = field(default_factory=dict)
+
+    async def run(self) -> None:
+        """Take and run chunks until cancelled."""
+        slots = asyncio.Semaphore(self.chunks_in_flight)
+        running: set[asyncio.Task[None]] = set()
+        next_sweep = 0.0
+        try:
+            while True:
+                await slots.acquire()
+                try:
+                    claim = await self.jobs.claim(self.consumer, idle_s=self.claim_idle_s, wait_s=1.0)
+                    if time.monotonic() >= next_sweep:
+                        next_sweep = time.monotonic() + 1.0
+                        for batch_id in await self.jobs.active():
+                            await self.finalise(batch_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the store is down: wait, and try again (nothing is lost while it is)
+                    logger.warning("batch runner: the job store failed; retrying in 1 s", exc_info=True)
+                    slots.release()
+                    await asyncio.sleep(1.0)
+                    continue
+                if claim is None:
+                    slots.release()
+                    continue
+                task = asyncio.create_task(self._chunk(claim), name=f"batch-{claim.batch_id}-{claim.chunk}")
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _chunk(self, claim: Claim) -> None:
+        keeper = asyncio.create_task(self._keep(claim))
+        try:
+            done = await self._run_chunk(claim)
+            await self.jobs.finish(claim, done)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # left claimed: it is redone once its claim goes idle
+            logger.exception("batch %s chunk %d failed; it will be redone", claim.batch_id, claim.chunk)
+            return
+        finally:
+            keeper.cancel()
+        await self.finalise(claim.batch_id)
+
+    async def _keep(self, claim: Claim) -> None:
+        while True:
+            await asyncio.sleep(self.claim_idle_s / 3)
+            with contextlib.suppress(Exception):
+                await self.jobs.keep(claim, self.consumer)
+
+    def _plan(self, batch_id: str) -> Plan:
+        plan = self._plans.get(batch_id)
+        if plan is None:
+            plan = msgspec.json.decode(plan_path(self.folder, batch_id).read_bytes(), type=Plan)
+            self._plans[batch_id] = plan
+        return plan
+
+    async def _run_chunk(self, claim: Claim) -> ChunkDone:
+        record = await self.jobs.get(claim.batch_id)
+        if record is None or record.status in TERMINAL or record.status == "cancelling":
+            return ChunkDone()  # cancelled (or gone): its lines are not run
+        try:
+            plan = await asyncio.to_thread(self._plan, record.id)
+            span = plan.chunks[claim.chunk]
+            data = await asyncio.to_thread(_read_span, self.files.path(record.input_file_id), span.start, span.end)
+        except FileNotFoundError:
+            await self.jobs.transition(
+                record.id,
+                "failed",
+                allowed=("in_progress",),
+                at=int(self.clock()),
+                errors=[BatchErrorEntry(code="input_file_missing", message="The input file was deleted.")],
+            )
+            return ChunkDone()
+        expired = self.clock() >= record.expires_at
+        lines = list(lines_of(data, span.first_line))
+        results = await asyncio.gather(*(self._line(record, number, raw, plan, expired) for number, raw in lines))
+        out = [line for ok, line in results if ok]
+        errors = [line for ok, line in results if not ok]
+        folder = self.folder / "batches" / record.id
+        await asyncio.to_thread(_write_atomically, folder / f"out-{claim.chunk:06d}.jsonl", out)
+        await asyncio.to_thread(_write_atomically, folder / f"err-{claim.chunk:06d}.jsonl", errors)
+        self.lines_done["completed"] += len(out)
+        self.lines_done["failed"] += len(errors)
+        return ChunkDone(completed=len(out), failed=len(errors), expired=expired)
+
+    async def _line(
+        self, record: BatchRecord, number: int, raw: bytes, plan: Plan, expired: bool
+    ) -> tuple[bool, bytes]:
+        bad = plan.bad.get(number)
+        if bad is not None:
+            return False, failed_line(record.id, number, bad.custom_id, bad.code, bad.message)
+        request = msgspec.json.decode(raw, type=RequestLine)  # checked at create
+        if expired:
+            message = "The batch expired before this request ran."
+            return False, failed_line(record.id, number, request.custom_id, "batch_expired", message)
+        answer = await self._execute(record, request)
+        if answer.status == 200:
+            return True, ran_line(record.id, number, request.custom_id, 200, answer.body)
+        error = LineError(code=answer.error_code or "request_failed", message=answer.error_message, line=number)
+        return False, ran_line(record.id, number, request.custom_id, answer.status, answer.body, error=error)
+
+    async def _execute(self, record: BatchRecord, request: RequestLine) -> LineAnswer:
+        delay, failures = 0.25, 0
+        while True:
+            answer = await self.execute(record.endpoint, bytes(request.body), record.owner)
+            if answer.status >= 500 and answer.status not in _RETRY:
+                failures += 1
+                if failures >= _SERVER_FAILURE_TRIES:
+                    return answer
+            elif answer.status not in _RETRY:
+                return answer
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def finalise(self, batch_id: str) -> None:
+        """Join a batch's parts and set its final status, if every chunk has an outcome and no other
+        runner is doing it. Run twice (a runner died half-way), it writes the same files again."""
+        record = await self.jobs.get(batch_id)
+        if record is None or record.status in TERMINAL:
+            return
+        outcomes = await self.jobs.outcomes(batch_id)
+        if len(outcomes) < record.chunks:
+            return
+        # Not renewed: a finaliser that outlives it is joined by another, which writes the same files.
+        if not await self.jobs.lock(batch_id, self.consumer, max(self.claim_idle_s, 5.0)):
+            return
+        now = int(self.clock())
+        if record.status == "in_progress":
+            await self.jobs.transition(batch_id, "finalizing", allowed=("in_progress",), at=now)
+        final = (
+            "cancelled"
+            if record.status == "cancelling"
+            else "expired"
+            if any(one.expired for one in outcomes.values())
+            else "completed"
+        )
+        output_id, errors_id = output_file_ids(batch_id)
+        kept = await asyncio.to_thread(self._join, record, output_id, errors_id)
+        await self.jobs.transition(
+            batch_id,
+            final,
+            allowed=("finalizing", "cancelling"),
+            at=int(self.clock()),
+            output_file_id=output_id if output_id in kept else None,
+            error_file_id=errors_id if errors_id in kept else None,
+        )
+        await asyncio.to_thread(self._clean, batch_id)
+        self._plans.pop(batch_id, None)
+        logger.info("batch %s %s", batch_id, final)
+
+    def _join(self, record: BatchRecord, output_id: str, errors_id: str) -> set[str]:
+        folder = self.folder / "batches" / record.id
+        kept = set()
+        for file_id, kind, name in ((output_id, "out", "output"), (errors_id, "err", "errors")):
+            parts = [folder / f"{kind}-{chunk:06d}.jsonl" for chunk in range(record.chunks)]
+            if any(part.is_file() and part.stat().st_size for part in parts):
+                self.files.create(
+                    _concatenated(parts),
+                    filename=f"{record.id}_{name}.jsonl",
+                    purpose="batch_output",
+                    owner=record.owner,
+                    file_id=file_id,
+                )
+                kept.add(file_id)
+        return kept
+
+    def _clean(self, batch_id: str) -> None:
+        for part in (self.folder / "batches" / batch_id).glob("*-*.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+
+
+def _read_span(path: Path, start: int, end: int) -> bytes:
+    with open(path, "rb") as source:
+        source.seek(start)
+        return source.read(end - start)
+
+
+def _concatenated(parts: list[Path]) -> Iterator[bytes]:
+    for part in parts:
+        with contextlib.suppress(FileNotFoundError), open(part, "rb") as source:
+            while piece := source.read(1024 * 1024):
+                yield piece
