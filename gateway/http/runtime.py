@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from encoder.batcher import QueueFullError
 from encoder.kinds import OutputKind
@@ -21,6 +24,7 @@ from gateway.core.models_file import ANY_MODEL
 from gateway.core.prompts import PromptBook
 from gateway.core.service import EmbeddingService
 from gateway.core.telemetry import (
+    BatchStats,
     EngineStats,
     LiveState,
     ModelStats,
@@ -34,7 +38,7 @@ from gateway.engine.router import EngineRouter, with_fresh_engines
 from gateway.http.answers import AnswerBuilder
 from gateway.settings import Settings
 
-__all__ = ["Runtime", "ServedModel"]
+__all__ = ["Runtime", "ServedModel", "batch_metrics"]
 
 
 @dataclass(slots=True)
@@ -184,11 +188,58 @@ class Runtime:
         return telemetry, live, snapshot
 
     async def stats(self) -> StatsSnapshot:
-        return (await self.whole_server())[2]
+        snapshot = (await self.whole_server())[2]
+        batches = await self._batch_stats()
+        return msgspec.structs.replace(snapshot, batches=batches) if batches is not None else snapshot
 
     async def metrics(self) -> bytes:
         telemetry, live, _ = await self.whole_server()
-        return telemetry.render_prometheus(live)
+        text = telemetry.render_prometheus(live)
+        batches = await self._batch_stats()
+        return text + batch_metrics(batches) if batches is not None else text
+
+    async def _batch_stats(self) -> BatchStats | None:
+        """Batches across every replica (the job store's view); None when off or unreachable."""
+        if self.batches is None:
+            return None
+        try:
+            progress = await asyncio.wait_for(self.batches.progress(), timeout=2.0)
+        except Exception:  # the job store is down: the rest of /stats still answers
+            return None
+        return BatchStats(
+            active=progress.active,
+            requests_total=progress.total,
+            requests_completed=progress.completed,
+            requests_failed=progress.failed,
+        )
+
+
+def batch_metrics(stats: BatchStats) -> bytes:
+    """The Batch API's gauges in Prometheus' text format (every replica's batches not yet final)."""
+    active = GaugeMetricFamily(
+        "embedding_batches_active", "Batch API batches not yet completed, failed, expired or cancelled."
+    )
+    active.add_metric([], stats.active)
+    requests = GaugeMetricFamily(
+        "embedding_batch_requests", "Request lines of the active batches, by state.", labels=["state"]
+    )
+    for state, count in (
+        ("total", stats.requests_total),
+        ("completed", stats.requests_completed),
+        ("failed", stats.requests_failed),
+    ):
+        requests.add_metric([state], count)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed([active, requests]))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def names_of(models: list[ServedModel]) -> dict[str, ServedModel]:

@@ -144,6 +144,9 @@ class LocalJobs:
         await asyncio.to_thread(_write_atomically, path, [msgspec.json.encode(done)])
         self._held.discard((claim.batch_id, claim.chunk))
 
+    async def release(self, claim: Claim) -> None:
+        self._held.discard((claim.batch_id, claim.chunk))
+
     async def outcomes(self, batch_id: str) -> dict[int, ChunkDone]:
         return await asyncio.to_thread(self._outcomes, batch_id)
 

@@ -143,6 +143,14 @@ class RedisJobs:
         pipe.xdel(self.stream, claim.handle)
         await pipe.execute()
 
+    async def release(self, claim: Claim) -> None:
+        # A stream entry cannot be un-read: the chunk is queued anew and the held entry dropped.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.stream, {"batch": claim.batch_id, "chunk": claim.chunk})
+        pipe.xack(self.stream, _GROUP, claim.handle)
+        pipe.xdel(self.stream, claim.handle)
+        await pipe.execute()
+
     async def outcomes(self, batch_id: str) -> dict[int, ChunkDone]:
         found = await self.client.hgetall(self._done(batch_id))
         return {int(chunk): msgspec.json.decode(value, type=ChunkDone) for chunk, value in found.items()}

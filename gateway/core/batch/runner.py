@@ -75,16 +75,21 @@ class BatchRunner:
     clock: Callable[[], float] = time.time
     lines_done: dict[str, int] = field(default_factory=lambda: {"completed": 0, "failed": 0})  # by this process
     _plans: dict[str, Plan] = field(default_factory=dict)
+    _holding: set[Claim] = field(default_factory=set)  # claimed, outcome not yet recorded
 
     async def run(self) -> None:
         """Take and run chunks until cancelled."""
         slots = asyncio.Semaphore(self.chunks_in_flight)
         running: set[asyncio.Task[None]] = set()
         next_sweep = 0.0
+        started = False
         try:
             while True:
                 await slots.acquire()
                 try:
+                    if not started:  # (again after a failure: a Redis restarted empty lost the group)
+                        await self.jobs.start()
+                        started = True
                     claim = await self.jobs.claim(self.consumer, idle_s=self.claim_idle_s, wait_s=1.0)
                     if time.monotonic() >= next_sweep:
                         next_sweep = time.monotonic() + 1.0
@@ -94,6 +99,7 @@ class BatchRunner:
                     raise
                 except Exception:  # the store is down: wait, and try again (nothing is lost while it is)
                     logger.warning("batch runner: the job store failed; retrying in 1 s", exc_info=True)
+                    started = False
                     slots.release()
                     await asyncio.sleep(1.0)
                     continue
@@ -108,16 +114,26 @@ class BatchRunner:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+            # What was cut short goes back now, not after another replica's idle wait (a deploy).
+            for claim in list(self._holding):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.jobs.release(claim), timeout=5.0)
 
     async def _chunk(self, claim: Claim) -> None:
         keeper = asyncio.create_task(self._keep(claim))
+        self._holding.add(claim)
         try:
             done = await self._run_chunk(claim)
             await self.jobs.finish(claim, done)
+            self._holding.discard(claim)
         except asyncio.CancelledError:
             raise
-        except Exception:  # left claimed: it is redone once its claim goes idle
+        except Exception:  # given back after a pause, to be redone (by any runner)
             logger.exception("batch %s chunk %d failed; it will be redone", claim.batch_id, claim.chunk)
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await self.jobs.release(claim)
+                self._holding.discard(claim)
             return
         finally:
             keeper.cancel()

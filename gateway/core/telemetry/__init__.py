@@ -40,7 +40,15 @@ from gateway.core.telemetry.state import (
     ModelCounts,
     TelemetryState,
 )
-from gateway.core.telemetry.stats import EngineStats, GpuStats, LiveState, ModelStats, StatsSnapshot, gpu_stats
+from gateway.core.telemetry.stats import (
+    BatchStats,
+    EngineStats,
+    GpuStats,
+    LiveState,
+    ModelStats,
+    StatsSnapshot,
+    gpu_stats,
+)
 
 __all__ = [
     "BATCH_SIZE_BUCKETS",
@@ -48,6 +56,7 @@ __all__ = [
     "ENCODER_SECONDS_BUCKETS",
     "PROMETHEUS_CONTENT_TYPE",
     "REQUEST_SECONDS_BUCKETS",
+    "BatchStats",
     "Buckets",
     "EngineStats",
     "GpuStats",

@@ -21,6 +21,7 @@ from encoder.device import gpu_memory
 from gateway.core.telemetry.state import COUNTS, KeyStats, TelemetryState
 
 __all__ = [
+    "BatchStats",
     "CacheStats",
     "EncoderStats",
     "EngineStats",
@@ -185,6 +186,15 @@ class Internals(msgspec.Struct):
     inputs_in_flight: int
 
 
+class BatchStats(msgspec.Struct):
+    """The Batch API's batches not yet final, across every replica, and their request lines."""
+
+    active: int
+    requests_total: int
+    requests_completed: int
+    requests_failed: int
+
+
 class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     """The ``/stats`` body: embedding requests, cache, encoder and latency, as of ``uptime_seconds``."""
 
@@ -206,3 +216,4 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     models: list[ModelStats] = msgspec.field(default_factory=list)  # one per served model (EMBED_MODELS_FILE)
     engine_restarts: int = 0  # times the supervisor restarted the engine process
     worker_restarts: int = 0  # times it restarted a worker process
+    batches: BatchStats | None = None  # the Batch API's batches not yet final (EMBED_BATCH_DIR)
