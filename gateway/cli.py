@@ -148,6 +148,9 @@ def parser() -> argparse.ArgumentParser:
     from gateway import cachectl
 
     cachectl.add_parsers(commands, _settings_flags)  # cache stats | purge | warm
+    from gateway import batch_run
+
+    batch_run.add_parsers(commands, _settings_flags)  # batch run
     int8 = commands.add_parser(
         "int8",
         help="build the int8 weights for the CPU once, onto a volume",
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cache(args)
     if args.command == "int8":
         return _int8(args)
+    if args.command == "batch":
+        return _batch(args)
     if args.command in ("engine", "worker"):
         if args.command == "engine":
             # First thing, before the slow imports: a Ctrl-C to the group must not stop an engine
@@ -254,6 +259,21 @@ def _int8(args: argparse.Namespace) -> int:
         floor=GateFloor(settings.int8_min_cosine, settings.int8_min_mean_cosine, settings.int8_min_top10_overlap),
         all_variants=args.all_variants,
     )
+
+
+def _batch(args: argparse.Namespace) -> int:
+    """``batch run``: a Batch API file through the configured model, in this process."""
+    settings = _load_settings(args)
+    if settings is None:
+        return 2
+    configure_logging(settings)
+    problem = preflight(settings)
+    if problem is not None:
+        print(f"embedding-gateway: {problem}", file=sys.stderr)
+        return 2
+    from gateway import batch_run
+
+    return batch_run.run(args, settings)
 
 
 def _cache(args: argparse.Namespace) -> int:

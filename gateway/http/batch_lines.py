@@ -21,7 +21,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import HTTPRequestEvent, HTTPScope
 
-from gateway.core.batch.runner import LineAnswer
+from gateway.core.batch.lines import LineAnswer
 from gateway.core.errors import GatewayError
 from gateway.http.errors import ERROR_TABLE, ErrorBody, ErrorEnvelope
 from gateway.http.routes.embeddings import BACKGROUND_LINE, create_embeddings

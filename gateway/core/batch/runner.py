@@ -21,36 +21,21 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from gateway.core.batch.files import FileStore, _write_atomically
-from gateway.core.batch.lines import LineError, failed_line, ran_line
+from gateway.core.batch.lines import Execute, run_line
 from gateway.core.batch.plan import Plan, lines_of
-from gateway.core.batch.schemas import TERMINAL, BatchErrorEntry, BatchRecord, RequestLine
+from gateway.core.batch.schemas import TERMINAL, BatchErrorEntry, BatchRecord
 from gateway.core.batch.store import ChunkDone, Claim, JobStore
 
-__all__ = ["BatchRunner", "Execute", "LineAnswer", "output_file_ids", "plan_path"]
+__all__ = ["BatchRunner", "output_file_ids", "plan_path"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class LineAnswer:
-    status: int
-    body: bytes  # JSON: the route's answer, or its error envelope
-    error_code: str | None = None  # the error's ``code`` (for the error file's ``error``)
-    error_message: str = ""
-
-
-# (endpoint, request body, owner) -> the answer the route would have given
-Execute = Callable[[str, bytes, str], Awaitable[LineAnswer]]
-
-_RETRY = frozenset({429, 503})
-_SERVER_FAILURE_TRIES = 3
 
 
 def plan_path(folder: Path, batch_id: str) -> Path:
@@ -171,7 +156,12 @@ class BatchRunner:
             return ChunkDone()
         expired = self.clock() >= record.expires_at
         lines = list(lines_of(data, span.first_line))
-        results = await asyncio.gather(*(self._line(record, number, raw, plan, expired) for number, raw in lines))
+        results = await asyncio.gather(
+            *(
+                run_line(self.execute, record, number, raw, plan.bad.get(number), expired=expired)
+                for number, raw in lines
+            )
+        )
         out = [line for ok, line in results if ok]
         errors = [line for ok, line in results if not ok]
         folder = self.folder / "batches" / record.id
@@ -180,35 +170,6 @@ class BatchRunner:
         self.lines_done["completed"] += len(out)
         self.lines_done["failed"] += len(errors)
         return ChunkDone(completed=len(out), failed=len(errors), expired=expired)
-
-    async def _line(
-        self, record: BatchRecord, number: int, raw: bytes, plan: Plan, expired: bool
-    ) -> tuple[bool, bytes]:
-        bad = plan.bad.get(number)
-        if bad is not None:
-            return False, failed_line(record.id, number, bad.custom_id, bad.code, bad.message)
-        request = msgspec.json.decode(raw, type=RequestLine)  # checked at create
-        if expired:
-            message = "The batch expired before this request ran."
-            return False, failed_line(record.id, number, request.custom_id, "batch_expired", message)
-        answer = await self._execute(record, request)
-        if answer.status == 200:
-            return True, ran_line(record.id, number, request.custom_id, 200, answer.body)
-        error = LineError(code=answer.error_code or "request_failed", message=answer.error_message, line=number)
-        return False, ran_line(record.id, number, request.custom_id, answer.status, answer.body, error=error)
-
-    async def _execute(self, record: BatchRecord, request: RequestLine) -> LineAnswer:
-        delay, failures = 0.25, 0
-        while True:
-            answer = await self.execute(record.endpoint, bytes(request.body), record.owner)
-            if answer.status >= 500 and answer.status not in _RETRY:
-                failures += 1
-                if failures >= _SERVER_FAILURE_TRIES:
-                    return answer
-            elif answer.status not in _RETRY:
-                return answer
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
     async def finalise(self, batch_id: str) -> None:
         """Join a batch's parts and set its final status, if every chunk has an outcome and no other
