@@ -141,10 +141,11 @@ class LocalJobs:
 
     async def finish(self, claim: Claim, done: ChunkDone) -> None:
         path = self.folder / "batches" / claim.batch_id / f"done-{claim.chunk}"
-        await asyncio.to_thread(_write_atomically, path, [msgspec.json.encode(done)])
+        if not path.exists():  # the first outcome stays (see RedisJobs.finish)
+            await asyncio.to_thread(_write_atomically, path, [msgspec.json.encode(done)])
         self._held.discard((claim.batch_id, claim.chunk))
 
-    async def release(self, claim: Claim) -> None:
+    async def release(self, claim: Claim, consumer: str) -> None:
         self._held.discard((claim.batch_id, claim.chunk))
 
     async def outcomes(self, batch_id: str) -> dict[int, ChunkDone]:

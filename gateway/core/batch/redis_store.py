@@ -138,13 +138,19 @@ class RedisJobs:
 
     async def finish(self, claim: Claim, done: ChunkDone) -> None:
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self._done(claim.batch_id), str(claim.chunk), msgspec.json.encode(done))
+        # The first outcome stays: a stale copy of the chunk (its holder was thought dead and it was
+        # redone, or a batch already final skips it) must not count its lines again, or none.
+        pipe.hsetnx(self._done(claim.batch_id), str(claim.chunk), msgspec.json.encode(done))
         pipe.xack(self.stream, _GROUP, claim.handle)
         pipe.xdel(self.stream, claim.handle)
         await pipe.execute()
 
-    async def release(self, claim: Claim) -> None:
-        # A stream entry cannot be un-read: the chunk is queued anew and the held entry dropped.
+    async def release(self, claim: Claim, consumer: str) -> None:
+        # A stream entry cannot be un-read: the chunk is queued anew and the held entry dropped;
+        # unless another runner took it over meanwhile (then it is theirs to finish).
+        held = await self.client.xpending_range(self.stream, _GROUP, min=claim.handle, max=claim.handle, count=1)
+        if not held or _text(held[0]["consumer"]) != consumer:
+            return
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(self.stream, {"batch": claim.batch_id, "chunk": claim.chunk})
         pipe.xack(self.stream, _GROUP, claim.handle)
@@ -163,6 +169,10 @@ class RedisJobs:
         if await self.client.set(key, holder, nx=True, px=int(ttl_s * 1000)):
             return True
         return bool(await self.client.get(key) == holder.encode())  # ours still: a renewal
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _record(fields: dict[bytes, bytes]) -> BatchRecord:

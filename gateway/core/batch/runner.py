@@ -37,6 +37,8 @@ __all__ = ["BatchRunner", "output_file_ids", "plan_path"]
 
 logger = logging.getLogger(__name__)
 
+_LINES_IN_FLIGHT = 256
+
 
 def plan_path(folder: Path, batch_id: str) -> Path:
     return folder / "batches" / batch_id / "plan.json"
@@ -102,7 +104,7 @@ class BatchRunner:
             # What was cut short goes back now, not after another replica's idle wait (a deploy).
             for claim in list(self._holding):
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.jobs.release(claim), timeout=5.0)
+                    await asyncio.wait_for(self.jobs.release(claim, self.consumer), timeout=5.0)
 
     async def _chunk(self, claim: Claim) -> None:
         keeper = asyncio.create_task(self._keep(claim))
@@ -117,7 +119,7 @@ class BatchRunner:
             logger.exception("batch %s chunk %d failed; it will be redone", claim.batch_id, claim.chunk)
             await asyncio.sleep(1.0)
             with contextlib.suppress(Exception):
-                await self.jobs.release(claim)
+                await self.jobs.release(claim, self.consumer)
                 self._holding.discard(claim)
             return
         finally:
@@ -156,12 +158,16 @@ class BatchRunner:
             return ChunkDone()
         expired = self.clock() >= record.expires_at
         lines = list(lines_of(data, span.first_line))
-        results = await asyncio.gather(
-            *(
-                run_line(self.execute, record, number, raw, plan.bad.get(number), expired=expired)
-                for number, raw in lines
-            )
-        )
+        # A few hundred lines at a time: enough queued for full passes; all of a chunk's one-text
+        # lines at once would hold the event loop (decoding, tokenising) for a burst that
+        # interactive requests wait out.
+        room = asyncio.Semaphore(_LINES_IN_FLIGHT)
+
+        async def one(number: int, raw: bytes) -> tuple[bool, bytes]:
+            async with room:
+                return await run_line(self.execute, record, number, raw, plan.bad.get(number), expired=expired)
+
+        results = await asyncio.gather(*(one(number, raw) for number, raw in lines))
         out = [line for ok, line in results if ok]
         errors = [line for ok, line in results if not ok]
         folder = self.folder / "batches" / record.id

@@ -76,8 +76,9 @@ class JobStore(Protocol):
     async def finish(self, claim: Claim, done: ChunkDone) -> None:
         """Record the chunk's outcome and release it."""
 
-    async def release(self, claim: Claim) -> None:
-        """Give an unfinished chunk back at once (this runner stops), for any runner to take."""
+    async def release(self, claim: Claim, consumer: str) -> None:
+        """Give an unfinished chunk back at once (this runner stops), for any runner to take;
+        nothing if another runner holds it now."""
 
     async def outcomes(self, batch_id: str) -> dict[int, ChunkDone]:
         """The outcomes recorded so far, by chunk."""
