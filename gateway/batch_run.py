@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 import msgspec
 import xxhash
 
+from gateway.core.batch.plan import BOM
+
 __all__ = ["add_parsers", "run"]
 
 _DESCRIPTION = """Run IN.jsonl's request lines ({custom_id, method, url, body}, the Batch API's format) with
@@ -71,34 +73,46 @@ class _Done(msgspec.Struct):
     custom_id: str | None = None
 
 
+class _Output(msgspec.Struct):
+    """What every line of OUT has (an output or error line), whatever else it holds."""
+
+    id: str
+    custom_id: str | None
+    response: object
+    error: object
+
+
 def _requests(path: Path) -> Iterator[tuple[int, bytes]]:
     """``(line number, line)`` of each non-blank line of ``path``, read as it goes."""
     with open(path, "rb") as source:
         for number, line in enumerate(source, start=1):
+            if number == 1:
+                line = line.removeprefix(BOM)  # noqa: PLW2901 - as some Windows tools save UTF-8
             if line.strip():
                 yield number, line.rstrip(b"\r\n")
 
 
 def _resume_point(output: Path, expected: Iterator[str | None]) -> int:
-    """How many whole lines ``output`` holds, after cutting a torn last one off; each is checked to
-    answer the request line in its place. A mismatch raises ValueError."""
+    """How many whole lines ``output`` holds; each is checked, before anything is changed, to be an
+    output line answering the request line in its place (ValueError if not). A torn last line (the
+    window being written when the run stopped) is then cut off."""
     if not output.exists():
         return 0
     data = output.read_bytes()
     whole = data[: data.rfind(b"\n") + 1]
-    if len(whole) != len(data):
-        with open(output, "r+b") as out:  # the window being written when the run stopped
-            out.truncate(len(whole))
     done = 0
     for line in whole.splitlines():
         try:
-            found = msgspec.json.decode(line, type=_Done).custom_id
+            found = msgspec.json.decode(line, type=_Output).custom_id
         except msgspec.DecodeError as exc:
             raise ValueError(f"line {done + 1} is not an output line ({exc})") from None
         wanted = next(expected, "<no such request line>")
-        if found != wanted and found is not None:
+        if found != wanted:
             raise ValueError(f"line {done + 1} answers {found!r}, but request line {done + 1} is {wanted!r}")
         done += 1
+    if len(whole) != len(data):
+        with open(output, "r+b") as out:
+            out.truncate(len(whole))
     return done
 
 
@@ -112,6 +126,9 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     """``batch run``: see the module. ``settings`` are the command's (``EMBED_*`` and flags)."""
     if not args.input.is_file():
         print(f"embedding-gateway: batch run: no such file: {args.input}", file=sys.stderr)
+        return 2
+    if args.output.exists() and args.output.samefile(args.input):
+        print("embedding-gateway: batch run: OUT is IN; name another file for the output", file=sys.stderr)
         return 2
     if args.restart:
         args.output.unlink(missing_ok=True)
@@ -183,6 +200,8 @@ async def _run(args: argparse.Namespace, settings: Any, done: int, out: BinaryIO
             for position, (number, raw) in enumerate(_requests(args.input)):
                 checked = check_line(raw, args.endpoint)
                 bad = checked if isinstance(checked, BadLine) else None
+                if bad is not None and bad.custom_id is not None:
+                    seen.add(bad.custom_id)  # a later line with its id is a repeat all the same
                 if not isinstance(checked, BadLine):
                     if checked.custom_id in seen:
                         bad = BadLine(

@@ -26,6 +26,7 @@ from gateway.core.errors import GatewayError
 from gateway.http.errors import ERROR_TABLE, ErrorBody, ErrorEnvelope
 from gateway.http.routes.embeddings import BACKGROUND_LINE, create_embeddings
 from gateway.http.routes.rerank import rerank_v1
+from gateway.http.runtime import Runtime
 
 __all__ = ["BATCH_ROUTES", "LineExecutor"]
 
@@ -33,6 +34,7 @@ __all__ = ["BATCH_ROUTES", "LineExecutor"]
 BATCH_ROUTES: Mapping[str, HTTPRouteHandler] = {"/v1/embeddings": create_embeddings, "/v1/rerank": rerank_v1}
 
 _encode = msgspec.json.Encoder().encode
+_ROOM_POLL_S = 0.01
 
 
 class LineExecutor:
@@ -40,8 +42,26 @@ class LineExecutor:
 
     def __init__(self, app: Litestar) -> None:
         self.app = app
+        self._waiting = asyncio.Lock()  # one line polls for room; the rest wait their turn behind it
+
+    async def _room(self) -> None:
+        """Wait while batch work fills half of the encoder queue: the other half stays free for
+        interactive requests, which a full queue would refuse (503); the device stays busy."""
+        runtime: Runtime = self.app.state.runtime
+        limit = runtime.settings.max_queue_tokens // 2
+
+        def full() -> bool:
+            return sum(model.batcher.queue_tokens for model in runtime.models) >= limit
+
+        if not full():
+            return
+        async with self._waiting:
+            # The queue's figure has no event to wait on: polled, by this one line.
+            while full():  # noqa: ASYNC110
+                await asyncio.sleep(_ROOM_POLL_S)
 
     async def __call__(self, endpoint: str, body: bytes, owner: str) -> LineAnswer:
+        await self._room()
         handler = BATCH_ROUTES[endpoint]
         scope: dict[str, Any] = {
             "type": "http",

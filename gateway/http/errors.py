@@ -17,6 +17,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
+from redis.exceptions import RedisError
 
 from gateway.core.errors import (
     ClientDisconnectedError,
@@ -146,9 +147,22 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[byt
     )
 
 
+def _store_down(request: Request[Any, Any, Any], exc: RedisError) -> Response[bytes]:
+    """Redis failed under a route that needs it (the Batch API's job store; the cache never raises:
+    it turns into misses): the client should retry, as OpenAI's clients do on a 503."""
+    logger.warning("request %s: Redis failed: %s", _request_id(request), exc)
+    return error_response(
+        503,
+        "The server's job store (Redis) is unreachable; retry shortly.",
+        error_type="server_error",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 def exception_handlers() -> ExceptionHandlersMap:
     """The app's handlers; Litestar picks the most specific along the exception's MRO."""
-    return {GatewayError: gateway_error, HTTPException: _http_error, Exception: _unexpected}
+    return {GatewayError: gateway_error, HTTPException: _http_error, RedisError: _store_down, Exception: _unexpected}
 
 
 # TEI's routes answer in TEI's shape (its clients read ``error`` and the status): a route with

@@ -127,7 +127,7 @@ class LocalJobs:
         if not self._is_runner():
             return None
         for record in sorted(self._all(), key=lambda one: (one.created_at, one.id)):
-            if record.status in TERMINAL or record.status == "finalizing":
+            if record.status in TERMINAL:  # (a failing batch's chunks left are taken, to be skipped)
                 continue
             done = self._outcomes(record.id)
             for chunk in range(record.chunks):

@@ -17,8 +17,9 @@ import msgspec
 from gateway.core.batch.schemas import RequestLine
 from gateway.core.errors import InvalidInputError
 
-__all__ = ["BadLine", "Chunk", "Plan", "input_count", "lines_of", "scan"]
+__all__ = ["BOM", "BadLine", "Chunk", "Plan", "input_count", "lines_of", "scan"]
 
+BOM = b"\xef\xbb\xbf"
 _MAX_CHUNK_LINES = 1024  # one-text lines: a chunk's bookkeeping stays small beside its work
 
 
@@ -61,6 +62,8 @@ def input_count(body: bytes) -> int:
 
 def lines_of(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:
     """``(line number, line)`` for each non-blank line of ``data``, numbered from ``first_line``."""
+    if first_line == 1:
+        data = data.removeprefix(BOM)  # as some Windows tools save UTF-8
     for number, line in enumerate(data.split(b"\n"), start=first_line):
         if line.strip():
             yield number, line.rstrip(b"\r")
@@ -106,9 +109,11 @@ def scan(path: Path, *, endpoint: str, max_lines: int, chunk_inputs: int) -> Pla
                     f"The file has more than {max_lines} request lines, this server's limit for one batch.",
                     param="input_file_id",
                 )
-            checked = check_line(raw.rstrip(b"\r"), endpoint)
+            checked = check_line(raw.rstrip(b"\r").removeprefix(BOM if number == 1 else b""), endpoint)
             if isinstance(checked, BadLine):
                 bad[number] = checked
+                if checked.custom_id is not None:  # a later line with its id is a repeat all the same
+                    seen.add(checked.custom_id)
                 inputs += 1
             elif checked.custom_id in seen:
                 bad[number] = BadLine(

@@ -74,7 +74,8 @@ class RedisJobs:
 
     async def create(self, record: BatchRecord) -> None:
         job = self._job(record.id)
-        pipe = self.client.pipeline(transaction=False)
+        # All or nothing: a job with some of its chunks queued would never finish.
+        pipe = self.client.pipeline(transaction=not isinstance(self.client, RedisCluster))
         fields: dict[str, Any] = {"record": msgspec.json.encode(record), "status": record.status}
         for name, at in record.times.items():
             fields[name] = at
@@ -165,10 +166,8 @@ class RedisJobs:
         return sorted(member.decode() for member in await self.client.smembers(f"{self.tag}:active"))
 
     async def lock(self, batch_id: str, holder: str, ttl_s: float) -> bool:
-        key = f"{self.tag}:final:{batch_id}"
-        if await self.client.set(key, holder, nx=True, px=int(ttl_s * 1000)):
-            return True
-        return bool(await self.client.get(key) == holder.encode())  # ours still: a renewal
+        # One taker while it lasts, even the same holder again (two finalisers of one process).
+        return bool(await self.client.set(f"{self.tag}:final:{batch_id}", holder, nx=True, px=int(ttl_s * 1000)))
 
 
 def _text(value: bytes | str) -> str:

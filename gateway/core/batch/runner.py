@@ -63,6 +63,7 @@ class BatchRunner:
     lines_done: dict[str, int] = field(default_factory=lambda: {"completed": 0, "failed": 0})  # by this process
     _plans: dict[str, Plan] = field(default_factory=dict)
     _holding: set[Claim] = field(default_factory=set)  # claimed, outcome not yet recorded
+    _finalising: set[str] = field(default_factory=set)  # batches this process is finalising now
 
     async def run(self) -> None:
         """Take and run chunks until cancelled."""
@@ -140,22 +141,28 @@ class BatchRunner:
         return plan
 
     async def _run_chunk(self, claim: Claim) -> ChunkDone:
+        """Run the chunk's lines and write its parts under a name of this attempt's own: the outcome
+        recorded first names its attempt, and only that attempt's parts are ever joined (a stale
+        copy run again, after a takeover or past a cancel, writes files nobody reads)."""
+        attempt = secrets.token_hex(4)
         record = await self.jobs.get(claim.batch_id)
-        if record is None or record.status in TERMINAL or record.status == "cancelling":
-            return ChunkDone()  # cancelled (or gone): its lines are not run
+        if record is None or record.status in TERMINAL:
+            return ChunkDone(attempt=attempt)  # a stale copy: its batch is final
+        if record.status == "cancelling" or (record.status == "finalizing" and record.errors):
+            return ChunkDone(attempt=attempt)  # cancelled, or failed: its lines are not run
         try:
             plan = await asyncio.to_thread(self._plan, record.id)
             span = plan.chunks[claim.chunk]
             data = await asyncio.to_thread(_read_span, self.files.path(record.input_file_id), span.start, span.end)
-        except FileNotFoundError:
+        except FileNotFoundError:  # the input was deleted: what ran is kept, the rest is not run
             await self.jobs.transition(
                 record.id,
-                "failed",
-                allowed=("in_progress",),
+                "finalizing",
+                allowed=("in_progress", "cancelling"),
                 at=int(self.clock()),
                 errors=[BatchErrorEntry(code="input_file_missing", message="The input file was deleted.")],
             )
-            return ChunkDone()
+            return ChunkDone(attempt=attempt)
         expired = self.clock() >= record.expires_at
         lines = list(lines_of(data, span.first_line))
         # A few hundred lines at a time: enough queued for full passes; all of a chunk's one-text
@@ -171,54 +178,79 @@ class BatchRunner:
         out = [line for ok, line in results if ok]
         errors = [line for ok, line in results if not ok]
         folder = self.folder / "batches" / record.id
-        await asyncio.to_thread(_write_atomically, folder / f"out-{claim.chunk:06d}.jsonl", out)
-        await asyncio.to_thread(_write_atomically, folder / f"err-{claim.chunk:06d}.jsonl", errors)
+        await asyncio.to_thread(_write_atomically, _part(folder, "out", claim.chunk, attempt), out)
+        await asyncio.to_thread(_write_atomically, _part(folder, "err", claim.chunk, attempt), errors)
         self.lines_done["completed"] += len(out)
         self.lines_done["failed"] += len(errors)
-        return ChunkDone(completed=len(out), failed=len(errors), expired=expired)
+        return ChunkDone(completed=len(out), failed=len(errors), expired=expired, attempt=attempt)
 
     async def finalise(self, batch_id: str) -> None:
         """Join a batch's parts and set its final status, if every chunk has an outcome and no other
-        runner is doing it. Run twice (a runner died half-way), it writes the same files again."""
+        finaliser holds the batch. One that died half-way is redone once its lock expires: it
+        writes the same files again, from the same parts (removed only after the final status)."""
+        if batch_id in self._finalising:
+            return
+        self._finalising.add(batch_id)
+        try:
+            await self._finalise(batch_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # tried again by the next sweep (a second); the batch stays as it is
+            logger.exception("batch %s: finalising failed; it will be tried again", batch_id)
+        finally:
+            self._finalising.discard(batch_id)
+
+    async def _finalise(self, batch_id: str) -> None:
         record = await self.jobs.get(batch_id)
         if record is None or record.status in TERMINAL:
             return
         outcomes = await self.jobs.outcomes(batch_id)
         if len(outcomes) < record.chunks:
             return
-        # Not renewed: a finaliser that outlives it is joined by another, which writes the same files.
         if not await self.jobs.lock(batch_id, self.consumer, max(self.claim_idle_s, 5.0)):
             return
-        now = int(self.clock())
+        record = await self.jobs.get(batch_id)  # as it is now that the lock is ours
+        if record is None or record.status in TERMINAL:
+            return
         if record.status == "in_progress":
-            await self.jobs.transition(batch_id, "finalizing", allowed=("in_progress",), at=now)
+            await self.jobs.transition(batch_id, "finalizing", allowed=("in_progress",), at=int(self.clock()))
         final = (
             "cancelled"
             if record.status == "cancelling"
+            else "failed"
+            if record.errors
             else "expired"
             if any(one.expired for one in outcomes.values())
             else "completed"
         )
         output_id, errors_id = output_file_ids(batch_id)
-        kept = await asyncio.to_thread(self._join, record, output_id, errors_id)
-        await self.jobs.transition(
+        kept = await asyncio.to_thread(self._join, record, outcomes, output_id, errors_id)
+        if await self.jobs.transition(
             batch_id,
             final,
             allowed=("finalizing", "cancelling"),
             at=int(self.clock()),
             output_file_id=output_id if output_id in kept else None,
             error_file_id=errors_id if errors_id in kept else None,
-        )
-        await asyncio.to_thread(self._clean, batch_id)
-        self._plans.pop(batch_id, None)
-        logger.info("batch %s %s", batch_id, final)
+        ):
+            await asyncio.to_thread(self._clean, batch_id)
+            self._plans.pop(batch_id, None)
+            logger.info("batch %s %s", batch_id, final)
 
-    def _join(self, record: BatchRecord, output_id: str, errors_id: str) -> set[str]:
+    def _join(self, record: BatchRecord, outcomes: dict[int, ChunkDone], output_id: str, errors_id: str) -> set[str]:
+        """Write the output and error files from the parts each chunk's recorded attempt wrote."""
         folder = self.folder / "batches" / record.id
         kept = set()
         for file_id, kind, name in ((output_id, "out", "output"), (errors_id, "err", "errors")):
-            parts = [folder / f"{kind}-{chunk:06d}.jsonl" for chunk in range(record.chunks)]
-            if any(part.is_file() and part.stat().st_size for part in parts):
+            parts = [
+                _part(folder, kind, chunk, outcomes[chunk].attempt)
+                for chunk in range(record.chunks)
+                if outcomes[chunk].completed or outcomes[chunk].failed  # a skipped chunk wrote none
+            ]
+            missing = [part.name for part in parts if not part.is_file()]
+            if missing:  # never a file short of lines: the batch stays as it is, and it is logged
+                raise FileNotFoundError(f"batch {record.id}: parts missing from the batch folder: {missing[:3]}")
+            if any(part.stat().st_size for part in parts):
                 self.files.create(
                     _concatenated(parts),
                     filename=f"{record.id}_{name}.jsonl",
@@ -235,6 +267,10 @@ class BatchRunner:
                 part.unlink()
 
 
+def _part(folder: Path, kind: str, chunk: int, attempt: str) -> Path:
+    return folder / f"{kind}-{chunk:06d}-{attempt}.jsonl"
+
+
 def _read_span(path: Path, start: int, end: int) -> bytes:
     with open(path, "rb") as source:
         source.seek(start)
@@ -243,6 +279,6 @@ def _read_span(path: Path, start: int, end: int) -> bytes:
 
 def _concatenated(parts: list[Path]) -> Iterator[bytes]:
     for part in parts:
-        with contextlib.suppress(FileNotFoundError), open(part, "rb") as source:
+        with open(part, "rb") as source:  # a part gone now fails the join: never a short file
             while piece := source.read(1024 * 1024):
                 yield piece

@@ -39,6 +39,7 @@ class ChunkDone(msgspec.Struct, frozen=True, array_like=True):
     completed: int = 0
     failed: int = 0
     expired: bool = False
+    attempt: str = ""  # names the part files this run wrote: the first recorded run's are joined
 
 
 def add_counts(total: int, outcomes: Collection[ChunkDone]) -> RequestCounts:

@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from litestar import Request, delete, get, post
 from litestar.datastructures import UploadFile
+from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.response import File
 
@@ -47,7 +48,15 @@ def _owner(request: Request[Any, Any, Any]) -> str:
 
 async def upload_file(request: Request[Any, Any, Any]) -> FileObject:
     service = _service(request)
-    form = await request.form()
+    try:
+        form = await request.form()
+    except HTTPException as exc:
+        if exc.status_code != 413:
+            raise
+        limit = service.limits.max_file_bytes
+        raise InvalidInputError(
+            f"The file is larger than this server's limit of {limit} bytes.", param="file"
+        ) from None
     purpose = form.get("purpose")
     upload = form.get("file")
     if not isinstance(purpose, str):
