@@ -19,6 +19,7 @@ import msgspec
 from litestar import Litestar, Request
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
+from litestar.routes import HTTPRoute
 from litestar.types import HTTPRequestEvent, HTTPScope
 
 from gateway.core.batch.lines import LineAnswer
@@ -43,6 +44,13 @@ class LineExecutor:
     def __init__(self, app: Litestar) -> None:
         self.app = app
         self._waiting = asyncio.Lock()  # one line polls for room; the rest wait their turn behind it
+        # The app's own copies of the handlers (Litestar copies each into the app it registers, and
+        # resolves its layers there, the body limit too); never the module's originals, whose
+        # resolved values would leak into every app registered after.
+        self.handlers: dict[str, HTTPRouteHandler] = {}
+        for route in app.routes:
+            if isinstance(route, HTTPRoute) and route.path in BATCH_ROUTES and "POST" in route.route_handler_map:
+                self.handlers[route.path] = route.route_handler_map["POST"][0]
 
     async def _room(self) -> None:
         """Wait while batch work fills half of the encoder queue: the other half stays free for
@@ -62,7 +70,7 @@ class LineExecutor:
 
     async def __call__(self, endpoint: str, body: bytes, owner: str) -> LineAnswer:
         await self._room()
-        handler = BATCH_ROUTES[endpoint]
+        handler = self.handlers[endpoint]
         scope: dict[str, Any] = {
             "type": "http",
             "http_version": "1.1",

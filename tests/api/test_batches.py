@@ -257,3 +257,14 @@ def test_a_batch_past_its_window_expires_with_its_unrun_lines_in_the_error_file(
         ("r1", "batch_expired"),
         ("r2", "batch_expired"),
     ]
+
+
+def test_running_a_batch_leaves_other_apps_body_limit_alone(gateway_factory: Any, tmp_path: Path) -> None:
+    """Batch lines run through the app's own copy of the route handler: resolving the module's
+    original (shared by every app) cached its body limit as none for every app built after."""
+    first = gateway_factory(batch_dir=str(tmp_path / "b"))
+    client = _client(first.url)
+    assert _wait(client, _create(client, [_embedding_line("a", "one text")]).id).status == "completed"
+    second = gateway_factory(max_body_bytes=2000)
+    answer = httpx.post(f"{second.url}/v1/embeddings", json={"input": "x" * 5000})
+    assert answer.status_code == 413, answer.text
