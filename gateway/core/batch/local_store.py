@@ -164,3 +164,6 @@ class LocalJobs:
 
     async def lock(self, batch_id: str, holder: str, ttl_s: float) -> bool:
         return self._is_runner()
+
+    async def unlock(self, batch_id: str, holder: str) -> None:
+        pass  # the runner lock is the finalisation's (and a process finalises a batch once at a time)

@@ -69,12 +69,24 @@ def lines_of(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:
             yield number, line.rstrip(b"\r")
 
 
+class _Named(msgspec.Struct):
+    custom_id: str | None = None
+
+
+def _readable_id(line: bytes) -> str | None:
+    """The line's ``custom_id`` where it is a string, however wrong the rest is."""
+    try:
+        return msgspec.json.decode(line, type=_Named).custom_id
+    except msgspec.DecodeError:
+        return None
+
+
 def check_line(line: bytes, endpoint: str) -> RequestLine | BadLine:
     """The request of one input line, or why it cannot run (no uniqueness check: :func:`scan`'s)."""
     try:
         request = _decode_line(line)
     except msgspec.ValidationError as exc:
-        return BadLine("invalid_request_line", f"Not a batch request line: {exc}.")
+        return BadLine("invalid_request_line", f"Not a batch request line: {exc}.", _readable_id(line))
     except msgspec.DecodeError as exc:
         return BadLine("invalid_json_line", f"The line is not valid JSON: {exc}.")
     if request.method.upper() != "POST":

@@ -45,6 +45,12 @@ end
 return 0
 """
 
+# KEYS[1] the lock; ARGV[1] its holder: deleted only by its holder.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _FIELDS = ("output_file_id", "error_file_id")
 
 
@@ -55,6 +61,7 @@ class RedisJobs:
         self.tag = "{" + prefix + ":batch}"
         self.stream = f"{self.tag}:work"
         self._transition = client.register_script(_TRANSITION)
+        self._unlock = client.register_script(_UNLOCK)
 
     def _job(self, batch_id: str) -> str:
         return f"{self.tag}:job:{batch_id}"
@@ -168,6 +175,9 @@ class RedisJobs:
     async def lock(self, batch_id: str, holder: str, ttl_s: float) -> bool:
         # One taker while it lasts, even the same holder again (two finalisers of one process).
         return bool(await self.client.set(f"{self.tag}:final:{batch_id}", holder, nx=True, px=int(ttl_s * 1000)))
+
+    async def unlock(self, batch_id: str, holder: str) -> None:
+        await self._unlock(keys=[f"{self.tag}:final:{batch_id}"], args=[holder])
 
 
 def _text(value: bytes | str) -> str:

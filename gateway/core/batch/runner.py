@@ -114,6 +114,9 @@ class BatchRunner:
             done = await self._run_chunk(claim)
             await self.jobs.finish(claim, done)
             self._holding.discard(claim)
+            recorded = (await self.jobs.outcomes(claim.batch_id)).get(claim.chunk)
+            if recorded is not None and recorded.attempt != done.attempt:  # a stale copy: its parts go
+                await asyncio.to_thread(self._drop_parts, claim.batch_id, claim.chunk, done.attempt)
         except asyncio.CancelledError:
             raise
         except Exception:  # given back after a pause, to be redone (by any runner)
@@ -158,7 +161,7 @@ class BatchRunner:
             await self.jobs.transition(
                 record.id,
                 "finalizing",
-                allowed=("in_progress", "cancelling"),
+                allowed=("in_progress",),  # a cancelling batch skips its chunks left anyway
                 at=int(self.clock()),
                 errors=[BatchErrorEntry(code="input_file_missing", message="The input file was deleted.")],
             )
@@ -177,6 +180,9 @@ class BatchRunner:
         results = await asyncio.gather(*(one(number, raw) for number, raw in lines))
         out = [line for ok, line in results if ok]
         errors = [line for ok, line in results if not ok]
+        now = await self.jobs.get(record.id)
+        if now is None or now.status in TERMINAL:  # finalised meanwhile (this was a stale copy): nothing to keep
+            return ChunkDone(attempt=attempt)
         folder = self.folder / "batches" / record.id
         await asyncio.to_thread(_write_atomically, _part(folder, "out", claim.chunk, attempt), out)
         await asyncio.to_thread(_write_atomically, _part(folder, "err", claim.chunk, attempt), errors)
@@ -209,6 +215,13 @@ class BatchRunner:
             return
         if not await self.jobs.lock(batch_id, self.consumer, max(self.claim_idle_s, 5.0)):
             return
+        try:  # the lock's time only covers a finaliser that died; one that failed frees it at once
+            await self._finalise_locked(batch_id, outcomes)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.jobs.unlock(batch_id, self.consumer)
+
+    async def _finalise_locked(self, batch_id: str, outcomes: dict[int, ChunkDone]) -> None:
         record = await self.jobs.get(batch_id)  # as it is now that the lock is ours
         if record is None or record.status in TERMINAL:
             return
@@ -224,7 +237,19 @@ class BatchRunner:
             else "completed"
         )
         output_id, errors_id = output_file_ids(batch_id)
-        kept = await asyncio.to_thread(self._join, record, outcomes, output_id, errors_id)
+        try:
+            kept = await asyncio.to_thread(self._join, record, outcomes, output_id, errors_id)
+        except _PartsMissing as exc:  # removed from the folder: never a short file, and never stuck
+            logger.error("%s", exc)
+            final, kept = "failed", set()
+            message = "Some of the batch's results were removed from the server's folder before they were joined."
+            await self.jobs.transition(
+                batch_id,
+                "finalizing",
+                allowed=("in_progress", "finalizing", "cancelling"),
+                at=int(self.clock()),
+                errors=[BatchErrorEntry(code="output_parts_missing", message=message)],
+            )
         if await self.jobs.transition(
             batch_id,
             final,
@@ -248,8 +273,8 @@ class BatchRunner:
                 if outcomes[chunk].completed or outcomes[chunk].failed  # a skipped chunk wrote none
             ]
             missing = [part.name for part in parts if not part.is_file()]
-            if missing:  # never a file short of lines: the batch stays as it is, and it is logged
-                raise FileNotFoundError(f"batch {record.id}: parts missing from the batch folder: {missing[:3]}")
+            if missing:  # never a file short of lines
+                raise _PartsMissing(f"batch {record.id}: parts missing from the batch folder: {missing[:3]}")
             if any(part.stat().st_size for part in parts):
                 self.files.create(
                     _concatenated(parts),
@@ -261,13 +286,25 @@ class BatchRunner:
                 kept.add(file_id)
         return kept
 
+    def _drop_parts(self, batch_id: str, chunk: int, attempt: str) -> None:
+        folder = self.folder / "batches" / batch_id
+        for kind in ("out", "err"):
+            with contextlib.suppress(FileNotFoundError):
+                _part(folder, kind, chunk, attempt).unlink()
+
     def _clean(self, batch_id: str) -> None:
         for part in (self.folder / "batches" / batch_id).glob("*-*.jsonl"):
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
 
 
+class _PartsMissing(Exception):
+    """A recorded chunk's parts are gone from the folder (deleted by hand, a folder restored)."""
+
+
 def _part(folder: Path, kind: str, chunk: int, attempt: str) -> Path:
+    if not attempt:  # recorded before parts were named by attempt
+        return folder / f"{kind}-{chunk:06d}.jsonl"
     return folder / f"{kind}-{chunk:06d}-{attempt}.jsonl"
 
 

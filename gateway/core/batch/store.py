@@ -89,3 +89,6 @@ class JobStore(Protocol):
 
     async def lock(self, batch_id: str, holder: str, ttl_s: float) -> bool:
         """Take the batch's finalisation for ``ttl_s`` (True), unless another holder has it."""
+
+    async def unlock(self, batch_id: str, holder: str) -> None:
+        """Free the batch's finalisation, if ``holder`` still has it."""
