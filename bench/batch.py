@@ -30,6 +30,7 @@ import httpx
 
 from bench.common import ROOT, gateway, table
 from bench.corpus import build_corpus
+from bench.models import _one_text_latencies
 from bench.overhead import _cpu_flags
 
 
@@ -53,18 +54,6 @@ def _run_batch(url: str, content: bytes) -> tuple[float, dict[str, Any]]:
             time.sleep(0.05)
             batch = client.get(f"/v1/batches/{batch['id']}").json()
         return time.perf_counter() - started, batch
-
-
-def _one_text(url: str, texts: list[str], stop: threading.Event | None = None) -> list[float]:
-    latencies = []
-    with httpx.Client(timeout=120) as client:
-        for text in texts:
-            if stop is not None and stop.is_set():
-                break
-            started = time.perf_counter()
-            client.post(f"{url}/v1/embeddings", json={"input": [text]}).raise_for_status()
-            latencies.append(time.perf_counter() - started)
-    return latencies
 
 
 def _p(values: list[float], q: float) -> float:
@@ -138,7 +127,7 @@ def main() -> None:
         print("\n" + table(rows, ["run", "texts/s", "ratio"]), flush=True)
 
         probes = [f"probe {i}: {text}" for i, text in enumerate(corpus[:400])]
-        idle = _one_text(url, probes[:100])
+        idle = _one_text_latencies(url, model, probes[:100])
         before = _encoder_figures(url)
         stop = threading.Event()
 
@@ -149,7 +138,7 @@ def main() -> None:
         worker = threading.Thread(target=batch_then_stop)
         worker.start()
         time.sleep(1.0)  # the batch's first chunks are queued and running
-        busy = _one_text(url, [f"busy {text}" for text in probes[100:]] * 10, stop)
+        busy = _one_text_latencies(url, model, [f"busy {text}" for text in probes[100:]] * 10, stop)
         after = _encoder_figures(url)
         worker.join()
         pass_s = (after[1] - before[1]) / max(1, after[0] - before[0])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from typing import Any, BinaryIO
 import msgspec
 import xxhash
 
-from gateway.core.batch.plan import BOM
+from gateway.core.batch.plan import BOM, readable_id
 
 __all__ = ["add_parsers", "run"]
 
@@ -67,10 +66,6 @@ def add_parsers(commands: Any, settings_flags: Callable[[argparse.ArgumentParser
     run_.add_argument("--restart", action="store_true", help="start OUT afresh instead of resuming it")
     run_.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     settings_flags(run_)
-
-
-class _Done(msgspec.Struct):
-    custom_id: str | None = None
 
 
 class _Output(msgspec.Struct):
@@ -116,12 +111,6 @@ def _resume_point(output: Path, expected: Iterator[str | None]) -> int:
     return done
 
 
-def _custom_id(line: bytes) -> str | None:
-    with contextlib.suppress(msgspec.DecodeError):
-        return msgspec.json.decode(line, type=_Done).custom_id
-    return None
-
-
 def run(args: argparse.Namespace, settings: Any) -> int:
     """``batch run``: see the module. ``settings`` are the command's (``EMBED_*`` and flags)."""
     if not args.input.is_file():
@@ -133,7 +122,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     if args.restart:
         args.output.unlink(missing_ok=True)
     try:
-        done = _resume_point(args.output, (_custom_id(line) for _, line in _requests(args.input)))
+        done = _resume_point(args.output, (readable_id(line) for _, line in _requests(args.input)))
     except ValueError as exc:
         print(
             f"embedding-gateway: batch run: {args.output} does not continue {args.input}: {exc}; "
@@ -157,7 +146,7 @@ async def _run(args: argparse.Namespace, settings: Any, done: int, out: BinaryIO
     from tqdm import tqdm
 
     from gateway.core.batch.lines import run_line
-    from gateway.core.batch.plan import BadLine, check_line, input_count
+    from gateway.core.batch.plan import BadLine, LineChecker, input_count
     from gateway.core.batch.schemas import BatchRecord
     from gateway.http.app import create_app
     from gateway.http.batch_lines import LineExecutor
@@ -178,7 +167,7 @@ async def _run(args: argparse.Namespace, settings: Any, done: int, out: BinaryIO
         chunks=0,
     )
     counts = {"completed": 0, "failed": 0}
-    seen: set[str] = set()
+    check = LineChecker(args.endpoint)  # every line, the answered ones too: their ids count as seen
     async with app.lifespan():
         execute = LineExecutor(app)
         with tqdm(total=total, initial=done, unit="line", disable=args.no_progress, file=sys.stderr) as bar:
@@ -198,22 +187,12 @@ async def _run(args: argparse.Namespace, settings: Any, done: int, out: BinaryIO
                 window.clear()
 
             for position, (number, raw) in enumerate(_requests(args.input)):
-                checked = check_line(raw, args.endpoint)
+                checked = check(raw)
                 bad = checked if isinstance(checked, BadLine) else None
-                if bad is not None and bad.custom_id is not None:
-                    seen.add(bad.custom_id)  # a later line with its id is a repeat all the same
-                if not isinstance(checked, BadLine):
-                    if checked.custom_id in seen:
-                        bad = BadLine(
-                            "duplicate_custom_id",
-                            f"The custom_id {checked.custom_id!r} is used by an earlier line.",
-                            checked.custom_id,
-                        )
-                    seen.add(checked.custom_id)
                 if position < done:
                     continue  # answered by the interrupted run
                 window.append((number, raw, bad))
-                inputs += 1 if bad is not None or isinstance(checked, BadLine) else input_count(checked.body)
+                inputs += 1 if isinstance(checked, BadLine) else input_count(checked.body)
                 if inputs >= settings.batch_chunk_inputs:
                     await flush()
                     inputs = 0

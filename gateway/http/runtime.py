@@ -203,15 +203,9 @@ class Runtime:
         if self.batches is None:
             return None
         try:
-            progress = await asyncio.wait_for(self.batches.progress(), timeout=2.0)
+            return await asyncio.wait_for(self.batches.progress(), timeout=2.0)
         except Exception:  # the job store is down: the rest of /stats still answers
             return None
-        return BatchStats(
-            active=progress.active,
-            requests_total=progress.total,
-            requests_completed=progress.completed,
-            requests_failed=progress.failed,
-        )
 
 
 def batch_metrics(stats: BatchStats) -> bytes:

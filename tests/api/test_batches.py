@@ -12,43 +12,18 @@ import numpy as np
 import openai
 import pytest
 
+from tests.batch_helpers import batch_client as _client
+from tests.batch_helpers import embedding_line as _embedding_line
+from tests.batch_helpers import jsonl as _lines
+from tests.batch_helpers import parse_jsonl as _jsonl
+from tests.batch_helpers import wait_final as _wait
+
 pytestmark = pytest.mark.usefixtures("_offline")
 
 
 @pytest.fixture
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
-def _lines(requests: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(one).encode() + b"\n" for one in requests)
-
-
-def _embedding_line(custom_id: str, text: str | list[str], **body: Any) -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/embeddings",
-        "body": {"model": "all-MiniLM-L6-v2", "input": text, **body},
-    }
-
-
-def _wait(client: openai.OpenAI, batch_id: str, timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in ("completed", "failed", "expired", "cancelled"):
-            return batch
-        assert time.monotonic() < deadline, f"batch still {batch.status}"
-        time.sleep(0.1)
-
-
-def _jsonl(data: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in data.splitlines() if line.strip()]
 
 
 def test_upload_create_poll_content_gives_the_routes_vectors(gateway_factory: Any, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ seconds each) and use the shared fixtures (``gateway_factory``, ``fresh_redis``,
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -19,6 +20,12 @@ import httpx
 import openai
 import pytest
 
+from tests.batch_helpers import batch_client as _client
+from tests.batch_helpers import embedding_line as _request
+from tests.batch_helpers import jsonl as _lines
+from tests.batch_helpers import parse_jsonl as _jsonl
+from tests.batch_helpers import wait_final
+
 pytestmark = pytest.mark.usefixtures("_offline")
 
 
@@ -27,40 +34,12 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-
-def _request(custom_id: str, text: str | list[str], **body: Any) -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/embeddings",
-        "body": {"model": "all-MiniLM-L6-v2", "input": text, **body},
-    }
-
-
-def _lines(requests: list[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(one).encode() + b"\n" for one in requests)
-
-
-def _wait(client: openai.OpenAI, batch_id: str, timeout_s: float = 20) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in ("completed", "failed", "expired", "cancelled"):
-            return batch
-        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
-        time.sleep(0.05)
+_wait = functools.partial(wait_final, timeout_s=20)
 
 
 def _create(client: openai.OpenAI, content: bytes) -> Any:
     uploaded = client.files.create(file=("in.jsonl", content), purpose="batch")
     return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
-
-
-def _jsonl(data: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in data.splitlines() if line.strip()]
 
 
 def _runtime(gateway: Any) -> Any:

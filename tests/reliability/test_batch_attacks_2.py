@@ -227,18 +227,18 @@ def test_batch_run_resumes_past_an_invalid_request_line_that_has_a_custom_id(tmp
     """IN line 1 is ``{"custom_id": "a", "method": "POST"}`` (valid JSON, no ``url``/``body``):
     ``check_line`` fails its decode (``ValidationError``) and returns ``BadLine(...)`` with
     ``custom_id=None``, so OUT's line 1 is an ``invalid_request_line`` error line with
-    ``"custom_id": null``. On resume, ``_resume_point`` is fed ``_custom_id(raw)`` (batch_run.py), the
-    lenient ``_Done`` decode, which reads ``"a"`` from the same line: ``None != "a"``, and ``batch
-    run`` refuses its own OUT ("does not continue IN ... remove it or pass --restart"): an interrupted
+    ``"custom_id": null``. On resume, ``_resume_point`` is fed the lenient ``custom_id`` of each raw
+    line (``plan.readable_id``), which reads ``"a"`` from the same line: ``None != "a"``, and
+    ``batch run`` refuses its own OUT ("does not continue IN ... remove it or pass --restart"): an interrupted
     run of a file with one such line can never be resumed, only restarted.
 
     Right: compare against the very custom_id the output line would carry (``check_line``'s
     BadLine/RequestLine ``custom_id``), or have ``check_line`` keep a readable ``custom_id`` in its
     ``invalid_request_line`` BadLine (then the error line names it, too).
     """
-    from gateway.batch_run import _custom_id, _requests, _resume_point
+    from gateway.batch_run import _requests, _resume_point
     from gateway.core.batch.lines import run_line
-    from gateway.core.batch.plan import BadLine, check_line
+    from gateway.core.batch.plan import BadLine, check_line, readable_id
     from gateway.core.batch.schemas import BatchRecord
 
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -262,7 +262,7 @@ def test_batch_run_resumes_past_an_invalid_request_line_that_has_a_custom_id(tmp
     _, line = asyncio.run(run_line(_ok, record, 1, raw, bad, expired=False))
     out.write_bytes(line)
     try:
-        done = _resume_point(out, (_custom_id(one) for _, one in _requests(source)))
+        done = _resume_point(out, (readable_id(one) for _, one in _requests(source)))
     except ValueError as exc:
         pytest.fail(f"batch run refuses to resume its own OUT: {exc}")
     assert done == 1

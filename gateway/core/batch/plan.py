@@ -17,7 +17,18 @@ import msgspec
 from gateway.core.batch.schemas import RequestLine
 from gateway.core.errors import InvalidInputError
 
-__all__ = ["BOM", "BadLine", "Chunk", "Plan", "input_count", "lines_of", "scan"]
+__all__ = [
+    "BOM",
+    "BadLine",
+    "Chunk",
+    "LineChecker",
+    "Plan",
+    "check_line",
+    "input_count",
+    "lines_of",
+    "readable_id",
+    "scan",
+]
 
 BOM = b"\xef\xbb\xbf"
 _MAX_CHUNK_LINES = 1024  # one-text lines: a chunk's bookkeeping stays small beside its work
@@ -73,7 +84,7 @@ class _Named(msgspec.Struct):
     custom_id: str | None = None
 
 
-def _readable_id(line: bytes) -> str | None:
+def readable_id(line: bytes) -> str | None:
     """The line's ``custom_id`` where it is a string, however wrong the rest is."""
     try:
         return msgspec.json.decode(line, type=_Named).custom_id
@@ -86,7 +97,7 @@ def check_line(line: bytes, endpoint: str) -> RequestLine | BadLine:
     try:
         request = _decode_line(line)
     except msgspec.ValidationError as exc:
-        return BadLine("invalid_request_line", f"Not a batch request line: {exc}.", _readable_id(line))
+        return BadLine("invalid_request_line", f"Not a batch request line: {exc}.", readable_id(line))
     except msgspec.DecodeError as exc:
         return BadLine("invalid_json_line", f"The line is not valid JSON: {exc}.")
     if request.method.upper() != "POST":
@@ -100,6 +111,27 @@ def check_line(line: bytes, endpoint: str) -> RequestLine | BadLine:
     return request
 
 
+class LineChecker:
+    """:func:`check_line` over a file's lines in order, plus uniqueness: a ``custom_id`` seen on an
+    earlier line (a bad one too) makes a later line a ``duplicate_custom_id``."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.seen: set[str] = set()
+
+    def __call__(self, line: bytes) -> RequestLine | BadLine:
+        checked = check_line(line, self.endpoint)
+        if isinstance(checked, BadLine):
+            if checked.custom_id is not None:
+                self.seen.add(checked.custom_id)
+            return checked
+        if checked.custom_id in self.seen:
+            message = f"The custom_id {checked.custom_id!r} is used by an earlier line."
+            return BadLine("duplicate_custom_id", message, checked.custom_id)
+        self.seen.add(checked.custom_id)
+        return checked
+
+
 def scan(path: Path, *, endpoint: str, max_lines: int, chunk_inputs: int) -> Plan:
     """Check every line of the file at ``path`` and cut it into chunks (blocking: run it in a thread).
 
@@ -108,7 +140,7 @@ def scan(path: Path, *, endpoint: str, max_lines: int, chunk_inputs: int) -> Pla
     data = path.read_bytes()
     chunks: list[Chunk] = []
     bad: dict[int, BadLine] = {}
-    seen: set[str] = set()
+    check = LineChecker(endpoint)
     total = 0
     start, start_line, inputs, lines = 0, 1, 0, 0
     offset = 0
@@ -121,21 +153,11 @@ def scan(path: Path, *, endpoint: str, max_lines: int, chunk_inputs: int) -> Pla
                     f"The file has more than {max_lines} request lines, this server's limit for one batch.",
                     param="input_file_id",
                 )
-            checked = check_line(raw.rstrip(b"\r").removeprefix(BOM if number == 1 else b""), endpoint)
+            checked = check(raw.rstrip(b"\r").removeprefix(BOM if number == 1 else b""))
             if isinstance(checked, BadLine):
                 bad[number] = checked
-                if checked.custom_id is not None:  # a later line with its id is a repeat all the same
-                    seen.add(checked.custom_id)
-                inputs += 1
-            elif checked.custom_id in seen:
-                bad[number] = BadLine(
-                    "duplicate_custom_id",
-                    f"The custom_id {checked.custom_id!r} is used by an earlier line.",
-                    checked.custom_id,
-                )
                 inputs += 1
             else:
-                seen.add(checked.custom_id)
                 inputs += input_count(checked.body)
             lines += 1
             if inputs >= chunk_inputs or lines >= _MAX_CHUNK_LINES:

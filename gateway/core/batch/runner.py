@@ -60,7 +60,6 @@ class BatchRunner:
     claim_idle_s: float = 60.0
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
     clock: Callable[[], float] = time.time
-    lines_done: dict[str, int] = field(default_factory=lambda: {"completed": 0, "failed": 0})  # by this process
     _plans: dict[str, Plan] = field(default_factory=dict)
     _holding: set[Claim] = field(default_factory=set)  # claimed, outcome not yet recorded
     _finalising: set[str] = field(default_factory=set)  # batches this process is finalising now
@@ -186,8 +185,6 @@ class BatchRunner:
         folder = self.folder / "batches" / record.id
         await asyncio.to_thread(_write_atomically, _part(folder, "out", claim.chunk, attempt), out)
         await asyncio.to_thread(_write_atomically, _part(folder, "err", claim.chunk, attempt), errors)
-        self.lines_done["completed"] += len(out)
-        self.lines_done["failed"] += len(errors)
         return ChunkDone(completed=len(out), failed=len(errors), expired=expired, attempt=attempt)
 
     async def finalise(self, batch_id: str) -> None:

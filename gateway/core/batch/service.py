@@ -31,8 +31,9 @@ from gateway.core.batch.schemas import (
 )
 from gateway.core.batch.store import JobStore, add_counts
 from gateway.core.errors import ConflictError, InvalidInputError, NotFoundError
+from gateway.core.telemetry import BatchStats
 
-__all__ = ["BATCH_ENDPOINTS", "BatchLimits", "BatchProgress", "BatchService"]
+__all__ = ["BATCH_ENDPOINTS", "BatchLimits", "BatchService"]
 
 # What a batch may run: OpenAI's embeddings route (and rerank where the server ranks).
 BATCH_ENDPOINTS = ("/v1/embeddings", "/v1/rerank")
@@ -46,16 +47,6 @@ class BatchLimits:
     max_file_bytes: int
     max_lines: int
     chunk_inputs: int
-
-
-@dataclass(frozen=True, slots=True)
-class BatchProgress:
-    """What /stats and /metrics show: batches not final, and their lines."""
-
-    active: int
-    total: int
-    completed: int
-    failed: int
 
 
 class BatchService:
@@ -153,7 +144,7 @@ class BatchService:
             raise ConflictError(f"The batch is {record.status}; it can no longer be cancelled.", param="batch_id")
         return await self.answer(record)
 
-    async def progress(self) -> BatchProgress:
+    async def progress(self) -> BatchStats:
         """Every replica's batches not yet final, and their lines so far."""
         total = completed = failed = 0
         active = 0
@@ -164,7 +155,7 @@ class BatchService:
             active += 1
             counts = add_counts(record.total, (await self.jobs.outcomes(batch_id)).values())
             total, completed, failed = total + counts.total, completed + counts.completed, failed + counts.failed
-        return BatchProgress(active=active, total=total, completed=completed, failed=failed)
+        return BatchStats(active=active, requests_total=total, requests_completed=completed, requests_failed=failed)
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> None:
